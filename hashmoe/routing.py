@@ -1,13 +1,46 @@
 """Routers: who handles each token.
 
 Every router returns the same small value, `Routing`; the experts never ask which router made it.
+
+One template, many routers (flaxformer's design): `Router.__call__` checks shapes, casts the hidden
+states to float32 (router math in float32, Switch Transformer §2.4 "selective precision"), asks the
+subclass for its routing instructions and turns them into a `Routing` with the metrics every router
+fills (`routing_metrics`). Subclasses implement only `_compute_routing_instructions`:
+
+  HashRouter      expert = table[key(tokens)] (Hash Layers §3, §3.1; MultiHash §3.2). No parameters,
+                  no auxiliary loss; the table lives in the non-trainable "hash_tables" collection.
+  SwitchRouter    top-1 of softmax(W h) (Fedus et al. 2021), load-balancing loss, optional router
+                  z-loss, input jitter and capacity factor; `token_based=True` is the Hash Layers
+                  paper's "Switch with token-based routing" (§5.3.3, Table 6).
+  BaseRouter      BASE layers (Lewis et al. 2021): balanced linear assignment by an auction during
+                  training, greedy argmax at evaluation, combine weight σ(h·w_e).
+  HashTopKRouter  hash-selected top-k (DeepSeek-V4's first layers): a fixed table picks k experts
+                  per key, a learned gate weighs them (softmax over the k selected logits).
+
+Pure functions hold the math: `routing_metrics`, `load_balancing_loss`, `router_z_loss`,
+`expert_capacity`, `capacity_mask` and `balanced_assignment` (the auction).
+
+Shapes: `tokens = batch * length`, flattened row-major from `RouterFeatures` (the hidden states the
+routers receive are already flattened the same way). `H` is the number of columns of a `Routing`
+(1, MultiHash's N, or top-k's k); `E` is the number of experts.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax
+import flax.linen as nn
 import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from hashmoe import hashing
+
+Array = jax.Array
+Initializer = Callable[..., Array]
 
 
 @flax.struct.dataclass
@@ -41,3 +74,783 @@ class Routing:
   combine_weight: jax.Array
   aux_loss: jax.Array
   metrics: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------------
+# What a router subclass hands to the template.
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingInstructions:
+  """What `Router._compute_routing_instructions` returns; `Router.__call__` makes the `Routing`.
+
+  Attributes:
+    expert_index: int32[tokens, H] chosen experts.
+    combine_weight: float32[tokens, H]; 0.0 where `kept` is False.
+    kept: bool[tokens, H] assignments that survive the router's capacity limit, or None when the
+      router never drops (then every assignment is kept, whatever its weight).
+    router_probs: float32[tokens, E] a probability distribution over experts per token, for the
+      entropy/confidence metrics; None for routers without one (hash, BASE).
+    aux_losses: name -> float32[] already-weighted loss terms; their sum is `Routing.aux_loss`.
+    metrics: router-specific float32 metrics added to the standard ones.
+  """
+  expert_index: Array
+  combine_weight: Array
+  kept: Optional[Array] = None
+  router_probs: Optional[Array] = None
+  aux_losses: dict[str, Array] = dataclasses.field(default_factory=dict)
+  metrics: dict[str, Array] = dataclasses.field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure routing math.
+
+
+def routing_metrics(expert_index: Array, combine_weight: Array, num_experts: int,
+                    router_probs: Optional[Array] = None, *,
+                    kept: Optional[Array] = None) -> dict[str, Array]:
+  """The metrics every router fills, computed from its assignments.
+
+  Args:
+    expert_index: int[tokens, H] experts of each assignment (a (token, column) pair).
+    combine_weight: float[tokens, H] weights; by the `Routing` convention a weight of exactly 0
+      marks an assignment dropped by a capacity limit.
+    num_experts: E.
+    router_probs: float[tokens, E] per-token distributions over experts (rows sum to 1), if the
+      router has them.
+    kept: bool[tokens, H] assignments that reached an expert; None reads it off the weights
+      (`combine_weight != 0`).
+
+  Returns:
+    dict of float32:
+      expert_load [E]: kept assignments per expert / all kept assignments (sums to 1; all zeros if
+        nothing was kept). This is the work each expert actually does.
+      max_over_mean_load []: max(expert_load) / mean(expert_load) = E * max(expert_load); 1 is
+        perfect balance, E is everything on one expert (0 if nothing was kept).
+      dropped_fraction []: dropped assignments / all assignments (tokens * H).
+      and, with router_probs,
+      router_entropy []: mean over tokens of -sum_e p log p (nats; 0·log 0 = 0).
+      router_confidence []: mean over tokens of max_e p.
+  """
+  expert_index = jnp.asarray(expert_index)
+  combine_weight = jnp.asarray(combine_weight)
+  if expert_index.ndim != 2 or expert_index.shape != combine_weight.shape:
+    raise ValueError(
+        f"expert_index and combine_weight must both be [tokens, H], got {expert_index.shape} and "
+        f"{combine_weight.shape}")
+  if kept is None:
+    kept = combine_weight != 0
+  elif tuple(kept.shape) != tuple(expert_index.shape):
+    raise ValueError(f"kept must have shape {tuple(expert_index.shape)}, got {tuple(kept.shape)}")
+  kept = jnp.asarray(kept, bool)
+  counts = jnp.zeros((num_experts,), jnp.float32).at[expert_index.reshape(-1)].add(
+      kept.reshape(-1).astype(jnp.float32), mode="drop")
+  total = jnp.sum(counts)
+  load = counts / jnp.maximum(total, 1.0)
+  num_assignments = max(expert_index.size, 1)
+  metrics = {
+      "expert_load": load,
+      "max_over_mean_load": jnp.max(load) * num_experts,
+      "dropped_fraction": jnp.sum(~kept).astype(jnp.float32) / num_assignments,
+  }
+  if router_probs is not None:
+    probs = jnp.asarray(router_probs, jnp.float32)
+    if probs.shape != (expert_index.shape[0], num_experts):
+      raise ValueError(f"router_probs must be [tokens, num_experts] = "
+                       f"{(expert_index.shape[0], num_experts)}, got {probs.shape}")
+    metrics["router_entropy"] = jnp.mean(-jnp.sum(jax.scipy.special.xlogy(probs, probs), axis=-1))
+    metrics["router_confidence"] = jnp.mean(jnp.max(probs, axis=-1))
+  return metrics
+
+
+def load_balancing_loss(router_probs: Array, expert_index: Array) -> Array:
+  """Switch Transformer's auxiliary load-balancing loss, without its coefficient α.
+
+  Fedus et al. 2021, "Switch Transformers", equations (4) - (6):
+
+    loss = N · Σ_{i=1..N} f_i · P_i                                             (4)
+    f_i  = (1/T) Σ_{x in B} 1{argmax p(x) = i}   fraction of tokens dispatched to expert i   (5)
+    P_i  = (1/T) Σ_{x in B} p_i(x)               mean router probability of expert i        (6)
+
+  with N experts and T tokens in the batch B. It is 1 under perfect balance (f_i = P_i = 1/N) and
+  reaches N when every token goes to one expert with probability 1. f_i counts the router's choice
+  before any capacity drop, as in the paper; only P_i carries gradient.
+
+  Args:
+    router_probs: float32[tokens, N] softmax router probabilities.
+    expert_index: int[tokens] the top-1 expert of each token.
+
+  Returns:
+    float32[].
+  """
+  num_experts = router_probs.shape[-1]
+  dispatch = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32)
+  fraction_dispatched = jnp.mean(dispatch, axis=0)  # f_i, eq. (5)
+  mean_prob = jnp.mean(router_probs.astype(jnp.float32), axis=0)  # P_i, eq. (6)
+  return num_experts * jnp.sum(fraction_dispatched * mean_prob)
+
+
+def router_z_loss(router_logits: Array) -> Array:
+  """The router z-loss of ST-MoE (Zoph et al. 2022), without its coefficient.
+
+  (1/T) Σ_t (log Σ_i exp(x_{t,i}))²: penalises large router logits, which round badly in low
+  precision and destabilise training.
+
+  Args:
+    router_logits: float[tokens, E].
+
+  Returns:
+    float32[].
+  """
+  log_z = jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1)
+  return jnp.mean(jnp.square(log_z))
+
+
+def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
+  """Assignments one expert may take: ceil(capacity_factor · tokens / E), at least 1.
+
+  Switch Transformer §2.2: expert capacity = (tokens per batch / number of experts) × capacity
+  factor. The same arithmetic as `hashmoe.experts.expert_capacity` for one column, so a router and a
+  capacity dispatch given the same factor drop the same tokens.
+  """
+  if capacity_factor <= 0:
+    raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+  return max(1, math.ceil(capacity_factor * num_tokens / num_experts))
+
+
+def capacity_mask(expert_index: Array, num_experts: int, capacity: int) -> Array:
+  """bool[tokens]: whether each token fits in its expert's capacity, earlier tokens first.
+
+  GShard's (Lepikhin et al. 2020) priority: a token's place in its expert's queue is 1 + the number
+  of tokens before it (in flattened token order) sent to the same expert; places beyond `capacity`
+  are dropped. Dropped tokens skip the expert and reach the next layer through the residual.
+
+  Args:
+    expert_index: int[tokens] top-1 expert of each token.
+    num_experts: E.
+    capacity: assignments each expert takes.
+  """
+  dispatch = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)
+  place = jnp.sum(jnp.cumsum(dispatch, axis=0) * dispatch, axis=-1)  # 1-based place in the queue
+  return place <= capacity
+
+
+class AuctionResult(NamedTuple):
+  """What `balanced_assignment` found.
+
+  Attributes:
+    assignment: int32[tokens] expert of each token; every expert gets exactly tokens / E.
+    prices: float32[E] the auction's final expert prices (dual variables).
+    epsilon: float32[] the final ε (absolute, in score units) of the optimality bound.
+    rounds: int32[] bidding rounds over all ε phases.
+    unassigned_fraction: float32[] tokens the auction had not placed when its round budget ran out
+      (then placed greedily in free slots, and the optimality bound no longer holds). 0 normally.
+  """
+  assignment: Array
+  prices: Array
+  epsilon: Array
+  rounds: Array
+  unassigned_fraction: Array
+
+
+def balanced_assignment(scores: Array, *, relative_epsilon: float = 1e-3,
+                        epsilon_scaling: float = 4.0, max_rounds: int = 1000) -> AuctionResult:
+  """Balanced linear assignment by an auction: each expert gets exactly tokens / E tokens.
+
+  Solves BASE layers' assignment (Lewis et al. 2021): maximise Σ_t scores[t, a(t)] subject to
+  |{t : a(t) = e}| = C = tokens / E for every expert e. This is an assignment problem between the
+  tokens and C identical copies of each expert, solved with Bertsekas' auction algorithm
+  (Bertsekas 1979; "The auction algorithm for assignment and other network flow problems", 1988)
+  specialised to identical copies: one price p_e per expert instead of one per copy.
+
+  Rounds are Jacobi-style (all unplaced tokens bid at once). In a round every token t names a
+  candidate c(t) (its current expert if placed, else argmax_e scores[t, e] - p_e) and a
+  willingness to pay β_t = scores[t, c] - max_{e≠c}(scores[t, e] - p_e) + ε. Each expert keeps its
+  C most willing candidates; if more asked, its price rises to the willingness of the most willing
+  one it turned away, and those turned away bid again next round. Prices never fall, and every
+  placed token keeps ε-complementary slackness (ε-CS):
+    scores[t, a(t)] - p_{a(t)} ≥ max_e (scores[t, e] - p_e) - ε.
+
+  Optimality guarantee: once every token is placed (each expert then holds exactly C), for any other
+  balanced assignment b, by ε-CS and Σ_t p_{a(t)} = C Σ_e p_e = Σ_t p_{b(t)},
+    Σ_t scores[t, b(t)] ≤ Σ_t max_e (scores[t, e] - p_e) + C Σ_e p_e
+                        ≤ Σ_t scores[t, a(t)] + tokens·ε,
+  so the assignment is within tokens·ε of optimal. ε-scaling (Bertsekas) reaches a small ε quickly:
+  phases with ε = ε_final·θ^(P-1), ..., ε_final·θ, ε_final, where ε_final = relative_epsilon ·
+  spread (spread = max - min score) and the first ε is at least spread/2; each phase restarts the
+  bidding from the previous phase's prices.
+
+  The loop is bounded (`max_rounds` per phase) so the step always terminates; should the last phase
+  run out, the remaining tokens fill the free slots in token order (the result is still balanced,
+  the bound no longer holds) and `unassigned_fraction` says how many.
+
+  Args:
+    scores: float[tokens, E] token-expert affinities (no gradient flows through the assignment).
+    relative_epsilon: ε_final as a fraction of the score spread.
+    epsilon_scaling: θ > 1, the factor ε shrinks by between phases.
+    max_rounds: bidding rounds allowed per phase.
+
+  Returns:
+    AuctionResult.
+
+  Raises:
+    ValueError: tokens is not a multiple of E, or a parameter is out of range.
+  """
+  if scores.ndim != 2:
+    raise ValueError(f"scores must be [tokens, num_experts], got shape {scores.shape}")
+  tokens, num_experts = scores.shape
+  if num_experts < 1 or tokens % num_experts:
+    raise ValueError(
+        f"a balanced assignment needs tokens divisible by num_experts: got tokens={tokens} "
+        f"(batch * length) and num_experts={num_experts}; tokens % num_experts = "
+        f"{tokens % max(num_experts, 1)}. Choose batch * length as a multiple of num_experts.")
+  if not 0 < relative_epsilon < 0.5:
+    raise ValueError(f"relative_epsilon must be in (0, 0.5), got {relative_epsilon}")
+  if not epsilon_scaling > 1:
+    raise ValueError(f"epsilon_scaling must be > 1, got {epsilon_scaling}")
+  if not max_rounds >= 1:
+    raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+  scores = lax.stop_gradient(scores).astype(jnp.float32)
+  zero = jnp.zeros((), jnp.float32)
+  if num_experts == 1 or tokens == 0:
+    return AuctionResult(jnp.zeros((tokens,), jnp.int32), jnp.zeros((num_experts,), jnp.float32),
+                         zero, jnp.zeros((), jnp.int32), zero)
+  capacity = tokens // num_experts
+  spread = jnp.max(scores) - jnp.min(scores)
+  # All-equal scores: every balanced assignment is optimal; any positive ε works.
+  spread = jnp.where(spread > 0, spread, 1.0)
+  eps_final = relative_epsilon * spread
+  num_phases = 1 + math.ceil(math.log(0.5 / relative_epsilon) / math.log(epsilon_scaling))
+  token_ids = jnp.arange(tokens, dtype=jnp.int32)
+  expert_ids = jnp.arange(num_experts, dtype=jnp.int32)
+
+  def bidding_round(state):
+    prices, assignment, rounds, eps = state
+    values = scores - prices[None, :]
+    candidate = jnp.where(assignment >= 0, assignment,
+                          jnp.argmax(values, axis=-1).astype(jnp.int32))
+    own = jnp.take_along_axis(scores, candidate[:, None], axis=-1)[:, 0]
+    best_other = jnp.max(jnp.where(expert_ids[None, :] == candidate[:, None], -jnp.inf, values),
+                         axis=-1)
+    willingness = own - best_other + eps
+    # Group candidates by expert, most willing first (ties: lower token id first).
+    by_expert, neg_willingness, order = lax.sort(
+        (candidate, -willingness, token_ids), num_keys=3)
+    asked = jnp.bincount(candidate, length=num_experts)
+    first = jnp.cumsum(asked) - asked
+    place = token_ids - first[by_expert]
+    assignment = jnp.zeros_like(assignment).at[order].set(
+        jnp.where(place < capacity, by_expert, -1))
+    turned_away = -neg_willingness[jnp.minimum(first + capacity, tokens - 1)]
+    prices = jnp.where(asked > capacity, jnp.maximum(prices, turned_away), prices)
+    return prices, assignment, rounds + 1, eps
+
+  def phase(k, carry):
+    prices, rounds, _ = carry
+    eps = eps_final * epsilon_scaling ** (num_phases - 1 - k).astype(jnp.float32)
+    unplaced = jnp.full((tokens,), -1, jnp.int32)
+    prices, assignment, phase_rounds, _ = lax.while_loop(
+        lambda s: jnp.any(s[1] < 0) & (s[2] < max_rounds), bidding_round,
+        (prices, unplaced, jnp.zeros((), jnp.int32), eps))
+    return prices, rounds + phase_rounds, assignment
+
+  prices, rounds, assignment = lax.fori_loop(
+      0, num_phases, phase,
+      (jnp.zeros((num_experts,), jnp.float32), jnp.zeros((), jnp.int32),
+       jnp.full((tokens,), -1, jnp.int32)))
+
+  # Fallback if the last phase ran out of rounds: the j-th unplaced token takes the j-th free slot.
+  unplaced = assignment < 0
+  load = jnp.bincount(jnp.where(unplaced, num_experts, assignment), length=num_experts + 1)
+  free_slots_end = jnp.cumsum(capacity - load[:num_experts])
+  slot = jnp.cumsum(unplaced) - 1
+  fill = jnp.searchsorted(free_slots_end, slot, side="right").astype(jnp.int32)
+  assignment = jnp.where(unplaced, jnp.minimum(fill, num_experts - 1), assignment)
+  return AuctionResult(assignment, prices, eps_final, rounds,
+                       jnp.mean(unplaced.astype(jnp.float32)))
+
+
+# --------------------------------------------------------------------------------------------------
+# The template.
+
+
+def _is_tracer(x: Any) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def _check_expert_range(name: str, table: np.ndarray, num_experts: int) -> None:
+  if table.size and (int(table.min()) < 0 or int(table.max()) >= num_experts):
+    raise ValueError(f"{name} holds experts in [{int(table.min())}, {int(table.max())}], outside "
+                     f"[0, num_experts={num_experts})")
+
+
+def check_key_ids(keys: Array, key_space: int, key: str) -> None:
+  """Raises ValueError if concrete routing keys fall outside [0, key_space).
+
+  A JAX gather clamps an out-of-range index silently, so a bad key would route its token to some
+  expert without complaint. Under tracing (jit) the values are unknown and this is a no-op.
+
+  Args:
+    keys: int[...] routing keys (from `hashing.routing_keys`).
+    key_space: rows of the hash table.
+    key: the key's name, for the message.
+  """
+  _check_ids_in_range(keys, key_space, f"routing keys for key {key!r}", "the table's key space")
+
+
+def _check_ids_in_range(ids: Any, size: int, what: str, space: str) -> None:
+  if _is_tracer(ids):
+    return
+  ids = np.asarray(ids)  # on the host: jnp reductions would be staged inside an enclosing trace
+  bad = (ids < 0) | (ids >= size)
+  if bad.any():
+    bad_ids = np.unique(ids[bad])
+    shown = ", ".join(str(int(i)) for i in bad_ids[:8]) + (", ..." if bad_ids.size > 8 else "")
+    raise ValueError(f"{what}: {int(bad.sum())} of {ids.size} are outside {space} [0, {size}): "
+                     f"ids {shown}")
+
+
+class Router(nn.Module):
+  """Template of every router: shared checks, float32 router math and metrics.
+
+  Subclasses implement `_compute_routing_instructions` and nothing else. Parameters they create
+  carry logical axis names (`nn.with_logical_partitioning`); router weights are tiny and replicated
+  ("embed", "unmodeled").
+
+  Attributes:
+    num_experts: E.
+  """
+  num_experts: int
+
+  def __post_init__(self):
+    if not isinstance(self.num_experts, (int, np.integer)) or self.num_experts < 1:
+      raise ValueError(f"{type(self).__name__}: num_experts must be a positive int, got "
+                       f"{self.num_experts!r}")
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, hidden: Array, features: RouterFeatures, *, deterministic: bool) -> Routing:
+    """Routes tokens.
+
+    Args:
+      hidden: float[tokens, d_model] hidden states, flattened row-major from [batch, length].
+      features: per-token integer features, each int32[batch, length] with batch * length = tokens.
+      deterministic: True at evaluation: no jitter noise, and BASE routes greedily.
+
+    Returns:
+      Routing with expert_index int32[tokens, H], combine_weight float32[tokens, H], aux_loss
+      float32[] and metrics (see `routing_metrics`, plus the router's own).
+    """
+    if hidden.ndim != 2:
+      raise ValueError(f"{type(self).__name__}: hidden must be [tokens, d_model] (flattened), got "
+                       f"shape {hidden.shape}")
+    if features.token_ids.ndim != 2:
+      raise ValueError(f"{type(self).__name__}: features.token_ids must be [batch, length], got "
+                       f"shape {features.token_ids.shape}")
+    batch, length = features.token_ids.shape
+    if hidden.shape[0] != batch * length:
+      raise ValueError(
+          f"{type(self).__name__}: hidden has {hidden.shape[0]} tokens but features.token_ids is "
+          f"[{batch}, {length}] = {batch * length} tokens")
+    # Switch §2.4 (selective precision): the router's softmax/exponentials are unstable in bfloat16.
+    instructions = self._compute_routing_instructions(
+        hidden.astype(jnp.float32), features, deterministic=deterministic)
+    expert_index = instructions.expert_index.astype(jnp.int32)
+    combine_weight = instructions.combine_weight.astype(jnp.float32)
+    kept = instructions.kept
+    if kept is None:
+      kept = jnp.ones(expert_index.shape, bool)
+    metrics = routing_metrics(expert_index, combine_weight, self.num_experts,
+                              instructions.router_probs, kept=kept)
+    metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in instructions.metrics.items()})
+    aux_loss = jnp.zeros((), jnp.float32)
+    for term in instructions.aux_losses.values():
+      aux_loss = aux_loss + jnp.asarray(term, jnp.float32)
+    return Routing(expert_index=expert_index, combine_weight=combine_weight, aux_loss=aux_loss,
+                   metrics=metrics)
+
+  def _compute_routing_instructions(self, hidden: Array, features: RouterFeatures, *,
+                                    deterministic: bool) -> RoutingInstructions:
+    """hidden: float32[tokens, d_model]; features as in `__call__`."""
+    raise NotImplementedError(f"{type(self).__name__} must implement "
+                              "_compute_routing_instructions")
+
+
+# --------------------------------------------------------------------------------------------------
+# Hash routing.
+
+
+def _keys(key: str, features: RouterFeatures, key_space: int) -> Array:
+  """int32[tokens] routing keys, flattened row-major and range-checked when concrete."""
+  # Features closed over by a jitted function are concrete, but jnp ops on them inside the trace
+  # would give tracers (and break the host-side range checks); evaluate them eagerly instead.
+  # Traced features are staged as usual.
+  with jax.ensure_compile_time_eval():
+    keys = hashing.routing_keys(
+        key, token_ids=features.token_ids, positions=features.positions,
+        segment_ids=features.segment_ids, targets=features.targets,
+        predicted_ids=features.predicted_ids, key_space=key_space)
+    keys = jnp.asarray(keys, jnp.int32).reshape(-1)
+  check_key_ids(keys, key_space, key)
+  return keys
+
+
+def _check_key(router: str, key: str) -> None:
+  if key not in hashing.KEYS:
+    raise ValueError(f"{router}: key must be one of {hashing.KEYS}, got {key!r}")
+
+
+def _resolve_key_space(router: str, key_space: Optional[int], table_vocab: Optional[int]) -> int:
+  """The key space: from the tables if given (and then equal to `key_space` if that is set too)."""
+  if table_vocab is not None:
+    if key_space is not None and int(key_space) != table_vocab:
+      raise ValueError(f"{router}: key_space={key_space} but the hash table(s) cover vocab_size="
+                       f"{table_vocab} key ids; they must match")
+    return table_vocab
+  if key_space is None:
+    raise ValueError(f"{router}: without tables, key_space (rows of the random table; see "
+                     "hashing.key_space_size) is required")
+  if not isinstance(key_space, (int, np.integer)) or key_space < 1:
+    raise ValueError(f"{router}: key_space must be a positive int, got {key_space!r}")
+  return int(key_space)
+
+
+class HashRouter(Router):
+  """Hash layer routing (Roller et al. 2021, §3): expert = table[key(x)], no parameters.
+
+  `h_t = FFN_{hash(x_t)}(h_t)` (eq. 4): the expert of a token is a fixed function of its input token
+  (or of another key of §3.1: previous token, bigram, position, oracle/predicted next token), looked
+  up in a precomputed table. With num_hashes = N > 1 this is MultiHash (§3.2): column m of
+  expert_index is hash m's expert, k_m = hash_m(x), and the experts use it to pick segment m.
+
+  The tables are data: they live in the non-trainable "hash_tables" collection (variable "table",
+  int32[num_hashes, key_space]) so that they are saved and restored with the checkpoint. They are
+  initialised from `tables` (built offline with `hashing.build_table`/`build_multihash` from corpus
+  statistics), or, when `tables` is None, as random tables from `seed`
+  (`hashing.build_multihash("random", ...)`), so a model can be initialised without corpus
+  statistics. Routing is a static gather: combine weight 1.0, aux_loss 0.
+
+  Attributes:
+    num_experts: E.
+    key: which feature to hash, one of `hashing.KEYS`.
+    num_hashes: N (MultiHash); 1 is the plain hash layer.
+    key_space: rows of each table (`hashing.key_space_size`); taken from `tables` when None.
+    tables: tuple of num_hashes 1-D `hashing.HashTable`s, or None for random tables.
+    seed: seed of the random tables (table m uses seed + m).
+  """
+  key: str = "token"
+  num_hashes: int = 1
+  key_space: Optional[int] = None
+  tables: Optional[Sequence[hashing.HashTable]] = None
+  seed: int = 0
+
+  def __post_init__(self):
+    name = type(self).__name__
+    _check_key(name, self.key)
+    if not isinstance(self.num_hashes, (int, np.integer)) or self.num_hashes < 1:
+      raise ValueError(f"{name}: num_hashes must be a positive int, got {self.num_hashes!r}")
+    table_vocab = None
+    if self.tables is not None:
+      tables = self.tables
+      if isinstance(tables, hashing.HashTable):
+        raise TypeError(f"{name}: tables must be a tuple of {self.num_hashes} HashTable(s), got a "
+                        "single HashTable; pass (table,)")
+      tables = tuple(tables)
+      if len(tables) != self.num_hashes:
+        raise ValueError(f"{name}: num_hashes={self.num_hashes} needs {self.num_hashes} tables, "
+                         f"got {len(tables)}")
+      for m, table in enumerate(tables):
+        if not isinstance(table, hashing.HashTable):
+          raise TypeError(f"{name}: tables[{m}] must be a hashing.HashTable, got "
+                          f"{type(table).__name__}")
+        if table.table.ndim != 1:
+          raise ValueError(f"{name}: tables[{m}] ({table.kind}) maps each key to {table.k} "
+                           "experts; HashRouter needs one expert per key (HashTopKRouter takes "
+                           "top-k tables)")
+        if table.num_experts != self.num_experts:
+          raise ValueError(f"{name}: tables[{m}] was built for num_experts={table.num_experts}, "
+                           f"but the router has num_experts={self.num_experts}")
+        if table.vocab_size != tables[0].vocab_size:
+          raise ValueError(f"{name}: tables[{m}] covers vocab_size={table.vocab_size} but "
+                           f"tables[0] covers {tables[0].vocab_size}; all hashes share one key "
+                           "space")
+      table_vocab = tables[0].vocab_size
+      object.__setattr__(self, "tables", tables)
+    object.__setattr__(self, "key_space", _resolve_key_space(name, self.key_space, table_vocab))
+    super().__post_init__()
+
+  def _initial_table(self) -> Array:
+    if self.tables is not None:
+      stacked = np.stack([t.table for t in self.tables])
+    else:
+      stacked = np.stack([t.table for t in hashing.build_multihash(
+          "random", self.num_hashes, num_experts=self.num_experts, vocab_size=self.key_space,
+          seed=self.seed)])
+    _check_expert_range("hash table", stacked, self.num_experts)
+    return jnp.asarray(stacked, jnp.int32)
+
+  def _compute_routing_instructions(self, hidden: Array, features: RouterFeatures, *,
+                                    deterministic: bool) -> RoutingInstructions:
+    del hidden, deterministic  # the route depends on the token ids alone
+    table = self.variable("hash_tables", "table", self._initial_table).value
+    expected = (self.num_hashes, self.key_space)
+    if tuple(table.shape) != expected:
+      raise ValueError(f"{type(self).__name__}: stored hash_tables/table has shape "
+                       f"{tuple(table.shape)}, expected [num_hashes, key_space] = {expected}")
+    keys = _keys(self.key, features, self.key_space)
+    # mode="clip" makes the out-of-range behaviour explicit; concrete keys were checked above.
+    expert_index = jnp.take(table, keys, axis=1, mode="clip").T  # [tokens, num_hashes]
+    return RoutingInstructions(expert_index=expert_index,
+                               combine_weight=jnp.ones(expert_index.shape, jnp.float32))
+
+
+class HashTopKRouter(Router):
+  """Hash-selected top-k with a learned gate (the hash-routed first layers of DeepSeek-V4).
+
+  A fixed table (`hashing.build_topk_table`: k distinct experts per key, greedily balanced on token
+  frequency) picks the experts; a learned gate decides how much each contributes:
+  combine_weight[t] = softmax over the k selected experts of (h_t W_gate)[selected], in float32.
+  Which experts run never depends on the hidden state, so the dispatch keeps every property of hash
+  routing (no capacity, nothing dropped, no balance loss); only the mixture weights are learned.
+
+  The table lives in the "hash_tables" collection (variable "table", int32[key_space, k]); with
+  `table=None` it is a random table of k distinct experts per key from `seed`.
+
+  Attributes:
+    num_experts: E.
+    k: experts per token.
+    key: which feature to hash, one of `hashing.KEYS`.
+    key_space: rows of the table; taken from `table` when None.
+    table: a `hashing.HashTable` of kind `hashing.TOPK_KIND` with k columns, or None.
+    seed: seed of the random table.
+    kernel_init: initialiser of W_gate float32[d_model, E].
+  """
+  k: int
+  key: str = "token"
+  key_space: Optional[int] = None
+  table: Optional[hashing.HashTable] = None
+  seed: int = 0
+  kernel_init: Initializer = nn.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
+
+  def __post_init__(self):
+    name = type(self).__name__
+    _check_key(name, self.key)
+    if not isinstance(self.k, (int, np.integer)) or not 1 <= self.k <= self.num_experts:
+      raise ValueError(f"{name}: k must be an int in [1, num_experts={self.num_experts}], got "
+                       f"{self.k!r}")
+    table_vocab = None
+    if self.table is not None:
+      table = self.table
+      if not isinstance(table, hashing.HashTable):
+        raise TypeError(f"{name}: table must be a hashing.HashTable, got {type(table).__name__}")
+      if table.table.ndim != 2 or table.k != self.k:
+        raise ValueError(f"{name}: table ({table.kind}) has shape {table.table.shape}; expected a "
+                         f"top-k table [vocab_size, k={self.k}] from hashing.build_topk_table")
+      if table.num_experts != self.num_experts:
+        raise ValueError(f"{name}: table was built for num_experts={table.num_experts}, but the "
+                         f"router has num_experts={self.num_experts}")
+      table_vocab = table.vocab_size
+    object.__setattr__(self, "key_space", _resolve_key_space(name, self.key_space, table_vocab))
+    super().__post_init__()
+
+  def _initial_table(self) -> Array:
+    if self.table is not None:
+      table = self.table.table
+    else:
+      # k distinct experts per key: the first k of a random permutation of the experts.
+      rng = np.random.default_rng(self.seed)
+      table = np.argsort(rng.random((self.key_space, self.num_experts)), axis=-1)[:, :self.k]
+    _check_expert_range("top-k hash table", table, self.num_experts)
+    return jnp.asarray(table, jnp.int32)
+
+  def _compute_routing_instructions(self, hidden: Array, features: RouterFeatures, *,
+                                    deterministic: bool) -> RoutingInstructions:
+    del deterministic
+    table = self.variable("hash_tables", "table", self._initial_table).value
+    expected = (self.key_space, self.k)
+    if tuple(table.shape) != expected:
+      raise ValueError(f"{type(self).__name__}: stored hash_tables/table has shape "
+                       f"{tuple(table.shape)}, expected [key_space, k] = {expected}")
+    keys = _keys(self.key, features, self.key_space)
+    expert_index = jnp.take(table, keys, axis=0, mode="clip")  # [tokens, k]
+    w_gate = self.param("gate_kernel",
+                        nn.with_logical_partitioning(self.kernel_init, ("embed", "unmodeled")),
+                        (hidden.shape[-1], self.num_experts), jnp.float32)
+    logits = hidden @ w_gate.astype(jnp.float32)  # [tokens, E]
+    selected = jnp.take_along_axis(logits, expert_index, axis=-1)  # [tokens, k]
+    combine_weight = jax.nn.softmax(selected, axis=-1)
+    # The gate's distribution lives on the k selected experts; scatter it to [tokens, E] so the
+    # entropy/confidence metrics read the same way as Switch's.
+    dense = jnp.zeros(logits.shape, jnp.float32).at[
+        jnp.arange(logits.shape[0])[:, None], expert_index].set(combine_weight)
+    return RoutingInstructions(expert_index=expert_index, combine_weight=combine_weight,
+                               router_probs=dense)
+
+
+# --------------------------------------------------------------------------------------------------
+# Learned routing baselines.
+
+
+class SwitchRouter(Router):
+  """Switch Transformer routing (Fedus et al. 2021): top-1 of softmax(W x), x = h or a token vector.
+
+  p(x) = softmax(x W) over E experts, in float32 (§2.4 selective precision); each token goes to
+  argmax p(x) with combine weight p_{argmax}(x), so the router learns through the weight (§2.1).
+  Options, as in the Switch/ST-MoE codebases:
+    * load-balancing loss `balance_coef · load_balancing_loss` (equations (4) - (6));
+    * router z-loss `z_loss_coef · router_z_loss` (ST-MoE, Zoph et al. 2022);
+    * multiplicative jitter on the router input during training, x · U[1 - jitter, 1 + jitter]
+      (drawn from the "jitter" rng stream, needed only when jitter > 0 and not deterministic);
+    * capacity factor: each expert takes `expert_capacity(tokens, E, capacity_factor)` tokens in
+      token order (GShard); the rest get combine weight 0 and skip the expert via the residual.
+      Applied in training and evaluation alike.
+  `token_based=True` is the Hash Layers paper's "Switch with token-based routing" (§5.3.3, Table 6):
+  the router input x is a separate learned embedding of the current token id (vocab_size ×
+  router_embed_dim, used by the router only) instead of the hidden state.
+
+  The kernel is initialised from a truncated normal of variance 0.1 / fan_in (§2.4, "smaller
+  parameter initialization").
+
+  Metrics, besides the standard ones: `balance_loss` and `router_z_loss` (both *unweighted*, so they
+  stay readable when a coefficient is 0; balance_loss is 1 under perfect balance), and
+  `router_entropy`/`router_confidence` of p(x).
+
+  Attributes:
+    num_experts: E.
+    balance_coef: α of the load-balancing loss (the paper tunes it; 0.01 is Switch's default).
+    z_loss_coef: coefficient of the router z-loss (ST-MoE uses 1e-3); 0 disables it.
+    jitter: ε of the multiplicative input jitter; 0 disables it.
+    capacity_factor: None for no capacity limit (dropless).
+    token_based: route on a learned token embedding instead of the hidden state.
+    vocab_size: number of token ids (required with token_based).
+    router_embed_dim: width of the token embedding; None uses d_model.
+    kernel_init: initialiser of W float32[router input dim, E].
+    embedding_init: initialiser of the token embedding.
+  """
+  balance_coef: float = 0.01
+  z_loss_coef: float = 0.0
+  jitter: float = 0.0
+  capacity_factor: Optional[float] = None
+  token_based: bool = False
+  vocab_size: Optional[int] = None
+  router_embed_dim: Optional[int] = None
+  kernel_init: Initializer = nn.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
+  embedding_init: Initializer = nn.initializers.normal(stddev=1.0)
+
+  def __post_init__(self):
+    name = type(self).__name__
+    if self.balance_coef < 0 or self.z_loss_coef < 0:
+      raise ValueError(f"{name}: balance_coef and z_loss_coef must be >= 0, got "
+                       f"{self.balance_coef} and {self.z_loss_coef}")
+    if not 0 <= self.jitter < 1:
+      raise ValueError(f"{name}: jitter must be in [0, 1), got {self.jitter}")
+    if self.capacity_factor is not None and not self.capacity_factor > 0:
+      raise ValueError(f"{name}: capacity_factor must be > 0 or None, got {self.capacity_factor}")
+    if self.token_based and (self.vocab_size is None or self.vocab_size < 1):
+      raise ValueError(f"{name}: token_based routing needs vocab_size (the token embedding's "
+                       f"rows), got {self.vocab_size!r}")
+    if self.router_embed_dim is not None and self.router_embed_dim < 1:
+      raise ValueError(f"{name}: router_embed_dim must be positive, got {self.router_embed_dim}")
+    super().__post_init__()
+
+  def _compute_routing_instructions(self, hidden: Array, features: RouterFeatures, *,
+                                    deterministic: bool) -> RoutingInstructions:
+    tokens = hidden.shape[0]
+    if self.token_based:
+      _check_ids_in_range(features.token_ids, self.vocab_size, "token_ids",
+                          "the token embedding's vocabulary")
+      token_ids = jnp.asarray(features.token_ids, jnp.int32).reshape(-1)
+      dim = self.router_embed_dim or hidden.shape[-1]
+      table = self.param("token_embedding",
+                         nn.with_logical_partitioning(self.embedding_init, ("vocab", "unmodeled")),
+                         (self.vocab_size, dim), jnp.float32)
+      router_input = jnp.take(table, token_ids, axis=0, mode="clip").astype(jnp.float32)
+    else:
+      router_input = hidden
+    if self.jitter > 0 and not deterministic:
+      noise = jax.random.uniform(self.make_rng("jitter"), router_input.shape, jnp.float32,
+                                 1.0 - self.jitter, 1.0 + self.jitter)
+      router_input = router_input * noise
+    kernel = self.param("kernel",
+                        nn.with_logical_partitioning(self.kernel_init, ("embed", "unmodeled")),
+                        (router_input.shape[-1], self.num_experts), jnp.float32)
+    logits = router_input @ kernel.astype(jnp.float32)  # [tokens, E]
+    probs = jax.nn.softmax(logits, axis=-1)
+    expert = jnp.argmax(probs, axis=-1).astype(jnp.int32)  # [tokens]
+    gate = jnp.take_along_axis(probs, expert[:, None], axis=-1)  # [tokens, 1]
+    balance = load_balancing_loss(probs, expert)
+    z_loss = router_z_loss(logits)
+    if self.capacity_factor is None:
+      kept = jnp.ones((tokens, 1), bool)
+    else:
+      capacity = expert_capacity(tokens, self.num_experts, self.capacity_factor)
+      kept = capacity_mask(expert, self.num_experts, capacity)[:, None]
+    aux_losses = {"balance_loss": self.balance_coef * balance}
+    if self.z_loss_coef:
+      aux_losses["router_z_loss"] = self.z_loss_coef * z_loss
+    return RoutingInstructions(
+        expert_index=expert[:, None], combine_weight=jnp.where(kept, gate, 0.0), kept=kept,
+        router_probs=probs, aux_losses=aux_losses,
+        metrics={"balance_loss": balance, "router_z_loss": z_loss})
+
+
+class BaseRouter(Router):
+  """BASE layers (Lewis et al. 2021): routing as a balanced linear assignment.
+
+  Each expert e has a learned embedding w_e; a token's affinity to e is h·w_e. During training
+  (deterministic=False) tokens are assigned to maximise the total affinity Σ_t h_t·w_{a(t)} with
+  every expert receiving exactly tokens / E of them — `balanced_assignment`, an auction whose result
+  is within tokens·ε of the optimal total (see there); so no load-balancing loss is needed and no
+  token is dropped. At evaluation each token goes greedily to argmax_e h·w_e.
+
+  The expert's output is mixed in as h + σ(h·w_e) f_e(h): combine weight σ(h·w_{a(t)}). The
+  assignment itself is not differentiable (computed on stop_gradient scores); the expert
+  embeddings and the hidden state learn through the combine weight.
+
+  BASE additionally shuffles tokens across workers before routing (an extra all-to-all) so that
+  each worker's batch is not correlated; that belongs to the dispatch, not here.
+
+  Metrics, besides the standard ones: `auction_rounds` (bidding rounds this step) and
+  `auction_unassigned_fraction` (tokens the auction left for the greedy fallback; 0 normally),
+  both 0 at evaluation.
+
+  Attributes:
+    num_experts: E.
+    relative_epsilon, epsilon_scaling, max_auction_rounds: see `balanced_assignment`.
+    embedding_init: initialiser of the expert embeddings float32[E, d_model] (orthogonal, small, as
+      in the fairseq BASE implementation's expert centroids).
+  """
+  relative_epsilon: float = 1e-3
+  epsilon_scaling: float = 4.0
+  max_auction_rounds: int = 1000
+  embedding_init: Initializer = nn.initializers.orthogonal(scale=0.1)
+
+  def _compute_routing_instructions(self, hidden: Array, features: RouterFeatures, *,
+                                    deterministic: bool) -> RoutingInstructions:
+    del features
+    tokens = hidden.shape[0]
+    expert_embedding = self.param(
+        "expert_embedding",
+        nn.with_logical_partitioning(self.embedding_init, ("unmodeled", "embed")),
+        (self.num_experts, hidden.shape[-1]), jnp.float32)
+    scores = hidden @ expert_embedding.astype(jnp.float32).T  # [tokens, E]
+    if deterministic:
+      expert = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+      rounds = jnp.zeros((), jnp.float32)
+      unassigned = jnp.zeros((), jnp.float32)
+    else:
+      if tokens % self.num_experts:
+        raise ValueError(
+            f"{type(self).__name__}: BASE's balanced assignment gives each of num_experts="
+            f"{self.num_experts} experts exactly tokens / num_experts tokens, but tokens = batch * "
+            f"length = {tokens} is not divisible by {self.num_experts}")
+      result = balanced_assignment(
+          lax.stop_gradient(scores), relative_epsilon=self.relative_epsilon,
+          epsilon_scaling=self.epsilon_scaling, max_rounds=self.max_auction_rounds)
+      expert = result.assignment
+      rounds = result.rounds.astype(jnp.float32)
+      unassigned = result.unassigned_fraction
+    chosen = jnp.take_along_axis(scores, expert[:, None], axis=-1)  # [tokens, 1], differentiable
+    return RoutingInstructions(
+        expert_index=expert[:, None], combine_weight=jax.nn.sigmoid(chosen),
+        metrics={"auction_rounds": rounds, "auction_unassigned_fraction": unassigned})
