@@ -108,20 +108,23 @@ def check_token_ids(ids: ArrayLike, vocab_size: int, name: str = "token_ids") ->
   """
   if _is_tracer(ids):
     return
-  xp = jnp if isinstance(ids, jax.Array) else np
-  if xp is np:
-    ids = np.asarray(ids)
-  if not (jnp.issubdtype(ids.dtype, jnp.integer) and ids.dtype != jnp.bool_):
-    raise TypeError(f"{name} must have an integer dtype, got {ids.dtype}")
-  if ids.size == 0:
-    return
-  lo, hi = int(xp.min(ids)), int(xp.max(ids))
-  if lo >= 0 and hi < vocab_size:
-    return
-  bad = (ids < 0) | (ids >= vocab_size)
-  num_bad = int(xp.sum(bad))
-  bad_min = int(xp.min(xp.where(bad, ids, hi)))
-  bad_max = int(xp.max(xp.where(bad, ids, lo)))
+  # Reduce on the device (two scalars come back), but inside any ambient trace evaluate eagerly:
+  # a concrete array captured by a jitted function would otherwise have its min/max staged.
+  with jax.ensure_compile_time_eval():
+    xp = jnp if isinstance(ids, jax.Array) else np
+    if xp is np:
+      ids = np.asarray(ids)
+    if not (jnp.issubdtype(ids.dtype, jnp.integer) and ids.dtype != jnp.bool_):
+      raise TypeError(f"{name} must have an integer dtype, got {ids.dtype}")
+    if ids.size == 0:
+      return
+    lo, hi = int(xp.min(ids)), int(xp.max(ids))
+    if lo >= 0 and hi < vocab_size:
+      return
+    bad = (ids < 0) | (ids >= vocab_size)
+    num_bad = int(xp.sum(bad))
+    bad_min = int(xp.min(xp.where(bad, ids, hi)))
+    bad_max = int(xp.max(xp.where(bad, ids, lo)))
   raise ValueError(
       f"{name}: {num_bad} of {ids.size} ids are outside [0, {vocab_size}) "
       f"(offending ids range from min={bad_min} to max={bad_max}; vocab_size={vocab_size})")

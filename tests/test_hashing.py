@@ -749,3 +749,16 @@ def test_bigram_hash_is_well_mixed(key_space):
   _, p = stats.chisquare(np.bincount(varied % num_experts, minlength=num_experts))
   assert p > 1e-4, p
   assert varied.min() >= 0 and varied.max() < key_space
+
+
+def test_check_token_ids_on_concrete_ids_captured_by_jit():
+  # A concrete batch captured by a jitted function is still checkable (and must not be staged).
+  bad = jnp.asarray([[1, 2, 99]], jnp.int32)
+
+  @jax.jit
+  def f(x):
+    hashing.check_token_ids(bad, 10)
+    return x
+
+  with pytest.raises(ValueError, match="outside"):
+    f(jnp.zeros(()))
