@@ -1,0 +1,757 @@
+"""Transformer models from `hashmoe.layers`: a decoder-only LM and the paper's encoder-decoder.
+
+Dense baselines and sparse models are one code path: `TransformerConfig.sparse` (a `SparseConfig`)
+names the layers whose FFN becomes a router + experts, and which router. Comparing hash to Switch,
+or sparse to dense, changes one config field and nothing else.
+
+Calling convention (both models):
+
+  variables = model.init(jax.random.key(0), batch)             # batch: dict of int32[batch, length]
+  logits, state = model.apply(variables, batch, deterministic=False,
+                              rngs={"dropout": key}, mutable=[MOE_COLLECTION])
+  aux_loss, metrics = collect_aux(state)   # Σ router aux losses, {layer: metrics}
+
+`batch` holds the features seqio's feature converters produce: decoder-only
+{"decoder_input_tokens", "decoder_target_tokens", "decoder_positions"?, "decoder_segment_ids"?,
+"predicted_ids"?}; the encoder-decoder adds {"encoder_input_tokens", "encoder_positions"?,
+"encoder_segment_ids"?}. Token id 0 is padding for targets and encoder inputs (seqio's convention;
+0 is also the decoder's BOS in `decoder_input_tokens`, so decoder padding is read from
+`decoder_target_tokens`). Concrete batches are checked on the host by `validate_batch`; traced
+batches inside `jit` cannot be (a traced gather cannot raise: a bad id wraps, clamps in a hash table
+lookup, or turns into NaN), so check batches in the input pipeline before the jitted step.
+
+Hash tables are data, not config: `hash_tables` maps a layer name ("decoder_7", "encoder_0") or
+"default" to a tuple of `hashmoe.hashing.HashTable` (one per MultiHash hash). The routers store them
+in their non-trainable "hash_tables" collection at init, so they travel with the variables.
+
+Paper presets (Section 5.1, ParlAI seq2seq on pushshift.io Reddit, 8008-token BPE):
+`baseline_config` (2 encoder + 11 decoder layers, d=1024, D=4096, 16 heads), `wider_config`
+(D=6144), `deeper_config` (22 decoder layers), and `tiny_config` for CPU tests. `param_counts`
+gives 219.0M for Baseline (the paper: 222M; ParlAI adds biases and may use more positions) and
+747.5M total / 219.0M active with one 64-expert hash layer (the paper: 751M). The paper reports
+755M for both Wider and Deeper, which the shapes it states do not reach (they give 273.6M and
+403.7M); the presets follow the stated shapes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hashmoe import experts as experts_lib
+from hashmoe import hashing
+from hashmoe import routing as routing_lib
+from hashmoe.layers import (AUX_LOSS_KEY, METRICS_KEY, MOE_COLLECTION, Embed, LayerNorm,
+                            PositionEmbed, SparseMlpBlock, TransformerLayer, combine_masks,
+                            get_activation, make_attention_mask, make_causal_mask,
+                            make_segment_mask)
+from hashmoe.routing import RouterFeatures
+
+Array = jax.Array
+
+ROUTERS = ("hash", "switch", "token_switch", "base", "hash_topk")
+_HASH_ROUTERS = ("hash", "hash_topk")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration.
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig:
+  """Which FFNs are sparse, and how they route (frozen, so gin can bind it and jit can hash it).
+
+  Attributes:
+    router: "hash" (fixed lookup table, Section 3; MultiHash when num_hashes > 1), "switch" (learned
+      top-1 on the hidden state), "token_switch" (Switch whose input is a learned embedding of the
+      current token, the paper's hybrid, Table 6), "base" (balanced assignment, BASE layers), or
+      "hash_topk" (a hash picks `topk` experts per token).
+    num_experts: E.
+    layers: 0-based indices of the decoder layers whose FFN is sparse (the paper's main runs use one
+      sparse decoder layer late in the stack).
+    encoder_layers: 0-based indices of sparse encoder layers (encoder-decoder only).
+    num_hashes: MultiHash N (hash router only): the expert FFN splits into N slices, each picked by
+      its own hash; parameters and FLOPs stay those of one expert. N must divide d_model and D.
+    hash_key: what the hash looks at, one of `hashmoe.hashing.KEYS`: "token", "prev_token",
+      "bigram", "position", "oracle_future", "predicted_future" (Sections 3.1 and 5.3.2).
+    key_space: number of distinct key ids a table covers. None: taken from the given tables, or
+      without tables `hashing.key_space_size` (the vocabulary; max_len for "position").
+    hash_seed: seed of the random tables made when no tables are given; each sparse layer gets its
+      own (hash_seed + num_hashes * ordinal, encoder layers first), so layers hash independently.
+    topk: experts per token for "hash_topk".
+    balance_coef, z_loss_coef, jitter: Switch's load-balancing loss coefficient, router z-loss
+      coefficient and multiplicative input jitter.
+    capacity_factor: capacity per expert as a multiple of tokens/E; None = dropless. Switch's
+      router decides the drops with it, and the experts size their dispatch buffers with it (a
+      capacity dispatch under "auto"); with hash routing only the dispatch drops.
+    dispatch: the experts' dispatch strategy ("auto", or one `hashmoe.experts.Experts` names).
+    expert_d_ff: hidden size D of each expert (None: the dense `d_ff`).
+    router_embed_dim: width of token-Switch's token embedding (None: the router's default).
+  """
+  router: str = "hash"
+  num_experts: int = 16
+  layers: tuple[int, ...] = ()
+  encoder_layers: tuple[int, ...] = ()
+  num_hashes: int = 1
+  hash_key: str = "token"
+  key_space: Optional[int] = None
+  hash_seed: int = 0
+  topk: int = 1
+  balance_coef: float = 0.01
+  z_loss_coef: float = 0.0
+  jitter: float = 0.0
+  capacity_factor: Optional[float] = None
+  dispatch: str = "auto"
+  expert_d_ff: Optional[int] = None
+  router_embed_dim: Optional[int] = None
+
+  def __post_init__(self):
+    # gin and YAML hand over lists; freeze them so the config stays hashable.
+    object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+    object.__setattr__(self, "encoder_layers", tuple(int(i) for i in self.encoder_layers))
+    if self.router not in ROUTERS:
+      raise ValueError(f"unknown router {self.router!r}; expected one of {ROUTERS}")
+    if self.num_experts < 1:
+      raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+    if not self.layers and not self.encoder_layers:
+      raise ValueError("SparseConfig names no sparse layers: set `layers` (decoder indices) "
+                       "and/or `encoder_layers`, or use sparse=None for a dense model")
+    for name, idx in (("layers", self.layers), ("encoder_layers", self.encoder_layers)):
+      if len(set(idx)) != len(idx):
+        raise ValueError(f"SparseConfig.{name} repeats an index: {idx}")
+    if self.num_hashes < 1:
+      raise ValueError(f"num_hashes must be >= 1, got {self.num_hashes}")
+    if self.num_hashes > 1 and self.router != "hash":
+      raise ValueError(f"num_hashes={self.num_hashes} (MultiHash) needs router='hash', "
+                       f"got router={self.router!r}")
+    if self.router == "hash_topk" and not 1 <= self.topk <= self.num_experts:
+      raise ValueError(f"topk must be in [1, num_experts={self.num_experts}], got {self.topk}")
+    if self.router != "hash_topk" and self.topk != 1:
+      raise ValueError(f"topk={self.topk} only applies to router='hash_topk', got "
+                       f"router={self.router!r}")
+    if self.hash_key not in hashing.KEYS:
+      raise ValueError(f"unknown hash_key {self.hash_key!r}; expected one of {hashing.KEYS}")
+    if self.capacity_factor is not None and self.capacity_factor <= 0:
+      raise ValueError(f"capacity_factor must be positive or None, got {self.capacity_factor}")
+
+  @property
+  def experts_per_token(self) -> int:
+    """Experts whose full FFN a token uses: `topk` for hash_topk, else 1 (MultiHash's N slices add
+    up to one expert's size)."""
+    return self.topk if self.router == "hash_topk" else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Shape of a pre-norm transformer (frozen, so gin can bind it and jit can hash it).
+
+  The architecture follows from the config: `num_encoder_layers > 0` is an encoder-decoder
+  (`EncoderDecoder`), 0 a decoder-only LM (`DecoderLM`); `build_model` picks.
+
+  Attributes:
+    vocab_size: V, shared by encoder, decoder and output projection.
+    d_model, d_ff: model width d and dense FFN hidden size D.
+    num_heads, head_dim: attention shape (num_heads * head_dim need not equal d_model).
+    num_layers: decoder layers.
+    num_encoder_layers: encoder layers (0 = decoder-only).
+    max_len: number of learned positions; positions must lie in [0, max_len).
+    dropout_rate: embedding, residual-branch and FFN-hidden dropout.
+    attention_dropout_rate: dropout on attention probabilities.
+    dtype: compute dtype name, "float32" (default) or "bfloat16"; parameters stay float32.
+    activation: FFN activation name (`hashmoe.layers.ACTIVATIONS`).
+    norm: "layernorm" or "rmsnorm".
+    position_embedding: "learned" (ParlAI's) or "sinusoidal".
+    share_embeddings: tie the output projection to the token embedding (logits = h E^T / sqrt(d)).
+    sparse: a `SparseConfig`, or None for a dense model.
+  """
+  vocab_size: int = 8008
+  d_model: int = 1024
+  d_ff: int = 4096
+  num_heads: int = 16
+  head_dim: int = 64
+  num_layers: int = 11
+  num_encoder_layers: int = 2
+  max_len: int = 512
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.0
+  dtype: str = "float32"
+  activation: str = "relu"
+  norm: str = "layernorm"
+  position_embedding: str = "learned"
+  share_embeddings: bool = True
+  sparse: Optional[SparseConfig] = None
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "d_ff", "num_heads", "head_dim", "num_layers", "max_len"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.num_encoder_layers < 0:
+      raise ValueError(f"num_encoder_layers must be >= 0, got {self.num_encoder_layers}")
+    if self.dtype not in _DTYPES:
+      raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+    for name, value in (("dropout_rate", self.dropout_rate),
+                        ("attention_dropout_rate", self.attention_dropout_rate)):
+      if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    get_activation(self.activation)
+    if self.norm not in ("layernorm", "rmsnorm"):
+      raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+    if self.position_embedding not in ("learned", "sinusoidal"):
+      raise ValueError(
+          f"position_embedding must be 'learned' or 'sinusoidal', got {self.position_embedding!r}")
+    s = self.sparse
+    if s is None:
+      return
+    if not isinstance(s, SparseConfig):
+      raise TypeError(f"sparse must be a SparseConfig or None, got {type(s).__name__}")
+    for name, idx, n in (("layers", s.layers, self.num_layers),
+                         ("encoder_layers", s.encoder_layers, self.num_encoder_layers)):
+      bad = [i for i in idx if not 0 <= i < n]
+      if bad:
+        raise ValueError(f"SparseConfig.{name} has indices {bad} outside [0, {n}) "
+                         f"(the model has {n} such layers)")
+    expert_d_ff = s.expert_d_ff or self.d_ff
+    if self.d_model % s.num_hashes or expert_d_ff % s.num_hashes:
+      raise ValueError(f"MultiHash with num_hashes={s.num_hashes} splits d_model={self.d_model} "
+                       f"and expert_d_ff={expert_d_ff} into equal slices; both must divide by it")
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def is_encoder_decoder(self) -> bool:
+    return self.num_encoder_layers > 0
+
+  def replace(self, **changes: Any) -> "TransformerConfig":
+    return dataclasses.replace(self, **changes)
+
+
+def baseline_config(vocab_size: int = 8008, **overrides: Any) -> TransformerConfig:
+  """The paper's "Baseline" seq2seq transformer: 2 encoder + 11 decoder layers, d=1024, D=4096, 16
+  heads of 64, learned positions, shared embeddings (Section 5.1; 222M parameters in the paper)."""
+  fields = dict(vocab_size=vocab_size, d_model=1024, d_ff=4096, num_heads=16, head_dim=64,
+                num_layers=11, num_encoder_layers=2, max_len=512, dropout_rate=0.1)
+  fields.update(overrides)
+  return TransformerConfig(**fields)
+
+
+def wider_config(vocab_size: int = 8008, **overrides: Any) -> TransformerConfig:
+  """The paper's dense "Wider" baseline: Baseline with D=6144."""
+  return baseline_config(vocab_size, **{"d_ff": 6144, **overrides})
+
+
+def deeper_config(vocab_size: int = 8008, **overrides: Any) -> TransformerConfig:
+  """The paper's dense "Deeper" baseline: Baseline with 22 decoder layers."""
+  return baseline_config(vocab_size, **{"num_layers": 22, **overrides})
+
+
+def tiny_config(vocab_size: int = 64, **overrides: Any) -> TransformerConfig:
+  """A CPU-test size: d=32, D=64, 2 heads of 16, 2 encoder + 2 decoder layers, max_len 64."""
+  fields = dict(vocab_size=vocab_size, d_model=32, d_ff=64, num_heads=2, head_dim=16,
+                num_layers=2, num_encoder_layers=2, max_len=64, dropout_rate=0.0)
+  fields.update(overrides)
+  return TransformerConfig(**fields)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch validation.
+
+_TOKEN_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "encoder_input_tokens",
+                   "predicted_ids")
+_DECODER_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_positions",
+                     "decoder_segment_ids", "decoder_loss_weights", "predicted_ids")
+_ENCODER_FEATURES = ("encoder_input_tokens", "encoder_positions", "encoder_segment_ids")
+
+
+def _is_concrete(x: Any) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def validate_batch(batch: Mapping[str, Any], vocab_size: int,
+                   max_len: Optional[int] = None) -> None:
+  """Check a batch on the host before it reaches a gather that cannot raise on bad ids.
+
+  Token features (`*_tokens`, `predicted_ids`) must be integers in [0, vocab_size); positions in
+  [0, max_len) when `max_len` is given; segment ids >= 0; all decoder features one shape
+  [batch, length] and all encoder features one shape. Traced values (inside `jit`) are skipped.
+
+  Raises:
+    TypeError: a feature is not an integer array.
+    ValueError: naming the feature, the offending values and the allowed range.
+  """
+  if not isinstance(batch, Mapping):
+    raise TypeError(f"batch must be a mapping of feature name to array, got {type(batch).__name__}")
+  for group in (_DECODER_FEATURES, _ENCODER_FEATURES):
+    shapes = {k: tuple(np.shape(batch[k])) for k in group if k in batch}
+    if len(set(shapes.values())) > 1:
+      raise ValueError(f"features of one stack must share a shape [batch, length], got {shapes}")
+    for k, shape in shapes.items():
+      if len(shape) != 2:
+        raise ValueError(f"{k} must have shape [batch, length], got {shape}")
+  for name, value in batch.items():
+    if not _is_concrete(value):
+      continue
+    if name in _TOKEN_FEATURES:
+      hi, what = vocab_size, f"vocab_size is {vocab_size}"
+    elif name.endswith("_positions"):
+      hi, what = max_len, f"max_len is {max_len}"
+    elif name.endswith("_segment_ids"):
+      hi, what = None, "segment ids must be >= 0"
+    else:
+      continue
+    arr = np.asarray(value)
+    if not np.issubdtype(arr.dtype, np.integer):
+      raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    bad = arr < 0 if hi is None else (arr < 0) | (arr >= hi)
+    if bad.any():
+      values = np.unique(arr[bad])
+      shown = ", ".join(str(v) for v in values[:10]) + (" ..." if values.size > 10 else "")
+      allowed = "[0, inf)" if hi is None else f"[0, {hi})"
+      raise ValueError(f"{name} has {int(bad.sum())} values outside {allowed}: {shown}; {what}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sparse blocks from the config.
+
+
+def _as_tuple(tables: Any) -> tuple:
+  return tuple(tables) if isinstance(tables, (tuple, list)) else (tables,)
+
+
+def _tables_for(layer: str, hash_tables: Optional[Mapping[str, Any]]) -> Optional[tuple]:
+  if not hash_tables:
+    return None
+  tables = hash_tables.get(layer, hash_tables.get("default"))
+  return None if tables is None else _as_tuple(tables)
+
+
+def _check_hash_tables(config: TransformerConfig, hash_tables: Optional[Mapping[str, Any]]):
+  """Reject table keys that name no sparse hash layer (a typo would silently fall back)."""
+  if not hash_tables:
+    return
+  s = config.sparse
+  if s is None or s.router not in _HASH_ROUTERS:
+    router = None if s is None else s.router
+    raise ValueError(f"hash_tables were given but the model has no hash layers "
+                     f"(sparse router: {router!r})")
+  hashed = {f"decoder_{i}" for i in s.layers} | {f"encoder_{i}" for i in s.encoder_layers}
+  unknown = sorted(set(hash_tables) - hashed - {"default"})
+  if unknown:
+    raise ValueError(f"hash_tables has keys {unknown} that name no sparse hash layer; expected "
+                     f"'default' or one of {sorted(hashed)}")
+  expected = s.num_hashes if s.router == "hash" else 1
+  for name in hash_tables:
+    n = len(_tables_for(name, hash_tables))
+    if n != expected:
+      raise ValueError(f"hash_tables[{name!r}] holds {n} tables; router {s.router!r} with "
+                       f"num_hashes={s.num_hashes} needs {expected}")
+
+
+def _key_space(config: TransformerConfig, tables: Optional[tuple]) -> Optional[int]:
+  s = config.sparse
+  if s.key_space is not None or tables:
+    return s.key_space  # the router checks it against (or reads it from) the tables
+  return hashing.key_space_size(s.hash_key, vocab_size=config.vocab_size,
+                                max_positions=config.max_len)
+
+
+def _sparse_layer_names(config: TransformerConfig) -> list[str]:
+  s = config.sparse
+  return [f"encoder_{i}" for i in sorted(s.encoder_layers)] + [f"decoder_{i}"
+                                                               for i in sorted(s.layers)]
+
+
+def make_router(config: TransformerConfig, tables: Optional[tuple], layer: str) -> nn.Module:
+  """The router `config.sparse` asks for in sparse layer `layer` ("decoder_7"), unbound
+  (parent=None) so that the sparse block adopts it."""
+  s = config.sparse
+  seed = s.hash_seed + s.num_hashes * _sparse_layer_names(config).index(layer)
+  if s.router == "hash":
+    return routing_lib.HashRouter(s.num_experts, key=s.hash_key, num_hashes=s.num_hashes,
+                                  key_space=_key_space(config, tables), tables=tables, seed=seed,
+                                  parent=None)
+  if s.router == "hash_topk":
+    return routing_lib.HashTopKRouter(s.num_experts, s.topk, key=s.hash_key,
+                                      key_space=_key_space(config, tables),
+                                      table=tables[0] if tables else None, seed=seed, parent=None)
+  if s.router in ("switch", "token_switch"):
+    token_based = s.router == "token_switch"
+    return routing_lib.SwitchRouter(
+        s.num_experts, balance_coef=s.balance_coef, z_loss_coef=s.z_loss_coef, jitter=s.jitter,
+        capacity_factor=s.capacity_factor, token_based=token_based,
+        vocab_size=config.vocab_size if token_based else None,
+        router_embed_dim=s.router_embed_dim if token_based else None, parent=None)
+  if s.router == "base":
+    return routing_lib.BaseRouter(s.num_experts, parent=None)
+  raise ValueError(f"unknown router {s.router!r}; expected one of {ROUTERS}")
+
+
+def make_experts(config: TransformerConfig) -> nn.Module:
+  """Stacked expert FFNs for `config.sparse`, unbound (parent=None)."""
+  s = config.sparse
+  return experts_lib.Experts(
+      s.num_experts, s.expert_d_ff or config.d_ff, num_slices=s.num_hashes,
+      activation=config.activation, dispatch=s.dispatch, capacity_factor=s.capacity_factor,
+      dtype=config.compute_dtype, parent=None)
+
+
+def _make_layer(config: TransformerConfig, name: str, sparse: bool, cross_attention: bool,
+                hash_tables: Optional[Mapping[str, Any]]) -> TransformerLayer:
+  moe = None
+  if sparse:
+    # Built unbound so that TransformerLayer adopts the block as its child "moe", and the block
+    # adopts router and experts as "router" and "experts": params land at <layer>/moe/experts/wi.
+    moe = SparseMlpBlock(router=make_router(config, _tables_for(name, hash_tables), name),
+                         experts=make_experts(config), parent=None)
+  return TransformerLayer(
+      num_heads=config.num_heads, head_dim=config.head_dim, d_ff=config.d_ff,
+      activation=config.activation, dropout_rate=config.dropout_rate,
+      attention_dropout_rate=config.attention_dropout_rate, norm=config.norm,
+      cross_attention=cross_attention, moe=moe, dtype=config.compute_dtype, name=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Feature plumbing.
+
+
+def positions_from_segments(segment_ids: Array) -> Array:
+  """Per-segment positions for packed rows: int32[batch, length], restarting at 0 in each segment.
+
+  seqio's packing converters emit `*_positions`; this covers batches that only carry segment ids.
+  """
+  length = segment_ids.shape[-1]
+  idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
+  starts = jnp.concatenate(
+      [jnp.ones_like(segment_ids[:, :1], dtype=bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+      axis=1)
+  start_index = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+  return idx - start_index
+
+
+def _positions(batch: Mapping[str, Array], prefix: str, shape: tuple[int, int]) -> Array:
+  if f"{prefix}_positions" in batch:
+    return jnp.asarray(batch[f"{prefix}_positions"], jnp.int32)
+  if f"{prefix}_segment_ids" in batch:
+    return positions_from_segments(jnp.asarray(batch[f"{prefix}_segment_ids"], jnp.int32))
+  return jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
+
+
+def _optional(batch: Mapping[str, Array], name: str) -> Optional[Array]:
+  return jnp.asarray(batch[name], jnp.int32) if name in batch else None
+
+
+def _require(batch: Mapping[str, Any], names: Sequence[str], model: str):
+  missing = [n for n in names if n not in batch]
+  if missing:
+    raise ValueError(f"{model} needs batch features {missing}; got {sorted(batch)}")
+
+
+def _decoder_valid(batch: Mapping[str, Array], tokens: Array) -> Array:
+  # decoder_input_tokens starts with BOS = 0, so padding is read off the targets (as t5x does).
+  if "decoder_target_tokens" in batch:
+    return jnp.asarray(batch["decoder_target_tokens"]) > 0
+  if "decoder_segment_ids" in batch:
+    return jnp.asarray(batch["decoder_segment_ids"]) > 0
+  return jnp.ones(tokens.shape, bool)
+
+
+def _decoder_features(batch: Mapping[str, Array], tokens: Array, positions: Array
+                      ) -> RouterFeatures:
+  return RouterFeatures(token_ids=tokens, positions=positions,
+                        segment_ids=_optional(batch, "decoder_segment_ids"),
+                        targets=_optional(batch, "decoder_target_tokens"),
+                        predicted_ids=_optional(batch, "predicted_ids"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Models.
+
+
+class _Transformer(nn.Module):
+  """Shared pieces: embeddings, layer stacks, output projection."""
+  config: TransformerConfig
+  hash_tables: Optional[Mapping[str, Any]] = None
+
+  def __post_init__(self):
+    # A frozen mapping of tuples keeps the module hashable (jit static args, caches): `HashTable`
+    # hashes by content, a plain dict would not hash at all.
+    if self.hash_tables is not None:
+      if not isinstance(self.hash_tables, Mapping):
+        raise TypeError("hash_tables must map a layer name or 'default' to HashTables, got "
+                        f"{type(self.hash_tables).__name__}")
+      frozen = flax.core.FrozenDict(
+          {str(k): _as_tuple(v) for k, v in self.hash_tables.items()})
+      object.__setattr__(self, "hash_tables", frozen)
+    super().__post_init__()
+
+  def _setup_embeddings(self):
+    cfg = self.config
+    self.token_embedder = Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype)
+    self.embedding_dropout = nn.Dropout(cfg.dropout_rate)
+    if not cfg.share_embeddings:
+      init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+      self.logits_kernel = self.param(
+          "logits_kernel", nn.with_logical_partitioning(init, ("embed", "vocab")),
+          (cfg.d_model, cfg.vocab_size), jnp.float32)
+
+  def _stack(self, prefix: str, n: int, sparse_indices: tuple[int, ...], cross: bool):
+    _check_hash_tables(self.config, self.hash_tables)
+    sparse = set(sparse_indices) if self.config.sparse is not None else set()
+    return [_make_layer(self.config, f"{prefix}_{i}", i in sparse, cross, self.hash_tables)
+            for i in range(n)]
+
+  def _embed(self, tokens: Array, positions: Array, position_embedder: nn.Module,
+             deterministic: bool) -> Array:
+    x = self.token_embedder(tokens) + position_embedder(positions)
+    x = self.embedding_dropout(x, deterministic=deterministic)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+  def _logits(self, x: Array) -> Array:
+    cfg = self.config
+    if cfg.share_embeddings:
+      # Unit-variance tied embeddings: scale by d**-0.5 so initial logits have unit variance.
+      logits = self.token_embedder.attend(x) / jnp.sqrt(jnp.float32(cfg.d_model))
+    else:
+      logits = jnp.einsum("bld,dv->blv", x.astype(cfg.compute_dtype),
+                          self.logits_kernel.astype(cfg.compute_dtype),
+                          preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+  def _position_embedder(self):
+    cfg = self.config
+    return PositionEmbed(cfg.max_len, cfg.d_model, kind=cfg.position_embedding,
+                         dtype=cfg.compute_dtype)
+
+  def _norm(self):
+    return LayerNorm(kind=self.config.norm, dtype=self.config.compute_dtype)
+
+
+class DecoderLM(_Transformer):
+  """Decoder-only language model (the paper's fairseq LM setting, Section 5.3).
+
+  Attributes:
+    config: a `TransformerConfig` with `num_encoder_layers == 0`.
+    hash_tables: layer name ("decoder_i") or "default" → tuple of `HashTable`; None lets the hash
+      router build its own.
+  """
+
+  def setup(self):
+    cfg = self.config
+    if cfg.is_encoder_decoder:
+      raise ValueError(f"DecoderLM needs num_encoder_layers == 0, got {cfg.num_encoder_layers}; "
+                       "use EncoderDecoder (or build_model) for an encoder-decoder config")
+    if cfg.sparse is not None and cfg.sparse.encoder_layers:
+      raise ValueError(f"a decoder-only model has no encoder layers, but "
+                       f"sparse.encoder_layers={cfg.sparse.encoder_layers}")
+    self._setup_embeddings()
+    self.position_embedder = self._position_embedder()
+    self.decoder_layers = self._stack("decoder", cfg.num_layers,
+                                      cfg.sparse.layers if cfg.sparse else (), cross=False)
+    self.decoder_norm = self._norm()
+
+  def __call__(self, batch: Mapping[str, Array], *, deterministic: bool = True) -> Array:
+    """Next-token logits.
+
+    Args:
+      batch: {"decoder_input_tokens": int32[batch, length], optional "decoder_target_tokens",
+        "decoder_positions", "decoder_segment_ids", "predicted_ids" of the same shape}.
+      deterministic: disables dropout and router jitter.
+
+    Returns:
+      float32[batch, length, vocab_size]; position t depends only on inputs at positions <= t of
+      its own segment.
+    """
+    cfg = self.config
+    _require(batch, ("decoder_input_tokens",), "DecoderLM")
+    validate_batch(batch, cfg.vocab_size, cfg.max_len)
+    tokens = jnp.asarray(batch["decoder_input_tokens"], jnp.int32)
+    positions = _positions(batch, "decoder", tokens.shape)
+    valid = _decoder_valid(batch, tokens)
+    segments = _optional(batch, "decoder_segment_ids")
+    mask = combine_masks(make_causal_mask(tokens.shape[1]), make_attention_mask(valid, valid),
+                         None if segments is None else make_segment_mask(segments, segments))
+    features = _decoder_features(batch, tokens, positions)
+    x = self._embed(tokens, positions, self.position_embedder, deterministic)
+    for layer in self.decoder_layers:
+      x = layer(x, mask, features=features, deterministic=deterministic)
+    return self._logits(self.decoder_norm(x))
+
+
+class EncoderDecoder(_Transformer):
+  """The paper's main setting (Section 5.1): an encoder over the context, a decoder with
+  cross-attention over the response. Sparse layers may sit in either stack; encoder hash keys come
+  from `encoder_input_tokens`, decoder keys from `decoder_input_tokens`. Encoder and decoder share
+  the token embedding (as ParlAI does); each has its own positions.
+
+  Attributes:
+    config: a `TransformerConfig` with `num_encoder_layers > 0`.
+    hash_tables: layer name ("encoder_i", "decoder_i") or "default" → tuple of `HashTable`.
+  """
+
+  def setup(self):
+    cfg = self.config
+    if not cfg.is_encoder_decoder:
+      raise ValueError("EncoderDecoder needs num_encoder_layers > 0, got 0; use DecoderLM")
+    self._setup_embeddings()
+    self.encoder_position_embedder = self._position_embedder()
+    self.decoder_position_embedder = self._position_embedder()
+    self.encoder_layers = self._stack("encoder", cfg.num_encoder_layers,
+                                      cfg.sparse.encoder_layers if cfg.sparse else (), cross=False)
+    self.encoder_norm = self._norm()
+    self.decoder_layers = self._stack("decoder", cfg.num_layers,
+                                      cfg.sparse.layers if cfg.sparse else (), cross=True)
+    self.decoder_norm = self._norm()
+
+  def encode(self, batch: Mapping[str, Array], *, deterministic: bool = True) -> Array:
+    """Encoder output dtype[batch, enc_length, d_model] for {"encoder_input_tokens",
+    "encoder_positions"?, "encoder_segment_ids"?}."""
+    _require(batch, ("encoder_input_tokens",), "EncoderDecoder.encode")
+    tokens = jnp.asarray(batch["encoder_input_tokens"], jnp.int32)
+    positions = _positions(batch, "encoder", tokens.shape)
+    valid = tokens > 0
+    segments = _optional(batch, "encoder_segment_ids")
+    mask = combine_masks(make_attention_mask(valid, valid),
+                         None if segments is None else make_segment_mask(segments, segments))
+    features = RouterFeatures(token_ids=tokens, positions=positions, segment_ids=segments)
+    x = self._embed(tokens, positions, self.encoder_position_embedder, deterministic)
+    for layer in self.encoder_layers:
+      x = layer(x, mask, features=features, deterministic=deterministic)
+    return self.encoder_norm(x)
+
+  def decode(self, encoded: Array, batch: Mapping[str, Array], *,
+             deterministic: bool = True) -> Array:
+    """float32[batch, length, vocab] logits from the encoder output and the decoder features
+    (the encoder features are still read for the cross-attention mask)."""
+    _require(batch, ("encoder_input_tokens", "decoder_input_tokens"), "EncoderDecoder.decode")
+    tokens = jnp.asarray(batch["decoder_input_tokens"], jnp.int32)
+    enc_valid = jnp.asarray(batch["encoder_input_tokens"]) > 0
+    positions = _positions(batch, "decoder", tokens.shape)
+    valid = _decoder_valid(batch, tokens)
+    segments = _optional(batch, "decoder_segment_ids")
+    enc_segments = _optional(batch, "encoder_segment_ids")
+    if (segments is None) != (enc_segments is None):
+      raise ValueError("packed encoder-decoder batches need both decoder_segment_ids and "
+                       "encoder_segment_ids (or neither)")
+    packed = segments is not None
+    self_mask = combine_masks(make_causal_mask(tokens.shape[1]), make_attention_mask(valid, valid),
+                              make_segment_mask(segments, segments) if packed else None)
+    cross_mask = combine_masks(make_attention_mask(valid, enc_valid),
+                               make_segment_mask(segments, enc_segments) if packed else None)
+    features = _decoder_features(batch, tokens, positions)
+    x = self._embed(tokens, positions, self.decoder_position_embedder, deterministic)
+    for layer in self.decoder_layers:
+      x = layer(x, self_mask, encoded=encoded, cross_mask=cross_mask, features=features,
+                deterministic=deterministic)
+    return self._logits(self.decoder_norm(x))
+
+  def __call__(self, batch: Mapping[str, Array], *, deterministic: bool = True) -> Array:
+    """float32[batch, length, vocab_size] logits; see the module docstring for `batch`."""
+    _require(batch, ("encoder_input_tokens", "decoder_input_tokens"), "EncoderDecoder")
+    validate_batch(batch, self.config.vocab_size, self.config.max_len)
+    encoded = self.encode(batch, deterministic=deterministic)
+    return self.decode(encoded, batch, deterministic=deterministic)
+
+
+def build_model(config: TransformerConfig,
+                hash_tables: Optional[Mapping[str, Any]] = None) -> nn.Module:
+  """`EncoderDecoder` when `config.num_encoder_layers > 0`, else `DecoderLM`."""
+  cls = EncoderDecoder if config.is_encoder_decoder else DecoderLM
+  return cls(config, hash_tables)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading back what sparse layers sowed.
+
+
+def collect_aux(state_or_collection: Mapping[str, Any]) -> tuple[Array, dict[str, dict]]:
+  """Sum the sparse layers' aux losses and gather their metrics.
+
+  Args:
+    state_or_collection: the mutated state `apply(..., mutable=[MOE_COLLECTION])` returned (or any
+      variables dict holding `MOE_COLLECTION`), or that collection itself.
+
+  Returns:
+    (total_aux_loss float32[], {layer_name: metrics}). `layer_name` is the path of the module that
+    owns the sparse block ("decoder_7", "encoder_0"); each metrics dict also carries that layer's
+    "aux_loss". A dense model gives (0.0, {}).
+  """
+  tree = state_or_collection
+  if MOE_COLLECTION in tree:
+    tree = tree[MOE_COLLECTION]
+  total = jnp.zeros((), jnp.float32)
+  metrics: dict[str, dict] = {}
+
+  def walk(node, path):
+    nonlocal total
+    if not isinstance(node, Mapping):
+      return
+    if AUX_LOSS_KEY in node:
+      aux = jnp.asarray(node[AUX_LOSS_KEY], jnp.float32)
+      total = total + aux
+      name = "/".join(path[:-1]) if len(path) > 1 else "/".join(path)
+      metrics[name] = {**dict(node.get(METRICS_KEY) or {}), AUX_LOSS_KEY: aux}
+      return
+    for key in node:
+      walk(node[key], path + (str(key),))
+
+  walk(tree, ())
+  return total, metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter counts.
+
+
+def _dummy_batch(config: TransformerConfig) -> dict[str, jax.ShapeDtypeStruct]:
+  # Param shapes do not depend on the batch; a short row keeps the abstract trace cheap. Length a
+  # multiple of the expert count keeps routers that split tokens evenly (BASE) satisfied.
+  experts = config.sparse.num_experts if config.sparse else 1
+  length = min(config.max_len, experts * max(1, math.ceil(8 / experts)))
+  spec = jax.ShapeDtypeStruct((1, length), jnp.int32)
+  batch = {"decoder_input_tokens": spec, "decoder_target_tokens": spec}
+  if config.is_encoder_decoder:
+    batch["encoder_input_tokens"] = spec
+  return batch
+
+
+def param_counts(config: TransformerConfig,
+                 hash_tables: Optional[Mapping[str, Any]] = None) -> dict[str, int]:
+  """Total and per-token active parameter counts, from abstract init (`jax.eval_shape`, no FLOPs).
+
+  Active counts what one token's forward pass touches: every dense parameter (embedding tables
+  included, as the paper counts them), all router parameters, and of each sparse layer's stacked
+  experts only `experts_per_token` experts (one for hash/Switch/BASE; MultiHash's N slices add up to
+  one expert; k for hash_topk). Hash tables are data in their own collection and are not counted.
+
+  Returns:
+    {"total": int, "active": int, "experts": int (all expert parameters)}.
+  """
+  model = build_model(config, hash_tables)
+  variables = jax.eval_shape(
+      lambda key, batch: model.init({"params": key}, batch, deterministic=True),
+      jax.random.key(0), _dummy_batch(config))
+  per_token = config.sparse.experts_per_token if config.sparse else 1
+  total = active = experts = 0
+  leaves = jax.tree_util.tree_flatten_with_path(
+      variables["params"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+  for path, leaf in leaves:
+    names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else None
+    shape = (leaf.value if isinstance(leaf, nn.LogicallyPartitioned) else leaf).shape
+    size = int(np.prod(shape))
+    total += size
+    keys = [getattr(p, "key", None) for p in path]
+    if "experts" in keys and names is not None and "expert" in names:
+      num_experts = shape[names.index("expert")]
+      experts += size
+      active += size // num_experts * per_token
+    else:
+      active += size
+  return {"total": total, "active": active, "experts": experts}
