@@ -127,6 +127,15 @@ def resolve_tiling(
                 n=cdiv(n, tn) * tn)
 
 
+def tile_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int],
+             compute_dtype: jnp.dtype) -> jax.Array:
+  """One tile's matmul in `compute_dtype`, accumulating in float32 (both kernels' inner step)."""
+  return jax.lax.dot_general(
+      a.astype(compute_dtype), b.astype(compute_dtype),
+      (((contract[0],), (contract[1],)), ((), ())),
+      preferred_element_type=jnp.float32)
+
+
 def pad_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Zero-pads `x` at the end of each axis up to `shape` (no-op if equal)."""
   if x.shape == tuple(shape):

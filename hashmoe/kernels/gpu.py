@@ -32,14 +32,6 @@ def _compiler_params(tile_elems: int) -> pltriton.CompilerParams:
       num_warps=8 if tile_elems > 64 * 64 else 4, num_stages=3)
 
 
-def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int],
-         compute_dtype: jnp.dtype) -> jax.Array:
-  return jax.lax.dot_general(
-      a.astype(compute_dtype), b.astype(compute_dtype),
-      (((contract[0],), (contract[1],)), ((), ())),
-      preferred_element_type=jnp.float32)
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("tiling", "out_dtype", "compute_dtype", "transpose_rhs",
@@ -99,7 +91,7 @@ def gmm(
           b = rhs_ref[weights, pl.ds(col0, tn), pl.ds(k0, tk)]
         else:
           b = rhs_ref[weights, pl.ds(k0, tk), pl.ds(col0, tn)]
-        return acc + _dot(a, b, (1, 1) if transpose_rhs else (1, 0),
+        return acc + common.tile_dot(a, b, (1, 1) if transpose_rhs else (1, 0),
                           compute_dtype)
 
       # Sentinel visits (no rows) run no k steps and only write zeros. The
@@ -187,7 +179,7 @@ def tgmm(
           mask=common.group_row_mask(tile=tile, tm=tm, width=tn,
                                      group_start=start, group_end=end),
           other=0.0)
-      return acc + _dot(a, b, (0, 0), compute_dtype)
+      return acc + common.tile_dot(a, b, (0, 0), compute_dtype)
 
     acc = jax.lax.fori_loop(first_ref[group], first_ref[group + 1], visit,
                             jnp.zeros((tk, tn), jnp.float32))

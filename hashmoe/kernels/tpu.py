@@ -21,15 +21,6 @@ from jax.experimental.pallas import tpu as pltpu
 from hashmoe.kernels import common
 
 
-def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int],
-         compute_dtype: jnp.dtype) -> jax.Array:
-  """Tile matmul in `compute_dtype` accumulating in float32."""
-  return jax.lax.dot_general(
-      a.astype(compute_dtype), b.astype(compute_dtype),
-      (((contract[0],), (contract[1],)), ((), ())),
-      preferred_element_type=jnp.float32)
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("tiling", "out_dtype", "compute_dtype", "transpose_rhs",
@@ -99,7 +90,7 @@ def gmm(
     # The sentinel group owns no rows: skip the MXU work, keep the zeros.
     @pl.when(end > start)
     def _accumulate():
-      acc_ref[...] += _dot(lhs_ref[...], rhs_ref[...],
+      acc_ref[...] += common.tile_dot(lhs_ref[...], rhs_ref[...],
                            (1, 1) if transpose_rhs else (1, 0), compute_dtype)
 
     @pl.when(kk == tiles_k - 1)
@@ -216,7 +207,7 @@ def tgmm(
       b = jnp.where(rhs_mask, rhs_ref[...].astype(jnp.float32), 0.0)
       # Contract the row axis: transpose the lhs tile explicitly, the form of
       # transposed-lhs matmul Mosaic lowers on every TPU generation.
-      acc_ref[...] += _dot(a.T, b, (1, 0), compute_dtype)
+      acc_ref[...] += common.tile_dot(a.T, b, (1, 0), compute_dtype)
 
     @pl.when((v + 1 >= nv[0]) | (nxt != group))
     def _store():
