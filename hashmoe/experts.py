@@ -19,7 +19,10 @@ has no weights.
 
 Dispatches (all compute the same function; pick by speed on the hardware at hand):
   sorted      dropless: stable argsort of assignments by expert, grouped matmul, unsort. The
-              grouped matmul is pluggable (default `jax.lax.ragged_dot`).
+              grouped matmul is pluggable; by default the XLA:CPU window kernels of
+              `hashmoe.kernels.cpu`, the fastest dropless path measured on CPU
+              (`fuse_ffn=True` runs both matmuls and the activation per window instead: less
+              memory, but slower on the machine it was measured on; docs/PERFORMANCE.md).
   ragged_dot  `sorted` with `jax.lax.ragged_dot`.
   einsum      GShard / flaxformer one-hot dispatch and combine tensors with a static capacity.
   capacity    sort by expert into capacity-padded [experts, capacity, d] buffers, batched matmul.
@@ -39,7 +42,16 @@ Conventions every dispatch shares:
     index outside [0, num_experts) is treated the same way (as `hashmoe.sharding` does).
   * Metrics: `group_sizes` int32[num_experts], the active assignments routed to each expert
     (summed over slices, before any capacity drop); `dropped_fraction` float32[], the fraction of
-    active assignments a capacity limit dropped (0 for dropless dispatches).
+    active assignments a capacity limit dropped (0 for dropless dispatches); and, when precomputed
+    routing was given, `sort_precomputed` float32[] (1 if it was used, 0 if it did not match the
+    routing and the dispatch sorted on device).
+
+Precomputed routing (hash layers). `sorted`, `ragged_dot`, `pallas` and `capacity` take an optional
+`sorted_assignments` (`hashing.SortedAssignments`: permutation, inverse and group sizes computed on
+the host from token ids, see `hashing.precompute_routing`). It replaces the argsort, the inverse
+scatter and the bincount. It is checked on device against the actual assignments (a few integer
+gathers); if it does not describe them, the dispatch sorts as usual, so a stale or mismatched
+permutation can cost time but never change a result.
 """
 from __future__ import annotations
 
@@ -50,8 +62,11 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Seque
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 
+from hashmoe import hashing
+from hashmoe.kernels import cpu as cpu_kernels
 from hashmoe.routing import Routing
 
 Array = jax.Array
@@ -234,9 +249,10 @@ class _Sort(NamedTuple):
   inverse: Array   # int32[A]: assignment -> sorted position
   sizes: Array     # int32[G]: active assignments per group
   starts: Array    # int32[G]: first sorted position of each group
+  precomputed_used: Optional[Array] = None  # bool[]: the precomputed sort matched (when given)
 
 
-def _sort(assign: _Assignments) -> _Sort:
+def _argsort(assign: _Assignments) -> _Sort:
   # Stable, so each group keeps the column-major order that decides who fits a capacity.
   perm = jnp.argsort(assign.key, stable=True).astype(jnp.int32)
   sizes = jnp.bincount(assign.key, length=assign.num_groups + 1)[:assign.num_groups]
@@ -244,15 +260,64 @@ def _sort(assign: _Assignments) -> _Sort:
   return _Sort(perm, inverse_permutation(perm), sizes, jnp.cumsum(sizes) - sizes)
 
 
-def _metrics(assign: _Assignments, kept: Array, num_experts: int) -> Metrics:
-  active = assign.key < assign.num_groups
-  sizes = jnp.bincount(assign.key, length=assign.num_groups + 1)[:assign.num_groups]
-  num_active = jnp.sum(active)
+def sort_matches(key: Array, perm: Array, inverse: Array, sizes: Array) -> Array:
+  """bool[]: whether (perm, inverse, sizes) is the stable sort of the assignment keys `key: int[A]`.
+
+  True iff perm is a permutation of [0, A) with inverse as its inverse, the sizes are
+  non-negative, position p of the sorted order holds an assignment of the group that `sizes`
+  places there (positions past sum(sizes) hold the inactive assignments, key = G), and within a
+  group assignments keep their order: exactly what `jnp.argsort(key, stable=True)` gives, so a
+  matching precomputed sort changes no result, not even a capacity dispatch's drops.
+  """
+  num = key.shape[0]
+  positions = jnp.arange(num, dtype=jnp.int32)
+  in_range = jnp.all((perm >= 0) & (perm < num)) & jnp.all((inverse >= 0) & (inverse < num))
+  bijective = jnp.all(jnp.take(inverse, perm, mode="clip") == positions)
+  group_at = jnp.searchsorted(jnp.cumsum(sizes), positions, side="right").astype(key.dtype)
+  grouped = jnp.all(jnp.take(key, perm, mode="clip") == group_at)
+  stable = jnp.all((group_at[1:] != group_at[:-1]) | (perm[1:] > perm[:-1]))
+  return in_range & bijective & grouped & stable & jnp.all(sizes >= 0)
+
+
+def _sort(assign: _Assignments,
+          precomputed: Optional[hashing.SortedAssignments] = None) -> _Sort:
+  """The grouping of the assignments: precomputed (checked) when given, else a stable argsort."""
+  if precomputed is None:
+    return _argsort(assign)
+  num, num_groups = assign.key.shape[0], assign.num_groups
+  perm, inverse, sizes = (jnp.asarray(a) for a in precomputed)
+  if perm.shape != (num,) or inverse.shape != (num,) or sizes.shape != (num_groups,):
+    raise ValueError(
+        f"sorted_assignments must have permutation and inverse_permutation of shape ({num},) "
+        f"(tokens * columns) and group_sizes of shape ({num_groups},) (groups), got "
+        f"{perm.shape}, {inverse.shape} and {sizes.shape}")
+  for name, a in zip(precomputed._fields, (perm, inverse, sizes)):
+    if not jnp.issubdtype(a.dtype, jnp.integer):
+      raise TypeError(f"sorted_assignments.{name} must be an integer array, got {a.dtype}")
+  perm, inverse, sizes = (a.astype(jnp.int32) for a in (perm, inverse, sizes))
+  ok = sort_matches(assign.key, perm, inverse, sizes)
+  given = _Sort(perm, inverse, sizes, jnp.cumsum(sizes) - sizes)
+  # Only the taken branch runs: a matching permutation costs the check above, nothing more.
+  s = lax.cond(ok, lambda: given, lambda: _argsort(assign))
+  return s._replace(precomputed_used=ok)
+
+
+def _metrics(s: _Sort, kept: Array, active: Array, num_experts: int) -> Metrics:
+  num_active = jnp.sum(s.sizes)
   num_dropped = num_active - jnp.sum(kept & active)
-  return {
-      "group_sizes": sizes.reshape(-1, num_experts).sum(axis=0).astype(jnp.int32),
+  metrics = {
+      "group_sizes": s.sizes.reshape(-1, num_experts).sum(axis=0).astype(jnp.int32),
       "dropped_fraction": (num_dropped / jnp.maximum(num_active, 1)).astype(jnp.float32),
   }
+  if s.precomputed_used is not None:
+    metrics["sort_precomputed"] = s.precomputed_used.astype(jnp.float32)
+  return metrics
+
+
+def _metrics_unsorted(assign: _Assignments, kept: Array, num_experts: int) -> Metrics:
+  sizes = jnp.bincount(assign.key, length=assign.num_groups + 1)[:assign.num_groups]
+  s = _Sort(None, None, sizes.astype(jnp.int32), None)
+  return _metrics(s, kept, assign.key < assign.num_groups, num_experts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,17 +347,22 @@ class _IndexPlan:
   """
 
   def __init__(self, assign: _Assignments, src: Array, dst: Array,
-               matmul: Callable[[Array, Array], Array], buffer_rows: Sequence[int]):
+               matmul: Callable[[Array, Array], Array], buffer_rows: Sequence[int],
+               ffn: Optional[Callable[[Array, Array, Array, Activation], Array]] = None):
     self._assign = assign
     self._src = src
     self._dst = dst
     self._matmul = matmul
     self._buffer_rows = tuple(buffer_rows)
+    # ffn(buf, wi, wo, activation) computes act(buf @ wi) @ wo in one fused pass (None: two matmuls).
+    self.ffn = ffn
     self.kept = (dst < math.prod(buffer_rows)).reshape(assign.num_columns, assign.num_tokens).T
 
   def gather(self, rows: Array) -> Array:
     """rows: [tokens, k] -> buffer [*buffer_rows, k]."""
-    per_assignment = jnp.tile(rows, (self._assign.num_columns, 1))  # column-major assignments
+    per_assignment = rows
+    if self._assign.num_columns > 1:
+      per_assignment = jnp.tile(rows, (self._assign.num_columns, 1))  # column-major assignments
     buf = _take_rows(per_assignment, self._src, self._dst)
     return buf.reshape(self._buffer_rows + rows.shape[1:])
 
@@ -306,20 +376,27 @@ class _IndexPlan:
     return out.reshape(self._assign.num_columns, self._assign.num_tokens, n).transpose(1, 0, 2)
 
 
-def _sorted_plan(assign: _Assignments, group_matmul: GroupMatmul) -> _IndexPlan:
-  s = _sort(assign)
+def _sorted_plan(assign: _Assignments, s: _Sort, group_matmul: Optional[GroupMatmul],
+                 fuse_ffn: bool = False) -> _IndexPlan:
   num_assignments = assign.key.shape[0]
   positions = jnp.arange(num_assignments, dtype=jnp.int32)
   # Inactive assignments sort last (key = num_groups); their rows stay zero and are never read.
   src = jnp.where(positions < jnp.sum(s.sizes), s.perm, num_assignments)
   dst = jnp.where(assign.key < assign.num_groups, s.inverse, num_assignments)
+  ffn = None
+  if fuse_ffn:
+    if group_matmul is not None:
+      raise ValueError("fuse_ffn=True runs hashmoe.kernels.cpu.grouped_ffn and takes no "
+                       f"group_matmul (got {group_matmul!r})")
+    ffn = lambda buf, wi, wo, act: cpu_kernels.grouped_ffn(buf, wi, wo, s.sizes, act)  # noqa: E731
+  if group_matmul is None:
+    group_matmul = cpu_kernels.gmm
   # Kernels may accumulate into a wider dtype (gmm: float32); keep the compute dtype throughout.
   matmul = lambda buf, w: group_matmul(buf, w, s.sizes).astype(buf.dtype)  # noqa: E731
-  return _IndexPlan(assign, src, dst, matmul, (num_assignments,))
+  return _IndexPlan(assign, src, dst, matmul, (num_assignments,), ffn)
 
 
-def _capacity_plan(assign: _Assignments, capacity: int) -> _IndexPlan:
-  s = _sort(assign)
+def _capacity_plan(assign: _Assignments, s: _Sort, capacity: int) -> _IndexPlan:
   g, c = assign.num_groups, capacity
   num_assignments = assign.key.shape[0]
   # Slot (group, position) holds the position-th assignment of the group in column-major order.
@@ -366,8 +443,14 @@ def _expert_ffn(plan: _Plan, x: Array, combine_weight: Array, wi: Array, wo: Arr
   weight = combine_weight.astype(x.dtype)
   if num_slices == 1:
     # Top-k: each assignment is an independent full FFN, so the activation runs inside the buffer.
-    hidden = activation(plan.matmul(plan.gather(x), wi_g))
-    out = plan.scatter(plan.matmul(hidden, wo_g))  # [tokens, H, d_model]
+    ffn = getattr(plan, "ffn", None)
+    if ffn is not None:
+      out = plan.scatter(ffn(plan.gather(x), wi_g, wo_g, activation))
+    else:
+      hidden = activation(plan.matmul(plan.gather(x), wi_g))
+      out = plan.scatter(plan.matmul(hidden, wo_g))  # [tokens, H, d_model]
+    if out.shape[1] == 1:
+      return out[:, 0] * weight
     return jnp.einsum("thd,th->td", out, weight)
   # MultiHash (Sec. 3.2): v = act([A_{k_1}(h); ...; A_{k_N}(h)]) needs all N slices of a token
   # together, so the first layer's output returns to token order before the activation.
@@ -391,7 +474,9 @@ def sorted_ffn(
     *,
     activation: Activation,
     num_slices: int = 1,
-    group_matmul: GroupMatmul = jax.lax.ragged_dot,
+    group_matmul: Optional[GroupMatmul] = None,
+    sorted_assignments: Optional[hashing.SortedAssignments] = None,
+    fuse_ffn: bool = False,
 ) -> tuple[Array, Metrics]:
   """Dropless expert FFN: sort assignments by group, grouped matmuls, unsort, combine.
 
@@ -403,16 +488,24 @@ def sorted_ffn(
     wo: float[num_experts, d_ff, d_model], the B of each expert.
     activation: elementwise nonlinearity.
     num_slices: N for MultiHash (Sec. 3.2); 1 for top-H routing.
-    group_matmul: grouped matmul `(lhs [m, k], rhs [G, k, n], group_sizes int32[G]) -> [m, n]`.
+    group_matmul: grouped matmul `(lhs [m, k], rhs [G, k, n], group_sizes int32[G]) -> [m, n]`;
+      None (default) uses the XLA:CPU window kernels (`hashmoe.kernels.cpu.gmm`).
+    sorted_assignments: optional precomputed grouping of the assignments (hash routing, see the
+      module docstring); checked, and used instead of the on-device argsort.
+    fuse_ffn: for top-k (num_slices == 1), compute each expert's whole FFN window by window with
+      `hashmoe.kernels.cpu.grouped_ffn` (no [assignments, d_ff] intermediates beyond the saved
+      pre-activations; slower than two grouped matmuls where measured). Needs group_matmul=None.
 
   Returns:
-    y: float[tokens, d_model] and metrics {group_sizes: int32[num_experts], dropped_fraction: 0}.
+    y: float[tokens, d_model] and metrics {group_sizes: int32[num_experts], dropped_fraction: 0,
+    sort_precomputed (only with sorted_assignments)}.
   """
   _check_inputs(x, expert_index, combine_weight, wi, wo, num_slices)
   assign = _assignments(expert_index, combine_weight, wi.shape[0], num_slices)
-  plan = _sorted_plan(assign, group_matmul)
+  s = _sort(assign, sorted_assignments)
+  plan = _sorted_plan(assign, s, group_matmul, fuse_ffn)
   y = _expert_ffn(plan, x, combine_weight, wi, wo, activation, num_slices)
-  return y, _metrics(assign, plan.kept.T.reshape(-1), wi.shape[0])
+  return y, _metrics(s, plan.kept.T.reshape(-1), assign.key < assign.num_groups, wi.shape[0])
 
 
 def ragged_dot_ffn(
@@ -424,10 +517,12 @@ def ragged_dot_ffn(
     *,
     activation: Activation,
     num_slices: int = 1,
+    sorted_assignments: Optional[hashing.SortedAssignments] = None,
 ) -> tuple[Array, Metrics]:
   """`sorted_ffn` with `jax.lax.ragged_dot` as the grouped matmul (shapes as in `sorted_ffn`)."""
   return sorted_ffn(x, expert_index, combine_weight, wi, wo, activation=activation,
-                    num_slices=num_slices, group_matmul=jax.lax.ragged_dot)
+                    num_slices=num_slices, group_matmul=jax.lax.ragged_dot,
+                    sorted_assignments=sorted_assignments)
 
 
 def einsum_ffn(
@@ -456,7 +551,7 @@ def einsum_ffn(
   assign = _assignments(expert_index, combine_weight, wi.shape[0], num_slices)
   plan = _OneHotPlan(assign, capacity, x.dtype)
   y = _expert_ffn(plan, x, combine_weight, wi, wo, activation, num_slices)
-  return y, _metrics(assign, plan.kept.T.reshape(-1), wi.shape[0])
+  return y, _metrics_unsorted(assign, plan.kept.T.reshape(-1), wi.shape[0])
 
 
 def capacity_ffn(
@@ -469,21 +564,25 @@ def capacity_ffn(
     activation: Activation,
     num_slices: int = 1,
     capacity_factor: Optional[float] = None,
+    sorted_assignments: Optional[hashing.SortedAssignments] = None,
 ) -> tuple[Array, Metrics]:
   """Sort by group into capacity-padded [groups, capacity, d] buffers and run batched matmuls.
 
   Drops exactly the assignments `einsum_ffn` drops (same capacity, same priority) but moves rows
   with gathers instead of one-hot einsums, so it is linear in tokens. `capacity_factor=None` pads
-  to the worst case (dropless, at up to num_experts times the FLOPs). Shapes as in `sorted_ffn`.
+  to the worst case (dropless, at up to num_experts times the FLOPs). Shapes as in `sorted_ffn`;
+  a precomputed `sorted_assignments` (stable, as `hashing.precompute_routing` makes it) replaces
+  the argsort.
   """
   _check_inputs(x, expert_index, combine_weight, wi, wo, num_slices)
   tokens, columns = expert_index.shape
   capacity = expert_capacity(tokens, wi.shape[0], num_columns=columns, num_slices=num_slices,
                              capacity_factor=capacity_factor)
   assign = _assignments(expert_index, combine_weight, wi.shape[0], num_slices)
-  plan = _capacity_plan(assign, capacity)
+  s = _sort(assign, sorted_assignments)
+  plan = _capacity_plan(assign, s, capacity)
   y = _expert_ffn(plan, x, combine_weight, wi, wo, activation, num_slices)
-  return y, _metrics(assign, plan.kept.T.reshape(-1), wi.shape[0])
+  return y, _metrics(s, plan.kept.T.reshape(-1), assign.key < assign.num_groups, wi.shape[0])
 
 
 def _pallas_gmm() -> GroupMatmul:
@@ -538,14 +637,19 @@ def dispatch_fn(name: str) -> ExpertFn:
       f"unknown dispatch {name!r}; expected one of {[d for d in DISPATCHES if d != 'auto']}")
 
 
+# Dispatches that accept a precomputed `sorted_assignments` (hash routing).
+PRESORTED_DISPATCHES = ("sorted", "ragged_dot", "pallas", "capacity")
+
+
 def choose_dispatch(backend: str, *, capacity_factor: Optional[float] = None) -> str:
   """What dispatch="auto" runs: the one decision tree for picking a dispatch.
 
   * A capacity_factor asks for dropping semantics: "capacity" (same drops as the one-hot "einsum",
     linear rather than quadratic in tokens).
   * TPU / GPU: "pallas", the grouped-matmul kernel over sorted tokens (dropless, no padding).
-  * CPU: "sorted". jax.lax.ragged_dot lowers densely on XLA:CPU (STACK.md); the benchmarks may
-    move this to a faster CPU path.
+  * CPU: "sorted" with its default XLA:CPU window kernels (`hashmoe.kernels.cpu`), the fastest
+    dropless path measured (benchmarks/moe_layer.py, docs/PERFORMANCE.md): ~19x faster than
+    `jax.lax.ragged_dot`, which lowers densely on XLA:CPU, and never padded to the heaviest expert.
   """
   if capacity_factor is not None:
     return "capacity"
@@ -640,6 +744,8 @@ class Experts(nn.Module):
     kwargs = dict(self.dispatch_kwargs or {})
     if self.capacity_factor is not None:
       kwargs["capacity_factor"] = self.capacity_factor
+    if routing.sorted_assignments is not None and name in PRESORTED_DISPATCHES:
+      kwargs["sorted_assignments"] = routing.sorted_assignments
     return dispatch_fn(name)(
         jnp.asarray(x, self.dtype), index, weight.astype(self.dtype),
         jnp.asarray(wi, self.dtype), jnp.asarray(wo, self.dtype),

@@ -14,6 +14,11 @@ parameters. This module holds the two halves of that expression:
   previous token, a bigram hash, the position, the oracle next token and a baseline's predicted next
   token. They are pure array functions that run on numpy inputs in the input pipeline or on jnp
   inputs under `jax.jit`.
+* **Precomputed routing** (`precompute_routing`, `precompute_hash_routing`): because the expert of
+  a token depends on token ids alone, the permutation that groups a batch's tokens by expert and the
+  group sizes can be computed on the host, once per batch and per (key, tables), and shared by every
+  hash layer that routes the same way (`routing_signature` names them). The experts then skip their
+  argsort; the result is identical.
 
 Lookups use jnp; everything that builds a table uses numpy and never touches a device.
 """
@@ -25,7 +30,7 @@ import heapq
 import io
 import json
 import os
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
 import warnings
 
 from etils import epath
@@ -910,3 +915,141 @@ def routing_keys(key: str, *, token_ids: ArrayLike, positions: Optional[ArrayLik
   if key == "prev_token":
     return checked(prev, "token_ids")
   return bigram_hash(prev, token_ids, key_space)
+
+
+# ------------------------------------------------------------------------------------------------
+# Precomputed routing: the input pipeline's half of a hash layer's dispatch.
+
+# Tables a hash layer routes with: one 1-D table (one hash), a sequence of N 1-D tables (MultiHash,
+# §3.2) or one top-k table (k experts per key).
+RoutingTables = Union[HashTable, Sequence[HashTable]]
+
+
+class SortedAssignments(NamedTuple):
+  """A batch's hash-routing assignments grouped by expert, computed from token ids alone.
+
+  An assignment is a (token, column) pair, numbered column-major: a = column * tokens + token, with
+  tokens = batch * length flattened row-major (the order of `hashmoe.routing.Routing` and of
+  `hashmoe.experts`). A group is one expert for a single hash or a top-k table, and one
+  (slice, expert) pair g = slice * num_experts + expert for MultiHash, whose column m picks the
+  expert of weight slice m. Arrays are numpy on the host and jax arrays once they are in a batch.
+
+  Attributes:
+    permutation: int32[A] sorted position -> assignment; stable, so a group keeps assignment order.
+    inverse_permutation: int32[A] assignment -> sorted position.
+    group_sizes: int32[G] assignments per group (G = num_experts, or N * num_experts for MultiHash).
+  """
+  permutation: Any
+  inverse_permutation: Any
+  group_sizes: Any
+
+
+def _routing_columns(tables: RoutingTables) -> tuple[np.ndarray, int, bool]:
+  """(int32[H, key_space] expert of each column per key id, num_experts, multihash)."""
+  if isinstance(tables, HashTable):
+    if tables.table.ndim == 2:  # top-k: k columns over the full expert weights
+      return np.ascontiguousarray(tables.table.T), tables.num_experts, False
+    tables = (tables,)
+  tables = tuple(tables)
+  if not tables:
+    raise ValueError("tables must hold at least one HashTable")
+  for m, table in enumerate(tables):
+    if not isinstance(table, HashTable):
+      raise TypeError(f"tables[{m}] must be a HashTable, got {type(table).__name__}")
+    if table.table.ndim != 1:
+      raise ValueError(f"tables[{m}] ({table.kind}) is a top-k table; pass it alone, not inside a "
+                       "MultiHash sequence")
+    if (table.num_experts, table.vocab_size) != (tables[0].num_experts, tables[0].vocab_size):
+      raise ValueError(
+          f"MultiHash tables must share num_experts and vocab_size: tables[{m}] has "
+          f"({table.num_experts}, {table.vocab_size}), tables[0] has "
+          f"({tables[0].num_experts}, {tables[0].vocab_size})")
+  return np.stack([t.table for t in tables]), tables[0].num_experts, True
+
+
+def routing_signature(key: str, tables: RoutingTables) -> str:
+  """A name for "route with these tables on this key", shared by every layer that does so.
+
+  Two hash layers with the same signature put every token in the same groups, so one
+  `SortedAssignments` per batch serves both. The name covers the key, the layout (MultiHash or
+  top-k), the number of experts and a sha256 of the tables' contents.
+
+  Returns:
+    e.g. "token:multihash1x64:3f2a9c0d4e5b6a71".
+  """
+  if key not in KEYS:
+    raise ValueError(f"key must be one of {KEYS}, got {key!r}")
+  columns, num_experts, multihash = _routing_columns(tables)
+  layout = "multihash" if multihash else "topk"
+  digest = hashlib.sha256()
+  digest.update(f"hashmoe.routing.v1/{key}/{layout}/{num_experts}/{columns.shape}".encode())
+  digest.update(np.ascontiguousarray(columns, dtype=np.int32).tobytes())
+  return f"{key}:{layout}{columns.shape[0]}x{num_experts}:{digest.hexdigest()[:16]}"
+
+
+def precompute_routing(tables: RoutingTables, keys: ArrayLike) -> SortedAssignments:
+  """Groups a batch's assignments by expert on the host (numpy; run it in the input pipeline).
+
+  Mirrors what `hashmoe.experts` computes with a stable argsort on device: assignment
+  a = column * tokens + token goes to group `slice * E + table_column[keys[token]]` (slice = column
+  for MultiHash, 0 otherwise), and the permutation sorts assignments by group, stably.
+
+  Args:
+    tables: one 1-D HashTable (a hash layer), a sequence of N 1-D HashTables (MultiHash, §3.2) or
+      one top-k HashTable.
+    keys: int[batch, length] (or int[tokens]) routing keys, from `routing_keys` with the layer's
+      key; flattened row-major.
+
+  Returns:
+    SortedAssignments of numpy int32 arrays, A = tokens * columns.
+  """
+  columns, num_experts, multihash = _routing_columns(tables)
+  keys = np.asarray(keys)
+  check_token_ids(keys, columns.shape[1], name="keys")
+  keys = keys.reshape(-1)
+  num_columns, tokens = columns.shape[0], keys.size
+  experts = columns[:, keys]  # [H, tokens]
+  if multihash:
+    experts = experts + (np.arange(num_columns, dtype=np.int32) * num_experts)[:, None]
+    num_groups = num_columns * num_experts
+  else:
+    num_groups = num_experts
+  group = experts.reshape(-1)  # column-major assignment order
+  permutation = np.argsort(group, kind="stable").astype(np.int32)
+  inverse = np.empty_like(permutation)
+  inverse[permutation] = np.arange(num_columns * tokens, dtype=np.int32)
+  sizes = np.bincount(group, minlength=num_groups).astype(np.int32)
+  return SortedAssignments(permutation, inverse, sizes)
+
+
+def precompute_hash_routing(
+    layers: Iterable[tuple[str, RoutingTables]], *, token_ids: ArrayLike,
+    positions: Optional[ArrayLike] = None, segment_ids: Optional[ArrayLike] = None,
+    targets: Optional[ArrayLike] = None, predicted_ids: Optional[ArrayLike] = None,
+) -> dict[str, SortedAssignments]:
+  """Precomputed routing of one batch for every distinct (key, tables) among a model's hash layers.
+
+  The input pipeline calls this once per batch; the result travels with the batch and reaches each
+  hash router through `hashmoe.routing.RouterFeatures.sorted_assignments`, where a router picks
+  its entry by `routing_signature`. Layers that share key and tables share one entry.
+
+  Args:
+    layers: (key, tables) of each hash layer (repeats are fine).
+    token_ids, positions, segment_ids, targets, predicted_ids: the batch's int[batch, length]
+      features, as for `routing_keys`.
+
+  Returns:
+    {routing_signature(key, tables): SortedAssignments}.
+  """
+  out: dict[str, SortedAssignments] = {}
+  for key, tables in layers:
+    name = routing_signature(key, tables)
+    if name in out:
+      continue
+    columns, _, _ = _routing_columns(tables)
+    host = lambda a: None if a is None else np.asarray(a)  # noqa: E731  (numpy keys, on the host)
+    keys = routing_keys(key, token_ids=host(token_ids), positions=host(positions),
+                        segment_ids=host(segment_ids), targets=host(targets),
+                        predicted_ids=host(predicted_ids), key_space=columns.shape[1])
+    out[name] = precompute_routing(tables, keys)
+  return out

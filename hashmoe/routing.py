@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import flax
 import flax.linen as nn
@@ -50,12 +50,18 @@ class RouterFeatures:
   `targets` (the next token) is only for the oracle-future hash; `predicted_ids` is a frozen dense
   baseline's argmax prediction of the next token (predicted-future hash). `segment_ids` marks packed
   sequences (0 = padding) so that previous-token/bigram keys never cross a sequence boundary.
+
+  `sorted_assignments` optionally carries hash routing precomputed by the input pipeline
+  (`hashing.precompute_hash_routing`): {`hashing.routing_signature(key, tables)`:
+  `hashing.SortedAssignments`}. A hash router whose signature is present hands its entry on in
+  `Routing.sorted_assignments`, and the experts use it instead of sorting on device.
   """
   token_ids: jax.Array
   positions: Optional[jax.Array] = None
   segment_ids: Optional[jax.Array] = None
   targets: Optional[jax.Array] = None
   predicted_ids: Optional[jax.Array] = None
+  sorted_assignments: Optional[Mapping[str, hashing.SortedAssignments]] = None
 
 
 @flax.struct.dataclass
@@ -69,11 +75,15 @@ class Routing:
       Switch, 0.0 for a token dropped by a capacity limit (it then passes through the residual).
     aux_loss: float32[]; the auxiliary loss to add to the objective (0 for hash routing).
     metrics: dict of float32 arrays explaining the routing (per-expert load, dropped fraction, ...).
+    sorted_assignments: optional `hashing.SortedAssignments` of these assignments, precomputed from
+      token ids by the input pipeline (hash routers only; see `RouterFeatures`). The experts check
+      it against `expert_index` and use it instead of an argsort; None means sort on device.
   """
   expert_index: jax.Array
   combine_weight: jax.Array
   aux_loss: jax.Array
   metrics: dict[str, Any]
+  sorted_assignments: Optional[hashing.SortedAssignments] = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,6 +103,8 @@ class RoutingInstructions:
       entropy/confidence metrics; None for routers without one (hash, BASE).
     aux_losses: name -> float32[] already-weighted loss terms; their sum is `Routing.aux_loss`.
     metrics: router-specific float32 metrics added to the standard ones.
+    sorted_assignments: precomputed grouping of the assignments (hash routers), passed on to
+      `Routing.sorted_assignments`.
   """
   expert_index: Array
   combine_weight: Array
@@ -100,6 +112,7 @@ class RoutingInstructions:
   router_probs: Optional[Array] = None
   aux_losses: dict[str, Array] = dataclasses.field(default_factory=dict)
   metrics: dict[str, Array] = dataclasses.field(default_factory=dict)
+  sorted_assignments: Optional[hashing.SortedAssignments] = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -467,7 +480,7 @@ class Router(nn.Module):
     for term in instructions.aux_losses.values():
       aux_loss = aux_loss + jnp.asarray(term, jnp.float32)
     return Routing(expert_index=expert_index, combine_weight=combine_weight, aux_loss=aux_loss,
-                   metrics=metrics)
+                   metrics=metrics, sorted_assignments=instructions.sorted_assignments)
 
   def _compute_routing_instructions(self, hidden: Array, features: RouterFeatures, *,
                                     deterministic: bool) -> RoutingInstructions:
@@ -493,6 +506,14 @@ def _keys(key: str, features: RouterFeatures, key_space: int) -> Array:
     keys = jnp.asarray(keys, jnp.int32).reshape(-1)
   check_key_ids(keys, key_space, key)
   return keys
+
+
+def _precomputed(features: RouterFeatures, signature: Callable[[], str]
+                 ) -> Optional[hashing.SortedAssignments]:
+  """The features' precomputed routing for this router's signature, if the batch carries it."""
+  if not features.sorted_assignments:
+    return None
+  return features.sorted_assignments.get(signature())
 
 
 def _check_key(router: str, key: str) -> None:
@@ -589,6 +610,23 @@ class HashRouter(Router):
     _check_expert_range("hash table", stacked, self.num_experts)
     return jnp.asarray(stacked, jnp.int32)
 
+  def _host_tables(self) -> tuple[hashing.HashTable, ...]:
+    """The tables this router is built with (the random ones when `tables` is None)."""
+    if self.tables is not None:
+      return tuple(self.tables)
+    return hashing.build_multihash("random", self.num_hashes, num_experts=self.num_experts,
+                                   vocab_size=self.key_space, seed=self.seed)
+
+  def routing_signature(self) -> str:
+    """`hashing.routing_signature` of this router's key and tables: the name under which the input
+    pipeline's precomputed routing for this layer travels in `RouterFeatures.sorted_assignments`.
+
+    Computed from the tables the router was built with; if the stored "hash_tables" variable was
+    replaced (e.g. restored from another checkpoint), the experts' check of the precomputed
+    permutation against the actual expert_index catches the mismatch and sorts on device.
+    """
+    return hashing.routing_signature(self.key, self._host_tables())
+
   def _compute_routing_instructions(self, hidden: Array, features: RouterFeatures, *,
                                     deterministic: bool) -> RoutingInstructions:
     del hidden, deterministic  # the route depends on the token ids alone
@@ -601,7 +639,8 @@ class HashRouter(Router):
     # mode="clip" makes the out-of-range behaviour explicit; concrete keys were checked above.
     expert_index = jnp.take(table, keys, axis=1, mode="clip").T  # [tokens, num_hashes]
     return RoutingInstructions(expert_index=expert_index,
-                               combine_weight=jnp.ones(expert_index.shape, jnp.float32))
+                               combine_weight=jnp.ones(expert_index.shape, jnp.float32),
+                               sorted_assignments=_precomputed(features, self.routing_signature))
 
 
 class HashTopKRouter(Router):
@@ -653,7 +692,7 @@ class HashTopKRouter(Router):
     object.__setattr__(self, "key_space", _resolve_key_space(name, self.key_space, table_vocab))
     super().__post_init__()
 
-  def _initial_table(self) -> Array:
+  def _host_table(self) -> np.ndarray:
     if self.table is not None:
       table = self.table.table
     else:
@@ -661,7 +700,19 @@ class HashTopKRouter(Router):
       rng = np.random.default_rng(self.seed)
       table = np.argsort(rng.random((self.key_space, self.num_experts)), axis=-1)[:, :self.k]
     _check_expert_range("top-k hash table", table, self.num_experts)
-    return jnp.asarray(table, jnp.int32)
+    return table
+
+  def _initial_table(self) -> Array:
+    return jnp.asarray(self._host_table(), jnp.int32)
+
+  def routing_signature(self) -> str:
+    """`hashing.routing_signature` of this router's key and table (see `HashRouter`)."""
+    table = self.table
+    if table is None:
+      table = hashing.HashTable(kind=hashing.TOPK_KIND, table=self._host_table(),
+                                num_experts=self.num_experts, vocab_size=self.key_space,
+                                seed=self.seed)
+    return hashing.routing_signature(self.key, table)
 
   def _compute_routing_instructions(self, hidden: Array, features: RouterFeatures, *,
                                     deterministic: bool) -> RoutingInstructions:
@@ -684,7 +735,8 @@ class HashTopKRouter(Router):
     dense = jnp.zeros(logits.shape, jnp.float32).at[
         jnp.arange(logits.shape[0])[:, None], expert_index].set(combine_weight)
     return RoutingInstructions(expert_index=expert_index, combine_weight=combine_weight,
-                               router_probs=dense)
+                               router_probs=dense,
+                               sorted_assignments=_precomputed(features, self.routing_signature))
 
 
 # --------------------------------------------------------------------------------------------------

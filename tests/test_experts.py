@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from hashmoe import experts as ex
+from hashmoe import hashing
 from hashmoe.routing import Routing
 
 # ------------------------------------------------------------------------------------------------
@@ -541,3 +542,194 @@ def test_expert_parallel_dispatch_forwards_arguments(monkeypatch):
   expected = naive_numpy(data["x"], data["index"], data["weight"], data["wi"], data["wo"],
                          "relu", 1)
   np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Precomputed routing (hash layers): a host-side permutation replaces the on-device argsort.
+# ------------------------------------------------------------------------------------------------
+
+
+def numpy_sorted_assignments(index, num_experts, num_slices):
+  """The grouping a stable sort by group gives, computed here with a python loop."""
+  index = np.asarray(index)
+  tokens, columns = index.shape
+  num_groups = num_experts * (num_slices if num_slices > 1 else 1)
+  buckets = [[] for _ in range(num_groups)]
+  for j in range(columns):  # column-major assignment order a = j * tokens + t
+    for t in range(tokens):
+      buckets[(j if num_slices > 1 else 0) * num_experts + index[t, j]].append(j * tokens + t)
+  perm = np.asarray([a for bucket in buckets for a in bucket], np.int32)
+  inverse = np.empty_like(perm)
+  inverse[perm] = np.arange(perm.size, dtype=np.int32)
+  sizes = np.asarray([len(b) for b in buckets], np.int32)
+  return hashing.SortedAssignments(perm, inverse, sizes)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_presorted(dispatch, act, num_slices, capacity_factor):
+  fn = ex.dispatch_fn(dispatch)
+  kwargs = {} if capacity_factor is None else {"capacity_factor": capacity_factor}
+
+  def run(x, weight, wi, wo, index, r, presorted):
+    def loss(x, weight, wi, wo):
+      y, metrics = fn(x, index, weight, wi, wo, activation=ex.ACTIVATIONS[act],
+                      num_slices=num_slices, sorted_assignments=presorted, **kwargs)
+      return jnp.sum(y * r), (y, metrics)
+
+    grads, (y, metrics) = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(x, weight, wi, wo)
+    return y, metrics, grads
+
+  return jax.jit(run)
+
+
+@pytest.mark.parametrize("case,dispatch,capacity_factor", [
+    ("top1", "sorted", None), ("top2", "sorted", None), ("multihash2", "sorted", None),
+    ("multihash4", "sorted", None), ("multihash2", "ragged_dot", None), ("top2", "capacity", 0.75),
+    ("multihash2", "capacity", 0.75)])
+def test_precomputed_sort_gives_identical_values_and_grads(case, dispatch, capacity_factor):
+  c = CASES[case]
+  data = make_case(case, seed=12)
+  presorted = numpy_sorted_assignments(data["index"], c["experts"], c["slices"])
+  args = (data["x"], data["weight"], data["wi"], data["wo"], data["index"], data["r"])
+  y, metrics, grads = _compiled_presorted(dispatch, c["act"], c["slices"], capacity_factor)(
+      *args, presorted)
+  y0, metrics0, grads0 = compiled(dispatch, c["act"], c["slices"], capacity_factor)(*args)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y0))
+  for got, want in zip(grads, grads0):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert float(metrics["sort_precomputed"]) == 1.0
+  np.testing.assert_array_equal(metrics["group_sizes"], metrics0["group_sizes"])
+  np.testing.assert_array_equal(metrics["dropped_fraction"], metrics0["dropped_fraction"])
+
+
+@pytest.mark.parametrize("corruption", ["identity", "sizes_shifted", "other_routing",
+                                        "not_a_permutation", "unstable"])
+def test_mismatched_precomputed_sort_falls_back_to_argsort(corruption):
+  c = CASES["top2"]
+  data = make_case("top2", seed=13)
+  good = numpy_sorted_assignments(data["index"], c["experts"], 1)
+  num = good.permutation.size
+  if corruption == "identity":
+    bad = good._replace(permutation=np.arange(num, dtype=np.int32),
+                        inverse_permutation=np.arange(num, dtype=np.int32))
+  elif corruption == "sizes_shifted":
+    bad = good._replace(group_sizes=np.roll(good.group_sizes, 1))
+  elif corruption == "other_routing":
+    bad = numpy_sorted_assignments((data["index"] + 1) % c["experts"], c["experts"], 1)
+  elif corruption == "not_a_permutation":
+    perm = good.permutation.copy()
+    perm[0] = perm[1]
+    bad = good._replace(permutation=perm)
+  else:  # the first group's first two assignments swapped: grouped, but not stable
+    perm = good.permutation.copy()
+    perm[[0, 1]] = perm[[1, 0]]
+    inverse = np.empty_like(perm)
+    inverse[perm] = np.arange(num, dtype=np.int32)
+    bad = hashing.SortedAssignments(perm, inverse, good.group_sizes)
+  args = (data["x"], data["weight"], data["wi"], data["wo"], data["index"], data["r"])
+  y, metrics, grads = _compiled_presorted("sorted", c["act"], 1, None)(*args, bad)
+  assert float(metrics["sort_precomputed"]) == 0.0
+  y0, _, grads0 = compiled("sorted", c["act"], 1)(*args)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y0))
+  for got, want in zip(grads, grads0):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_precomputed_sort_shape_and_dtype_errors():
+  data = make_case("top1")
+  good = numpy_sorted_assignments(data["index"], 4, 1)
+  call = functools.partial(ex.sorted_ffn, data["x"], data["index"], data["weight"], data["wi"],
+                           data["wo"], activation=jax.nn.relu)
+  with pytest.raises(ValueError, match=r"shape \(32,\) \(tokens \* columns\)"):
+    call(sorted_assignments=good._replace(permutation=good.permutation[:-1]))
+  with pytest.raises(ValueError, match=r"group_sizes of shape \(4,\)"):
+    call(sorted_assignments=good._replace(group_sizes=good.group_sizes[:3]))
+  with pytest.raises(TypeError, match="integer"):
+    call(sorted_assignments=good._replace(group_sizes=good.group_sizes.astype(np.float32)))
+
+
+def test_sort_matches():
+  key = jnp.asarray([2, 0, 1, 0, 3], jnp.int32)  # 3 = inactive (num_groups = 3)
+  perm = jnp.asarray([1, 3, 2, 0, 4], jnp.int32)
+  inverse = jnp.asarray([3, 0, 2, 1, 4], jnp.int32)
+  sizes = jnp.asarray([2, 1, 1], jnp.int32)
+  assert bool(ex.sort_matches(key, perm, inverse, sizes))
+  # Same groups, but group 0's assignments out of order: not the stable sort.
+  assert not bool(ex.sort_matches(key, jnp.asarray([3, 1, 2, 0, 4]), jnp.asarray([3, 1, 2, 0, 4]),
+                                  sizes))
+  assert not bool(ex.sort_matches(key, perm, inverse, jnp.asarray([1, 2, 1])))
+  assert not bool(ex.sort_matches(key, perm, jnp.asarray([3, 0, 2, 1, 3]), sizes))
+  assert not bool(ex.sort_matches(key, jnp.asarray([1, 3, 2, 0, 5]), inverse, sizes))
+  assert not bool(ex.sort_matches(key, perm, inverse, jnp.asarray([2, 2, -1])))
+
+
+def test_module_uses_the_routings_precomputed_sort():
+  c = CASES["multihash2"]
+  data = make_case("multihash2", seed=14, weight=np.ones((32, 2)))
+  presorted = numpy_sorted_assignments(data["index"], c["experts"], c["slices"])
+  routing = _routing(data).replace(sorted_assignments=presorted)
+  module = ex.Experts(num_experts=4, d_ff=16, num_slices=2, activation=c["act"])
+  y, metrics = jax.jit(module.apply)(_variables(data), data["x"], routing)
+  assert float(metrics["sort_precomputed"]) == 1.0
+  expected = naive_numpy(data["x"], data["index"], data["weight"], data["wi"], data["wo"],
+                         c["act"], 2)
+  np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=2e-5)
+  # A dispatch without a sort ignores it.
+  y1, metrics1 = jax.jit(module.clone(dispatch="einsum").apply)(_variables(data), data["x"],
+                                                                routing)
+  assert "sort_precomputed" not in metrics1
+  np.testing.assert_allclose(np.asarray(y1), expected, rtol=1e-5, atol=2e-5)
+
+
+def test_hash_router_to_experts_with_pipeline_precomputed_routing():
+  from hashmoe import routing as routing_lib  # the wiring a model does; experts never import it
+  rng = np.random.default_rng(15)
+  vocab, experts, d = 50, 4, 8
+  ids = rng.integers(0, vocab, size=(4, 8)).astype(np.int32)
+  x = rng.normal(size=(32, d)).astype(np.float32)
+  tables = hashing.build_multihash("random", 2, num_experts=experts, vocab_size=vocab, seed=0)
+  router = routing_lib.HashRouter(experts, num_hashes=2, tables=tables)
+  module = ex.Experts(num_experts=experts, d_ff=16, num_slices=2)
+  presorted = hashing.precompute_hash_routing([("token", tables)], token_ids=ids)
+
+  @jax.jit
+  def run(variables, x, features):
+    r = router.apply({"hash_tables": variables["hash_tables"]}, x, features, deterministic=True)
+    return module.apply({"params": variables["params"]}, x, r)
+
+  feats = routing_lib.RouterFeatures(jnp.asarray(ids))
+  params = module.init(jax.random.key(1), x,
+                       router.apply(router.init(jax.random.key(0), x, feats, deterministic=True),
+                                    x, feats, deterministic=True))
+  tables_var = router.init(jax.random.key(0), x, feats, deterministic=True)
+  variables = {"params": params["params"], "hash_tables": tables_var["hash_tables"]}
+  y0, m0 = run(variables, x, feats)
+  y1, m1 = run(variables, x, routing_lib.RouterFeatures(jnp.asarray(ids),
+                                                        sorted_assignments=presorted))
+  assert "sort_precomputed" not in m0 and float(m1["sort_precomputed"]) == 1.0
+  np.testing.assert_array_equal(np.asarray(y1), np.asarray(y0))
+
+
+@pytest.mark.parametrize("case", ["top1", "top2"])
+def test_sorted_with_fused_cpu_ffn_matches_naive(case):
+  c = CASES[case]
+  data = make_case(case, seed=16)
+  fn = functools.partial(ex.sorted_ffn, activation=ex.ACTIVATIONS[c["act"]], fuse_ffn=True)
+
+  def loss(x, weight, wi, wo):
+    y, _ = fn(x, data["index"], weight, wi, wo)
+    return jnp.sum(y * data["r"]), y
+
+  grads, y = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(
+      data["x"], data["weight"], data["wi"], data["wo"])
+  expected = naive_numpy(data["x"], data["index"], data["weight"], data["wi"], data["wo"],
+                         c["act"], 1)
+  np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=2e-5)
+  kept = np.ones(data["index"].shape, bool)
+  expected_grads = naive_grads_fn(c["act"], 1)(
+      data["x"], data["weight"], data["wi"], data["wo"], data["index"], kept, data["r"])
+  for got, want in zip(grads, expected_grads):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=2e-5)
+  with pytest.raises(ValueError, match="takes no group_matmul"):
+    ex.sorted_ffn(data["x"], data["index"], data["weight"], data["wi"], data["wo"],
+                  activation=jax.nn.relu, fuse_ffn=True, group_matmul=jax.lax.ragged_dot)

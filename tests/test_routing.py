@@ -560,3 +560,55 @@ def test_base_router_evaluation_is_greedy_and_gradients_flow_through_the_weight(
   for t in range(TOKENS):
     want[assigned[t]] += sig[t] * (1 - sig[t]) * hidden[t]
   np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Precomputed routing travels from the features to the Routing.
+
+
+def test_hash_router_passes_on_its_precomputed_routing():
+  ids, hidden = _data(seed=6)
+  tables = hashing.build_multihash("random", 2, num_experts=NUM_EXPERTS, vocab_size=VOCAB, seed=1)
+  router = routing.HashRouter(NUM_EXPERTS, num_hashes=2, tables=tables)
+  assert router.routing_signature() == hashing.routing_signature("token", tables)
+  mine = hashing.precompute_routing(tables, ids)
+  other_tables = hashing.build_multihash("random", 2, num_experts=NUM_EXPERTS, vocab_size=VOCAB,
+                                         seed=9)
+  other = hashing.precompute_routing(other_tables, ids)
+  precomputed = {router.routing_signature(): mine,
+                 hashing.routing_signature("token", other_tables): other}
+  features = RouterFeatures(jnp.asarray(ids), sorted_assignments=precomputed)
+  variables = router.init(jax.random.key(0), jnp.asarray(hidden), features, deterministic=True)
+  out = jax.jit(lambda v, h, f: router.apply(v, h, f, deterministic=True))(
+      variables, jnp.asarray(hidden), features)
+  for got, want in zip(out.sorted_assignments, mine):
+    np.testing.assert_array_equal(got, want)
+  # Without an entry for its signature (or without any), the router passes nothing on.
+  for entries in ({hashing.routing_signature("token", other_tables): other}, None, {}):
+    out = _apply(router, variables, hidden, RouterFeatures(jnp.asarray(ids),
+                                                           sorted_assignments=entries))
+    assert out.sorted_assignments is None
+
+
+def test_default_tables_and_topk_routers_have_signatures():
+  ids, hidden = _data(seed=7)
+  router = routing.HashRouter(NUM_EXPERTS, key="prev_token", key_space=VOCAB, seed=3)
+  want = hashing.build_multihash("random", 1, num_experts=NUM_EXPERTS, vocab_size=VOCAB, seed=3)
+  assert router.routing_signature() == hashing.routing_signature("prev_token", want)
+  table = hashing.build_topk_table(2, num_experts=NUM_EXPERTS, vocab_size=VOCAB,
+                                   token_counts=np.arange(1, VOCAB + 1))
+  topk = routing.HashTopKRouter(NUM_EXPERTS, 2, table=table)
+  assert topk.routing_signature() == hashing.routing_signature("token", table)
+  entry = hashing.precompute_routing(table, ids)
+  features = RouterFeatures(jnp.asarray(ids),
+                            sorted_assignments={topk.routing_signature(): entry})
+  variables = topk.init(jax.random.key(0), jnp.asarray(hidden), features, deterministic=True)
+  out = _apply(topk, variables, hidden, features)
+  np.testing.assert_array_equal(out.sorted_assignments.permutation, entry.permutation)
+  default_topk = routing.HashTopKRouter(NUM_EXPERTS, 2, key_space=VOCAB, seed=4)
+  v = default_topk.init(jax.random.key(0), jnp.asarray(hidden), RouterFeatures(jnp.asarray(ids)),
+                        deterministic=True)
+  stored = hashing.HashTable(kind=hashing.TOPK_KIND,
+                             table=np.asarray(v["hash_tables"]["table"]),
+                             num_experts=NUM_EXPERTS, vocab_size=VOCAB, seed=4)
+  assert default_topk.routing_signature() == hashing.routing_signature("token", stored)
