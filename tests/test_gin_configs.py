@@ -1,0 +1,217 @@
+"""Every gin file under configs/models, configs/tasks and configs/runs parses, finalises and builds.
+
+Like flaxformer's gin_configs_test: a config can never rot unnoticed. Model files are initialised
+abstractly (`jax.eval_shape` of `model.init`; paper sizes are never materialised) and their
+parameter counts are checked against a closed-form count of the architecture the file describes
+(the paper's Baseline: 219,043,840 = 219.0M without biases, Section 5.1). Task files are composed
+with a model, run files with a model and a task, the way the command line composes them, and every
+macro a run promises (MODEL_DIR, TRAIN_STEPS, BATCH_SIZE, SEQ_LEN, CHECKPOINT_PERIOD, EVAL_PERIOD,
+SEED) is evaluated.
+
+configs/experiments/ belongs to `hashmoe compare` and is tested with it.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hashmoe import cli, models
+from hashmoe import train as T
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+MODEL_FILES = sorted(p.relative_to(CONFIGS).as_posix() for p in (CONFIGS / "models").rglob("*.gin"))
+TASK_FILES = sorted(p.relative_to(CONFIGS).as_posix() for p in (CONFIGS / "tasks").glob("*.gin"))
+RUN_FILES = sorted(p.relative_to(CONFIGS).as_posix() for p in (CONFIGS / "runs").glob("*.gin"))
+RUN_MACROS = ("MODEL_DIR", "TRAIN_STEPS", "BATCH_SIZE", "SEQ_LEN", "CHECKPOINT_PERIOD",
+              "EVAL_PERIOD", "SEED")
+# What the task files' required macros are bound to here (paths are never read).
+TASK_BINDINGS = ["TEXT_DIR = '/nonexistent/texts'", "WIKITEXT_DIR = '/nonexistent/wikitext'",
+                 "CC100_PATH = '/nonexistent/en.txt.xz'",
+                 "REDDIT_COMMENTS = ['/nonexistent/RC_2019-01.zst']"]
+
+
+@gin.configurable(module="test_gin_configs")
+def probe(model_config=gin.REQUIRED, values=()):
+  return model_config, list(values)
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+def parse(files, bindings=(), values=()):
+  extra = ["test_gin_configs.probe.model_config = %MODEL_CONFIG"]
+  if values:
+    extra.append(f"test_gin_configs.probe.values = [{', '.join('%' + v for v in values)}]")
+  cli.parse_gin(files, list(bindings) + extra)
+  return probe()
+
+
+def abstract_param_count(config):
+  model = models.build_model(config)
+  batch = {"decoder_input_tokens": jax.ShapeDtypeStruct((1, 8), jnp.int32),
+           "decoder_target_tokens": jax.ShapeDtypeStruct((1, 8), jnp.int32)}
+  if config.is_encoder_decoder:
+    batch["encoder_input_tokens"] = batch["decoder_input_tokens"]
+  shapes = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, deterministic=True), batch)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes["params"])))
+
+
+def closed_form_count(c: models.TransformerConfig) -> int:
+  """Parameters of the pre-norm transformer the config describes, counted by hand: tied token
+  embeddings, learned positions per stack, attention q/k/v/o without biases, ReLU FFN without
+  biases, LayerNorm scale+bias before every sublayer and at the end of each stack; a sparse FFN
+  replaces D-wide W_in/W_out by E stacked experts plus its router's parameters."""
+  d, inner = c.d_model, c.num_heads * c.head_dim
+  attention, norm = 4 * d * inner, 2 * d
+
+  def ffn(layer_is_sparse):
+    if not layer_is_sparse:
+      return 2 * d * c.d_ff
+    s = c.sparse
+    experts = s.num_experts * 2 * d * (s.expert_d_ff or c.d_ff)
+    router = {"hash": 0, "switch": d * s.num_experts, "hash_topk": d * s.num_experts,
+              "token_switch": c.vocab_size * d + d * s.num_experts}[s.router]
+    return experts + router
+
+  sparse_dec = set(c.sparse.layers) if c.sparse else set()
+  total = c.vocab_size * d + c.max_len * d  # tokens, decoder positions
+  for i in range(c.num_layers):
+    cross = attention + norm if c.is_encoder_decoder else 0
+    total += attention + norm + cross + ffn(i in sparse_dec) + norm
+  total += norm
+  if c.is_encoder_decoder:
+    total += c.max_len * d + norm
+    total += c.num_encoder_layers * (attention + norm + ffn(False) + norm)
+  return total
+
+
+@pytest.mark.parametrize("path", MODEL_FILES)
+def test_model_file_builds(path):
+  config, _ = parse([path])
+  assert isinstance(config, models.TransformerConfig)
+  scale = path.split("/")[1]
+  assert scale in ("paper", "tiny")
+  if scale == "paper":  # the paper's shape: 11 decoder layers (22 for Deeper), d=1024, layer 7
+    assert (config.d_model, config.num_encoder_layers) == (1024, 2)
+    assert config.num_layers == (22 if path.endswith("deeper.gin") else 11)
+    if config.sparse is not None:
+      assert config.sparse.layers == (6,)
+  count = abstract_param_count(config)
+  if config.sparse is None or config.sparse.router in ("hash", "switch", "token_switch",
+                                                      "hash_topk"):
+    assert count == closed_form_count(config)
+  if path == "models/paper/baseline.gin":
+    assert count == 219_043_840  # the paper's "222M" Baseline, less ParlAI's biases
+  if config.sparse is not None:
+    counts = models.param_counts(config)
+    assert counts["total"] == count and counts["active"] < counts["total"]
+
+
+def test_model_files_come_in_paper_and_tiny_pairs():
+  paper = {p.split("/")[-1] for p in MODEL_FILES if p.startswith("models/paper/")}
+  tiny = {p.split("/")[-1] for p in MODEL_FILES if p.startswith("models/tiny/")}
+  assert paper == tiny
+  expected = {"baseline.gin", "wider.gin", "deeper.gin", "multihash_16.gin",
+              "token_switch_64.gin", "base_64.gin", "hash_topk_64.gin"}
+  expected |= {f"{r}_{e}.gin" for r in ("switch", "hash") for e in (16, 32, 64, 128)}
+  assert expected <= paper
+
+
+@pytest.mark.parametrize("path", TASK_FILES)
+def test_task_file_composes_with_a_model(path):
+  config, (vocab_size,) = parse(["models/tiny/hash_16.gin", path], TASK_BINDINGS,
+                                values=["VOCAB_SIZE"])
+  assert config.vocab_size == vocab_size
+  name = gin.query_parameter("hashmoe.train.task_name.name")
+  shape = name.rsplit("_", 1)[1]
+  assert name.startswith("hashmoe_") and shape in ("lm", "seq2seq")
+  # LM tasks drop the encoder, seq2seq tasks keep the model file's.
+  assert config.num_encoder_layers == (0 if shape == "lm" else 2)
+  assert abstract_param_count(config) == closed_form_count(config)
+
+
+def test_text_dir_task_registers_and_yields_batches(tmp_path, monkeypatch):
+  """The one task file whose data a test can make: evaluating TASK registers the corpus's tasks
+  (training a SentencePiece model on it) and names one that yields batches."""
+  monkeypatch.setenv("HASHMOE_CACHE", str(tmp_path / "cache"))
+  rng = np.random.default_rng(0)
+  words = "the of and to in a is that for it as was with be by on not he this are".split()
+  texts = tmp_path / "texts"
+  texts.mkdir()
+  for f in range(3):
+    (texts / f"doc{f}.txt").write_text("\n\n".join(
+        " ".join(rng.choice(words, size=12)) + "." for _ in range(60)) + "\n")
+  # A prefix of its own: task names are process-global, other tests register other folders.
+  cli.parse_gin(["models/tiny/baseline.gin", "tasks/text_dir_seq2seq.gin"],
+                [f"TEXT_DIR = '{texts}'", "VOCAB_SIZE = 300",
+                 "register_tasks.name_prefix = 'gintest'",
+                 "task_name.name = 'gintest_text_seq2seq'",
+                 "test_gin_configs.probe.model_config = %MODEL_CONFIG",
+                 "test_gin_configs.probe.values = [%TASK]"])
+  config, (task,) = probe()
+  assert task == "gintest_text_seq2seq"
+  pipeline = T.TaskPipeline(task, batch_size=2, seq_len=16)
+  assert pipeline.vocab_size == config.vocab_size == 300
+  batch = next(pipeline.train_batches(None))
+  assert batch["encoder_input_tokens"].shape == (2, 16)
+  models.validate_batch(batch, config.vocab_size, config.max_len)
+
+
+@pytest.mark.parametrize("path", RUN_FILES)
+def test_run_file_binds_every_macro_and_the_trainer(path):
+  files, bindings = [path], ["MODEL_DIR = '/tmp/model'"]
+  if path != "runs/cpu_tiny.gin":  # the others take a model and a task, as on the command line
+    files = ["models/paper/hash_64.gin", "tasks/reddit.gin", path]
+    bindings += TASK_BINDINGS
+  if path == "runs/finetune.gin":
+    bindings.append("INIT_CHECKPOINT = '/tmp/pretrained'")
+  macros = RUN_MACROS if path != "runs/eval.gin" else ("MODEL_DIR", "BATCH_SIZE", "SEQ_LEN",
+                                                        "SEED")
+  config, values = parse(files, bindings, values=macros)
+  assert all(v is not None for v in values), dict(zip(macros, values))
+  target = "evaluate" if path == "runs/eval.gin" else "train"
+  for arg in ("model_dir", "model_config", "task", "batch_size", "seq_len"):
+    gin.query_parameter(f"hashmoe.train.{target}.{arg}")  # raises if unbound
+  if target == "train":
+    gin.query_parameter("hashmoe.train.train.train_steps")
+    gin.query_parameter("hashmoe.train.train.optimizer")
+  assert abstract_param_count(config) == closed_form_count(config)
+  if path == "runs/cpu_tiny.gin":
+    assert config.sparse.router == "hash" and config.num_encoder_layers == 0
+    assert config.vocab_size == 512
+
+
+def test_command_line_overrides_a_macro():
+  _, (steps, model_dir) = parse(["runs/cpu_tiny.gin"], ["MODEL_DIR = '/tmp/x'",
+                                                         "TRAIN_STEPS = 7"],
+                                values=["TRAIN_STEPS", "MODEL_DIR"])
+  assert (steps, model_dir) == (7, "/tmp/x")
+
+
+def test_missing_model_dir_names_the_macro():
+  with pytest.raises(Exception, match="MODEL_DIR"):
+    parse(["runs/cpu_tiny.gin"], values=["MODEL_DIR"])
+
+
+def test_gin_files_open_with_a_documentation_header():
+  for path in MODEL_FILES + TASK_FILES + RUN_FILES:
+    lines = (CONFIGS / path).read_text().splitlines()
+    header = "\n".join(l for l in lines[:lines.index("")] if l.startswith("#")) if "" in lines \
+        else ""
+    comments = "\n".join(l for l in lines if l.startswith("#"))
+    assert header.startswith("# "), path  # a title line first
+    for field in ("What:", "Where from:", "Deviations:", "Macros"):
+      assert field in comments, (path, field)
+    assert max(len(line) for line in lines) <= 100, path

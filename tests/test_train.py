@@ -1,0 +1,593 @@
+"""Tests for hashmoe.train: the optimizer, the loss, checkpoints, and the loop's guarantees.
+
+References are independent of the code under test: closed-form learning-rate schedules, a numpy
+AdamW step, a numpy log-softmax, a numpy checksum, and for the loop the run itself compared against
+an uninterrupted twin (a run killed with SIGKILL and restarted must reproduce every loss bit for
+bit). In-process runs use a tiny model and a seeded numpy input pipeline on the 8 CPU devices of
+conftest; the kill/pre-emption runs are real `hashmoe train` processes (one CPU device, a generated
+text folder, a 320-piece SentencePiece vocabulary) so that SIGKILL and SIGTERM hit a real process.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from hashmoe import models, sharding
+from hashmoe import train as T
+
+REPO = Path(__file__).resolve().parent.parent
+V = 64
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures: a tiny model, a seeded numpy input pipeline, and a persistent compilation cache (every
+# in-process run builds a new Trainer, i.e. new jitted functions; identical programs are then
+# loaded from the cache instead of recompiled, which is most of a tiny run's time).
+
+
+@pytest.fixture(scope="session")
+def jax_cache_dir(tmp_path_factory):
+  return tmp_path_factory.getbasetemp() / "hashmoe_jax_cache"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def compilation_cache(jax_cache_dir):
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  old = {name: getattr(jax.config, name) for name in names}
+  jax.config.update("jax_compilation_cache_dir", str(jax_cache_dir))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  cc.reset_cache()
+  yield
+  for name, value in old.items():
+    jax.config.update(name, value)
+  cc.reset_cache()
+
+
+def tiny_config(router="hash", num_experts=4):
+  sparse = models.SparseConfig(router=router, num_experts=num_experts, layers=(1,))
+  return models.tiny_config(vocab_size=V, num_encoder_layers=0, sparse=sparse, max_len=16)
+
+
+class NumpyPipeline:
+  """Deterministic LM batches: batch i depends only on (seed, i); the position is the index."""
+
+  vocab_size = V
+  vocab_fingerprint = ""
+
+  def __init__(self, batch_size=8, seq_len=16, seed=0):
+    self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+
+  def batch(self, index, split="train"):
+    rng = np.random.default_rng([self.seed, index, 0 if split == "train" else 1])
+    targets = rng.integers(1, V, (self.batch_size, self.seq_len)).astype(np.int32)
+    targets[:, -2:] = 0  # some padding, excluded from the loss
+    inputs = np.concatenate([np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
+    return {"decoder_input_tokens": inputs, "decoder_target_tokens": targets,
+            "decoder_loss_weights": (targets > 0).astype(np.int32)}
+
+  def train_batches(self, position):
+    pipeline = self
+    start = 0 if position is None else position["next"]
+
+    class Batches:
+      next_index = start
+
+      def __iter__(self):
+        return self
+
+      def __next__(self):
+        self.next_index += 1
+        return pipeline.batch(self.next_index - 1)
+
+      def position(self):
+        return {"next": self.next_index}
+
+      def close(self):
+        pass
+
+    return Batches()
+
+  def eval_batches(self, split, num_batches):
+    return [self.batch(i, split) for i in range(num_batches)]
+
+  def count_words(self, batch):
+    return None
+
+  def key_counts(self, key, key_space):
+    counts = np.zeros(key_space, np.int64)
+    for i in range(4):
+      np.add.at(counts, self.batch(i)["decoder_input_tokens"].ravel(), 1)
+    return counts
+
+
+def run(model_dir, steps, *, config=None, lr=1e-2, freeze=None, checkpoint_period=2,
+        init_checkpoint=None, eval_period=0, input_pipeline=None, **kwargs):
+  optimizer = T.make_optimizer(T.learning_rate_schedule(lr, warmup_steps=0, decay="constant"),
+                               freeze=freeze)
+  return T.train(model_dir=str(model_dir), model_config=config or tiny_config(), task="numpy",
+                 train_steps=steps, batch_size=8, seq_len=16, seed=0, optimizer=optimizer,
+                 mesh=sharding.make_mesh(), checkpoint_period=checkpoint_period,
+                 eval_period=eval_period, eval_batches=2, log_period=1,
+                 init_checkpoint=init_checkpoint, progress_bar=False, tensorboard=False,
+                 input_pipeline=input_pipeline or NanAtBatch(-1), **kwargs)
+
+
+def losses(model_dir):
+  return {r["step"]: r["loss"] for r in map(json.loads, open(Path(model_dir) / T.METRICS_FILE))}
+
+
+def saved_params(model_dir, step):
+  import orbax.checkpoint as ocp
+  state = ocp.PyTreeCheckpointer().restore(Path(model_dir) / "checkpoints" / str(step) / "state")
+  return state["params"], state["constants"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer and loss.
+
+
+@pytest.mark.parametrize("decay", ["rsqrt", "cosine", "constant"])
+def test_learning_rate_schedule_matches_closed_form(decay):
+  peak, warmup, total = 2e-3, 10, 50
+  schedule = T.learning_rate_schedule(peak, warmup_steps=warmup, decay=decay, total_steps=total,
+                                      end_fraction=0.1)
+  for count in [0, 4, 9, 10, 11, 30, 49, 60]:
+    t = count + 1  # update number
+    if t <= warmup:
+      want = peak * t / warmup
+    elif decay == "rsqrt":
+      want = peak * math.sqrt(warmup / t)
+    elif decay == "cosine":
+      frac = min((t - warmup) / (total - warmup), 1.0)
+      want = peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    else:
+      want = peak
+    assert float(schedule(count)) == pytest.approx(want, rel=1e-5), (decay, count)
+
+
+def test_learning_rate_schedule_rejects_bad_settings():
+  with pytest.raises(ValueError, match="total_steps"):
+    T.learning_rate_schedule(1e-3, warmup_steps=10, decay="cosine", total_steps=5)
+  with pytest.raises(ValueError, match="decay"):
+    T.learning_rate_schedule(1e-3, decay="linear")
+  with pytest.raises(ValueError, match="freeze"):
+    T.make_optimizer(freeze="experts")
+
+
+def test_token_nll_matches_numpy_log_softmax():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 5, 7)).astype(np.float32) * 3
+  targets = rng.integers(0, 7, (2, 5)).astype(np.int32)
+  weights = (rng.random((2, 5)) > 0.3).astype(np.float32)
+  nll, count = T.token_nll(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
+  want = 0.0
+  for b in range(2):
+    for t in range(5):
+      row = logits[b, t].astype(np.float64)
+      log_z = np.log(np.sum(np.exp(row - row.max()))) + row.max()
+      want += weights[b, t] * (log_z - row[targets[b, t]])
+  assert float(nll) == pytest.approx(want, rel=1e-5)
+  assert float(count) == weights.sum()
+
+
+def _init_params(config):
+  """Parameters of the config's shapes (values do not matter to labels and frozen updates)."""
+  model = models.build_model(config)
+  batch = NumpyPipeline(batch_size=2).batch(0)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), batch, deterministic=True))
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype),
+                      nn.unbox(shapes["params"]))
+
+
+def test_param_labels_mark_router_and_expert_params_sparse():
+  params = _init_params(tiny_config(router="switch"))
+  labels = T.param_labels(params)
+  flat = {jax.tree_util.keystr(p): l for p, l in jax.tree_util.tree_flatten_with_path(labels)[0]}
+  sparse = {k for k, l in flat.items() if l == T.SPARSE}
+  assert sparse == {"['decoder_1']['moe']['experts']['wi']",
+                    "['decoder_1']['moe']['experts']['wo']",
+                    "['decoder_1']['moe']['router']['kernel']"}
+  assert all(l == T.DENSE for k, l in flat.items() if k not in sparse)
+
+
+def test_adamw_step_matches_numpy_reference():
+  """One AdamW update with clipping, against the textbook formulas in float64."""
+  params = {"w": jnp.asarray([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.asarray([0.1, -0.2])}
+  grads = {"w": jnp.asarray([[3.0, 0.0], [-4.0, 1.0]]), "b": jnp.asarray([2.0, 2.0])}
+  lr, wd, b1, b2, eps, clip = 0.1, 0.01, 0.9, 0.98, 1e-8, 1.0
+  tx = T.make_optimizer(lr, weight_decay=wd, b1=b1, b2=b2, eps=eps, clip_norm=clip)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  norm = math.sqrt(sum(float(np.sum(np.square(g))) for g in grads.values()))
+  for name in params:
+    g = np.asarray(grads[name], np.float64) * min(1.0, clip / norm)
+    m_hat = (1 - b1) * g / (1 - b1)
+    v_hat = (1 - b2) * g * g / (1 - b2)
+    step = m_hat / (np.sqrt(v_hat) + eps)
+    if np.ndim(params[name]) >= 2:  # decay on matrices only
+      step = step + wd * np.asarray(params[name], np.float64)
+    np.testing.assert_allclose(np.asarray(updates[name]), -lr * step, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("freeze", [T.SPARSE, T.DENSE])
+def test_frozen_part_gets_exactly_zero_updates(freeze):
+  params = _init_params(tiny_config(router="switch"))
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  tx = T.make_optimizer(1e-2, freeze=freeze)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  labels = T.param_labels(params)
+  for u, label in zip(jax.tree.leaves(updates), jax.tree.leaves(labels)):
+    if label == freeze:
+      assert not np.any(np.asarray(u)), label
+    else:
+      assert np.all(np.asarray(u) != 0), label
+
+
+def test_loss_weights_default_to_non_padding_targets():
+  targets = np.array([[3, 4, 0], [5, 0, 0]], np.int32)
+  np.testing.assert_array_equal(T.loss_weights({"decoder_target_tokens": targets}),
+                                [[1, 1, 0], [1, 0, 0]])
+  w = np.array([[1, 0, 0], [1, 1, 0]], np.int32)
+  np.testing.assert_array_equal(
+      T.loss_weights({"decoder_target_tokens": targets, "decoder_loss_weights": w}), w)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checksums, logs, hash-table metadata.
+
+
+def _numpy_checksum(x):
+  words = np.ascontiguousarray(x).view(np.uint32).ravel().astype(np.uint64)
+  weights = np.arange(words.size, dtype=np.uint64) * 2 + 1
+  return int(np.sum((words * weights) % 2**32) % 2**32)
+
+
+def test_tree_checksums_match_numpy_and_ignore_sharding():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(16, 8)).astype(np.float32)
+  ids = rng.integers(0, 100, (8,)).astype(np.int32)
+  mesh = sharding.make_mesh(data=-1)
+  sharded = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+  got = T.tree_checksums({"x": sharded, "ids": jnp.asarray(ids)})
+  assert got == {"['x']": _numpy_checksum(x), "['ids']": _numpy_checksum(ids)}
+  y = x.copy()
+  y[3, 5] = np.nextafter(y[3, 5], np.float32(np.inf))  # one ulp
+  assert T.tree_checksums({"x": jnp.asarray(y)})["['x']"] != got["['x']"]
+  swapped = x.copy()
+  swapped[[0, 1]] = swapped[[1, 0]]
+  assert T.tree_checksums({"x": jnp.asarray(swapped)})["['x']"] != got["['x']"]
+
+
+def test_truncate_jsonl_keeps_steps_up_to_restored_and_drops_torn_lines(tmp_path):
+  from etils import epath
+  path = tmp_path / "m.jsonl"
+  path.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in range(1, 8))
+                  + '{"step": 8, "lo')
+  T.truncate_jsonl(epath.Path(path), 5)
+  assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_verify_hash_tables_detects_changed_tables_and_other_vocabularies():
+  table = np.arange(10, dtype=np.int32) % 4
+  constants = {"hash_tables": {"decoder_1": {"moe": {"router": {"table": table[None]}}}}}
+  fp = "a" * 64
+  meta = T.hash_table_metadata(constants, {}, vocab_size=10, vocab_fingerprint=fp)
+  T.verify_hash_tables(constants, meta, vocab_size=10, vocab_fingerprint=fp, where="ckpt")
+  changed = {"hash_tables": {"decoder_1": {"moe": {"router": {"table": table[None] * 0}}}}}
+  with pytest.raises(T.CheckpointError, match="sha256"):
+    T.verify_hash_tables(changed, meta, vocab_size=10, vocab_fingerprint=fp, where="ckpt")
+  with pytest.raises(T.CheckpointError, match="fingerprint"):
+    T.verify_hash_tables(constants, meta, vocab_size=10, vocab_fingerprint="b" * 64, where="c")
+  with pytest.raises(T.CheckpointError, match="vocab_size"):
+    T.verify_hash_tables(constants, meta, vocab_size=11, vocab_fingerprint=fp, where="c")
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop, in process.
+
+
+class NanAtBatch(NumpyPipeline):
+  """A pipeline whose batch `index` carries NaN loss weights: the loss of that step is NaN,
+  whatever the parameters (the same compiled program as a clean run, so no recompilation)."""
+
+  def __init__(self, index):
+    super().__init__()
+    self.index = index
+
+  def batch(self, index, split="train"):
+    batch = super().batch(index, split)
+    weights = batch["decoder_loss_weights"].astype(np.float32)
+    if index == self.index and split == "train":
+      weights[0, 0] = np.nan
+    return {**batch, "decoder_loss_weights": weights}
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+  model_dir = tmp_path / "run"
+  run(model_dir, 4, input_pipeline=NanAtBatch(-1))
+  before = T.tree_checksums(saved_params(model_dir, 4)[0])
+  with pytest.raises(T.NonFiniteLossError, match=r"loss is nan at step 6\b.*last good "
+                     r"checkpoint is step 4"):
+    run(model_dir, 8, input_pipeline=NanAtBatch(5))  # batch 5 feeds step 6
+  checkpoints = sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir()
+                       if p.name.isdigit())
+  assert checkpoints == [2, 4]
+  assert T.tree_checksums(saved_params(model_dir, 4)[0]) == before
+  logged = losses(model_dir)
+  assert sorted(logged) == [1, 2, 3, 4, 5]  # the NaN step was never logged either
+  assert all(math.isfinite(v) for v in logged.values())
+  # The next run resumes from the intact checkpoint.
+  assert run(model_dir, 5, input_pipeline=NanAtBatch(-1)).start_step == 4
+
+
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path):
+  model_dir = tmp_path / "run"
+  run(model_dir, 6)
+  first = losses(model_dir)
+  state_dir = model_dir / "checkpoints" / "6" / "state"
+  for data_file in [p for p in state_dir.rglob("*") if p.is_file() and p.parent.name == "d"]:
+    raw = bytearray(data_file.read_bytes())  # same size, damaged content (bit rot)
+    raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(64)
+    data_file.write_bytes(bytes(raw))
+  with pytest.warns(RuntimeWarning, match="step 6 .* corrupt"):
+    result = run(model_dir, 8)
+  assert result.start_step == 4
+  assert (model_dir / T.CORRUPT_SUBDIR).is_dir() and any((model_dir / T.CORRUPT_SUBDIR).iterdir())
+  again = losses(model_dir)
+  assert sorted(again) == list(range(1, 9))
+  for step in (5, 6):  # re-run from step 4: the same losses as the first time
+    assert again[step] == first[step]
+
+
+def _small_state(step, scale=1.0):
+  params = {"w": jnp.full((4, 2), scale, jnp.float32), "b": jnp.zeros((2,), jnp.float32)}
+  return T.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                      opt_state=(jnp.asarray(step, jnp.int32),), constants={})
+
+
+def _abstract(state):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      state)
+
+
+def test_checkpointer_falls_back_past_incomplete_checkpoints_and_reports_when_none_is_left(
+    tmp_path):
+  ckpt = T.Checkpointer(tmp_path / "checkpoints", max_to_keep=3, async_save=False)
+  assert ckpt.restore_latest(_abstract(_small_state(0))) is None
+  for step in (1, 2, 3):
+    ckpt.save(_small_state(step, scale=step), data_position={"next": step}, hash_metadata={},
+              config_text="")
+  ckpt.wait()
+  # Step 3 lost its data item (a partial copy); step 2 its array metadata.
+  for f in (tmp_path / "checkpoints" / "3" / "data").iterdir():
+    f.unlink()
+  (tmp_path / "checkpoints" / "2" / "state" / "_METADATA").write_text("{not json")
+  with pytest.warns(RuntimeWarning) as caught:
+    restored = ckpt.restore_latest(_abstract(_small_state(0)))
+  assert [w for w in caught if "step 3" in str(w.message)]
+  assert restored.step == 1 and restored.data_position == {"next": 1}
+  np.testing.assert_array_equal(restored.state.params["w"], np.full((4, 2), 1.0))
+  assert sorted(p.name.split(".")[0] for p in (tmp_path / T.CORRUPT_SUBDIR).iterdir()) == \
+      ["2", "3"]
+  for f in (tmp_path / "checkpoints" / "1" / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(b"\0" * f.stat().st_size)
+  with pytest.warns(RuntimeWarning), pytest.raises(T.CheckpointError, match="none of the"):
+    ckpt.restore_latest(_abstract(_small_state(0)))
+  assert ckpt.all_steps() == [1]  # with nothing restorable, nothing is moved: no silent restart
+  with pytest.warns(RuntimeWarning), pytest.raises(T.CheckpointError, match="none of the"):
+    ckpt.restore_latest(_abstract(_small_state(0)))
+  ckpt.close()
+
+
+def test_checkpoint_of_another_config_is_an_error_not_a_corruption(tmp_path):
+  ckpt = T.Checkpointer(tmp_path / "checkpoints", async_save=False)
+  ckpt.save(_small_state(5), data_position=None, hash_metadata={}, config_text="")
+  ckpt.wait()
+  other = _small_state(0)
+  other = other.replace(params={**other.params, "w": jnp.zeros((4, 3))})
+  with pytest.raises(T.IncompatibleCheckpointError, match=r"\['w'\] \(4, 3\) float32"):
+    ckpt.restore_latest(_abstract(other))
+  assert ckpt.all_steps() == [5]  # nothing was moved aside
+  assert not (tmp_path / T.CORRUPT_SUBDIR).exists()
+  ckpt.close()
+
+
+def test_fine_tuning_with_the_sparse_part_frozen_keeps_it_bit_equal(tmp_path):
+  """The paper's fine-tuning option (Section 5.4): start from a checkpoint, train only the dense
+  part. The frozen experts must come out bit-equal; everything else must move."""
+  run(tmp_path / "base", 2)
+  base_params, base_constants = saved_params(tmp_path / "base", 2)
+  flat_base = dict(jax.tree_util.tree_flatten_with_path(base_params)[0])
+  model_dir = tmp_path / "finetune"
+  result = run(model_dir, 2, freeze=T.SPARSE, init_checkpoint=str(tmp_path / "base"))
+  assert result.start_step == 0
+  params, constants = saved_params(model_dir, 2)
+  jax.tree.map(np.testing.assert_array_equal, constants, base_constants)  # same hash tables
+  frozen = moved = 0
+  for (path, value), label in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                  jax.tree.leaves(T.param_labels(params))):
+    same = np.array_equal(value, flat_base[path])
+    if label == T.SPARSE:
+      assert same, f"{jax.tree_util.keystr(path)} changed although the sparse part is frozen"
+      frozen += 1
+    else:
+      moved += not same
+  assert frozen == 2 and moved > 10  # experts wi, wo; the dense weights all trained
+
+
+def test_hash_tables_travel_with_checkpoints(tmp_path):
+  model_dir = tmp_path / "run"
+  run(model_dir, 2, hash_tables="balanced")
+  _, constants = saved_params(model_dir, 2)
+  table = np.asarray(constants["hash_tables"]["decoder_1"]["moe"]["router"]["table"])
+  written = list((model_dir / T.HASH_TABLE_SUBDIR).glob("*.npz"))
+  assert len(written) == 1
+  from hashmoe import hashing
+  loaded = hashing.HashTable.load(written[0])
+  np.testing.assert_array_equal(table[0], loaded.table)
+  # Balanced on the counts the pipeline reports: the greedy rule, recomputed independently.
+  counts = NumpyPipeline().key_counts("token", V)
+  loads = np.zeros(4)
+  want = np.zeros(V, np.int32)
+  for token in sorted(range(V), key=lambda t: (-counts[t], t)):
+    want[token] = int(np.argmin(loads))
+    loads[want[token]] += counts[token]
+  assert np.bincount(loaded.table, weights=counts, minlength=4).max() == pytest.approx(loads.max())
+  # Resuming with another table file than the checkpoint's is refused.
+  other = hashing.build_table("random", num_experts=4, vocab_size=V, seed=7)
+  other.save(tmp_path / "other.npz")
+  with pytest.raises(T.CheckpointError, match="not trained with"):
+    run(model_dir, 3, hash_tables=str(tmp_path / "other.npz"))
+  # A fresh run loads that file, and its checkpoints record where the table came from.
+  run(tmp_path / "from_file", 2, hash_tables=str(tmp_path / "other.npz"))
+  _, constants = saved_params(tmp_path / "from_file", 2)
+  np.testing.assert_array_equal(constants["hash_tables"]["decoder_1"]["moe"]["router"]["table"][0],
+                                other.table)
+  meta = json.loads((tmp_path / "from_file" / "checkpoints" / "2" / "hash_tables" /
+                     "metadata").read_text())
+  assert meta["layers"]["decoder_1"][0]["source"] == str(tmp_path / "other.npz")
+
+
+def test_out_of_vocabulary_batch_is_a_clear_error(tmp_path):
+  class Bad(NumpyPipeline):
+    def batch(self, index, split="train"):
+      batch = super().batch(index, split)
+      batch["decoder_input_tokens"][0, 3] = V + 5
+      return batch
+
+  with pytest.raises(ValueError, match=rf"decoder_input_tokens.*{V + 5}"):
+    T.train(model_dir=str(tmp_path), model_config=tiny_config(), task="numpy", train_steps=1,
+            batch_size=8, seq_len=16, mesh=sharding.make_mesh(), progress_bar=False,
+            tensorboard=False, input_pipeline=Bad(), eval_period=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Real processes: SIGKILL at any moment, SIGTERM.
+
+WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at "
+         "which but have an they you were her she there one all we their has been would when who "
+         "will more no if out so said what up its about into than them can only other new some "
+         "could time these two may then do first any my now such like our over man me even most "
+         "made after also did many before must through back years where much your way well down "
+         "should because each just those people how too little state good very make world").split()
+
+
+def write_text_folder(root, files=5, paragraphs=40, seed=0):
+  """A folder of generated English-like text (Zipf-distributed common words)."""
+  rng = np.random.default_rng(seed)
+  p = 1.0 / np.arange(1, len(WORDS) + 1)
+  p /= p.sum()
+  root.mkdir(parents=True, exist_ok=True)
+  for f in range(files):
+    paras = []
+    for _ in range(paragraphs):
+      sentences = [" ".join(rng.choice(WORDS, size=rng.integers(4, 14), p=p)).capitalize() + "."
+                   for _ in range(rng.integers(2, 6))]
+      paras.append(" ".join(sentences))
+    (root / f"doc{f}.txt").write_text("\n\n".join(paras) + "\n")
+  return root
+
+
+@pytest.fixture(scope="module")
+def text_env(tmp_path_factory, jax_cache_dir):
+  base = tmp_path_factory.mktemp("text")
+  texts = write_text_folder(base / "texts")
+  env = dict(os.environ, HASHMOE_CACHE=str(base / "cache"), JAX_PLATFORMS="cpu",
+             TF_CPP_MIN_LOG_LEVEL="2", JAX_COMPILATION_CACHE_DIR=str(jax_cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             # One device: the sharded restore is covered in process (8 devices); here the point
+             # is a real process dying at an arbitrary moment.
+             XLA_FLAGS="")
+  return base, texts, env
+
+
+STEPS, PERIOD = 16, 4
+
+
+def cli_train(model_dir, texts, *extra):
+  return [sys.executable, "-m", "hashmoe.cli", "train",
+          "--gin_file=configs/runs/cpu_tiny.gin", "--gin_file=configs/tasks/text_dir.gin",
+          f"--gin.TEXT_DIR='{texts}'", "--gin.VOCAB_SIZE=320", f"--gin.MODEL_DIR='{model_dir}'",
+          f"--gin.TRAIN_STEPS={STEPS}", f"--gin.CHECKPOINT_PERIOD={PERIOD}",
+          "--gin.EVAL_PERIOD=0", "--gin.SEQ_LEN=32", *extra]
+
+
+def wait_for_lines(path, count, proc, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if path.exists() and len(path.read_text().splitlines()) >= count:
+      return
+    assert proc.poll() is None, f"training exited early with {proc.returncode}"
+    time.sleep(0.05)
+  raise AssertionError(f"{path} did not reach {count} lines in {timeout}s")
+
+
+def test_sigkill_and_sigterm_at_any_moment_then_restart_reproduce_every_loss(text_env):
+  """The restart guarantee, with real processes: an uninterrupted run; a twin killed with SIGKILL
+  past two checkpoint periods (one checkpoint may be half-written), restarted, stopped with SIGTERM
+  between two checkpoints (it must checkpoint the step it stops at and exit 143), and restarted
+  again to the end. Every loss of the twin equals the uninterrupted run's, bit for bit."""
+  base, texts, env = text_env
+
+  def finish(model_dir):
+    done = subprocess.run(cli_train(model_dir, texts), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+  # The reference and the twin's first life run side by side (each is mostly single-threaded).
+  reference_proc = subprocess.Popen(cli_train(base / "reference", texts), cwd=REPO, env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  twin = base / "twin"
+  proc = subprocess.Popen(cli_train(twin, texts), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  try:
+    wait_for_lines(twin / T.METRICS_FILE, 2 * PERIOD + 1, proc)
+    proc.kill()
+  finally:
+    proc.wait(timeout=60)
+    _, reference_err = reference_proc.communicate(timeout=300)
+  assert reference_proc.returncode == 0, reference_err[-3000:]
+  assert proc.returncode == -signal.SIGKILL
+  killed_at = max(losses(twin))
+  reference = losses(base / "reference")
+  assert sorted(reference) == list(range(1, STEPS + 1))
+
+  proc = subprocess.Popen(cli_train(twin, texts), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+  try:
+    wait_for_lines(twin / T.METRICS_FILE, 3 * PERIOD + 2, proc)  # between two checkpoints
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == 143
+  summary = json.loads(out.strip().splitlines()[-1])
+  assert summary["preempted"] and 0 < summary["start_step"] <= killed_at
+  stopped = summary["step"]
+  assert stopped % PERIOD and stopped < STEPS  # not a regular checkpoint step
+  steps = sorted(int(p.name) for p in (twin / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == stopped == max(losses(twin))
+  meta = json.loads((twin / "checkpoints" / str(stopped) / "data" / "metadata").read_text())
+  assert meta["positions"][0]["next_batch"] == stopped
+
+  assert finish(twin)["start_step"] == stopped
+  assert losses(twin) == reference  # bit-equal, step for step
