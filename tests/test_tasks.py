@@ -364,3 +364,19 @@ def test_embedded_corpus_tasks(data):
   targets = [row[row != 0].tolist() for row in first["decoder_target_tokens"]]
   assert inputs == [vocab.encode(p)[-47:] + [eos] for p in paragraphs[:4]]
   assert targets == [vocab.encode(p)[:47] + [eos] for p in paragraphs[1:5]]
+
+
+def test_unclosed_batch_iterators_are_closed_at_exit():
+  # An iterator nobody closed must not keep TensorFlow's generator alive into interpreter teardown.
+  from hashmoe.data import tasks as tasks_lib
+
+  class _Fake:
+    closed = False
+
+    def close(self):
+      self.closed = True
+
+  fake = _Fake()
+  tasks_lib._LIVE_ITERATORS.add(fake)
+  tasks_lib._close_live_iterators()
+  assert fake.closed

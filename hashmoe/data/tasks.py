@@ -52,10 +52,12 @@ host streams the whole split and tokenises only its share.
 from __future__ import annotations
 
 import abc
+import atexit
 import dataclasses
 import functools
 import itertools
 import os
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -675,6 +677,7 @@ class BatchIterator:
     self._arguments = arguments
     self._next_batch = start_batch
     self._fingerprint = fingerprint
+    _LIVE_ITERATORS.add(self)
 
   def __iter__(self) -> "BatchIterator":
     return self
@@ -708,6 +711,18 @@ class BatchIterator:
     """A JSON-serialisable state: `restore_batches(state)` continues from `next_batch`."""
     return {"format": _STATE_FORMAT, "arguments": dict(self._arguments),
             "next_batch": self._next_batch, "data_fingerprint": self._fingerprint}
+
+
+# tf.data's generator-backed iterators can hang the interpreter at exit if they are still alive when
+# Python tears modules down ("Error occurred when finalizing GeneratorDataset iterator"); close every
+# iterator nobody closed before that happens.
+_LIVE_ITERATORS: "weakref.WeakSet[BatchIterator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+  for iterator in list(_LIVE_ITERATORS):
+    iterator.close()
 
 
 def get_batches(task_name: str, split: str = "train", *, batch_size: int,
