@@ -5,6 +5,7 @@
     hashmoe eval  --gin_file=configs/runs/eval.gin --gin_file=... --gin.MODEL_DIR="'/tmp/tiny'"
     hashmoe build-hash --gin_file=configs/runs/cpu_tiny.gin --kind=balanced \
                   --output=/tmp/tables/balanced.npz
+    hashmoe compare [--quick] [--models dense,switch,hash] [--text-dir DIR] [--out DIR]
 
 Flags follow t5x: `--gin_file` (repeatable; a path, or one relative to the `configs/` folder),
 `--gin.KEY=VALUE` (repeatable; `KEY = VALUE` in gin syntax, so strings need inner quotes:
@@ -168,6 +169,15 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="a trained run (MODEL_DIR or checkpoint) whose token embeddings "
                      "clustered/dispersed tables cluster")
   build.add_argument("--kmeans_iters", type=int, default=20)
+  from hashmoe import compare  # pylint: disable=g-import-not-at-top
+  comp = sub.add_parser(
+      "compare", help="train dense, Switch and Hash models on the same data and compute, and "
+      "report validation perplexity, speed and expert load (docs/RESULTS.md)")
+  compare.add_arguments(comp)
+  # compare configures itself from its own flags, never from gin or jax.distributed.
+  comp.set_defaults(gin_file=[], gin_bindings=[], gin_search_path=[], distributed="off",
+                    coordinator_address=None, num_processes=None, process_id=None,
+                    compilation_cache_dir=None)
   return parser
 
 
@@ -211,6 +221,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   _set_compilation_cache(args.compilation_cache_dir)
   bindings = list(args.gin_bindings) + gin_bindings
 
+  if args.command == "compare":
+    from hashmoe import compare  # pylint: disable=g-import-not-at-top
+    return compare.run(args)
   from hashmoe import train as train_lib  # pylint: disable=g-import-not-at-top
   try:
     if args.command == "train":
