@@ -1299,9 +1299,12 @@ class Comparison:
     # (a comparison with more seeds reuses the runs of the seeds it already has).
     settings = {k: v for k, v in dataclasses.asdict(request.settings).items()
                 if k not in ("seeds", "balance_coefs")}
+    # The baseline is named by its spec (its run is the same seed's), not by its path, so that a
+    # copied or moved output folder still reuses its runs.
+    baseline = None if request.baseline is None else dataclasses.asdict(request.baseline)
     return {"spec": dataclasses.asdict(request.spec), "seed": request.seed,
             "balance_coef": request.balance_coef, "corpus": self.corpus, "settings": settings,
-            "baseline_dir": request.baseline_dir}
+            "baseline": baseline}
 
   def run_one(self, spec: ModelSpec, seed: int, coef: Optional[float]) -> RunRecord:
     """One run, reused from its run.json when an identical one finished before."""

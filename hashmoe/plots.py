@@ -140,9 +140,11 @@ def write_ppl_curves(curves: Mapping[str, Curve], png: PathLike, *,
                label=f"{baseline[0]} ({baseline[1]:.1f})")
   if log_y:
     ax.set_yscale("log")
-    # Plain numbers (150, 200, 300) read better than 1.5 x 10^2 on a perplexity axis.
+    # Plain numbers (150, 200, 300) read better than 1.5 x 10^2 on a perplexity axis; minor ticks
+    # are labelled only when the axis spans about a decade or less (else they would collide).
     ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False,
+                                                     minor_thresholds=(1.5, 0.8)))
   ax.set_xlabel("training step")
   ax.set_ylabel("validation perplexity")
   ax.set_title(title)

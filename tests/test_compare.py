@@ -401,6 +401,21 @@ def test_a_changed_setting_retrains_instead_of_reusing(tmp_path):
   assert len(runner.requests) == 2
 
 
+def test_a_copied_output_folder_still_reuses_its_runs(tmp_path):
+  import shutil
+  experiment = compare.Experiment(models=(
+      compare.ModelSpec("dense"), compare.ModelSpec("hash", router="hash", table="clustered")))
+  runner = FakeRunner(lambda model, coef, seed: 10.0)
+  compare.Comparison(experiment, fake_settings(seeds=1), tmp_path / "a", runner, corpus="fake",
+                     log=lambda _: None).run()
+  assert [r.baseline_dir for r in runner.requests] == [
+      None, str(tmp_path / "a" / "runs" / "dense" / "seed0")]
+  shutil.copytree(tmp_path / "a", tmp_path / "b")
+  compare.Comparison(experiment, fake_settings(seeds=1), tmp_path / "b", runner, corpus="fake",
+                     log=lambda _: None).run()
+  assert len(runner.requests) == 2
+
+
 # --------------------------------------------------------------------------------------------------
 # Models, experiments, flags.
 
