@@ -586,33 +586,13 @@ def capacity_ffn(
 
 
 def _pallas_gmm() -> GroupMatmul:
-  try:
-    kernels = importlib.import_module("hashmoe.kernels")
-  except ImportError as e:
-    raise ImportError(
-        "dispatch='pallas' needs the Pallas grouped matmul hashmoe.kernels.gmm(lhs, rhs, "
-        f"group_sizes), which could not be imported ({e}); use dispatch='sorted' instead") from e
-  gmm = getattr(kernels, "gmm", None)
-  if gmm is None:
-    raise ImportError(
-        "dispatch='pallas' needs hashmoe.kernels.gmm(lhs, rhs, group_sizes); hashmoe.kernels has "
-        "no attribute 'gmm'")
-  return gmm
+  # Imported on use: the Pallas modules are only needed when this dispatch is asked for.
+  return importlib.import_module("hashmoe.kernels").gmm
 
 
 def _expert_parallel_ffn() -> ExpertFn:
-  try:
-    sharding = importlib.import_module("hashmoe.sharding")
-  except ImportError as e:
-    raise ImportError(
-        "dispatch='expert_parallel' needs hashmoe.sharding.expert_parallel_ffn, which could not "
-        f"be imported ({e})") from e
-  fn = getattr(sharding, "expert_parallel_ffn", None)
-  if fn is None:
-    raise ImportError(
-        "dispatch='expert_parallel' needs hashmoe.sharding.expert_parallel_ffn; hashmoe.sharding "
-        "has no attribute 'expert_parallel_ffn'")
-  return fn
+  # Imported on use: hashmoe.sharding imports this module for its local expert computation.
+  return importlib.import_module("hashmoe.sharding").expert_parallel_ffn
 
 
 def dispatch_fn(name: str) -> ExpertFn:
