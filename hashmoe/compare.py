@@ -891,37 +891,6 @@ def _predicts(config) -> bool:
   return config.sparse is not None and config.sparse.hash_key == "predicted_future"
 
 
-@contextlib.contextmanager
-def _init_with_predicted_ids(config) -> Iterator[None]:
-  """Workaround: `hashmoe.train` initialises models from a batch of decoder tokens only
-  (`train._init_batch`, and `models._dummy_batch` for the parameter counts it logs), but a
-  predicted-future hash layer computes its keys from `predicted_ids` even at init. For such a
-  config those batches get all-zero predictions (parameter shapes do not depend on them). The fix
-  belongs in `train._init_batch` and `models._dummy_batch`: add `predicted_ids` like
-  `decoder_input_tokens` when `config.sparse.hash_key == "predicted_future"`.
-  """
-  if not _predicts(config):
-    yield
-    return
-  from hashmoe import models, train as train_lib  # pylint: disable=g-import-not-at-top
-  originals = (train_lib._init_batch, models._dummy_batch)  # pylint: disable=protected-access
-
-  def with_predictions(make):
-    def batch_fn(cfg):
-      batch = make(cfg)
-      if _predicts(cfg) and "predicted_ids" not in batch:
-        batch["predicted_ids"] = batch["decoder_input_tokens"]  # Same shape and dtype.
-      return batch
-    return batch_fn
-
-  train_lib._init_batch = with_predictions(originals[0])  # pylint: disable=protected-access
-  models._dummy_batch = with_predictions(originals[1])  # pylint: disable=protected-access
-  try:
-    yield
-  finally:
-    train_lib._init_batch, models._dummy_batch = originals  # pylint: disable=protected-access
-
-
 def param_counts(config) -> dict[str, int]:
   """`hashmoe.models.param_counts`; a predicted-future hash layer is counted as a token hash layer
   (hash routers have no parameters, and models' abstract init has no predictions to route on)."""
@@ -1120,23 +1089,21 @@ class TrainRunner:
     optimizer = train_lib.make_optimizer(schedule, weight_decay=0.0, b1=0.9, b2=0.98, eps=1e-8,
                                          clip_norm=1.0, freeze=None)
     # Every argument explicit: no gin binding of the surrounding process can change a run.
-    with _init_with_predicted_ids(config):
-      result = train_lib.train(
-          model_dir=os.fspath(model_dir), model_config=config, task=self.corpus.task,
-          train_steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len, seed=request.seed,
-          optimizer=optimizer, mesh=s.mesh(), checkpoint_period=s.steps, keep_checkpoints=2,
-          async_checkpointing=True, eval_period=s.eval_period, eval_batches=s.eval_batches,
-          eval_split="validation", log_period=s.log_period, init_checkpoint=None,
-          hash_tables=tables, progress_bar=self.progress_bar, tensorboard=self.tensorboard,
-          input_pipeline=data)
+    result = train_lib.train(
+        model_dir=os.fspath(model_dir), model_config=config, task=self.corpus.task,
+        train_steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len, seed=request.seed,
+        optimizer=optimizer, mesh=s.mesh(), checkpoint_period=s.steps, keep_checkpoints=2,
+        async_checkpointing=True, eval_period=s.eval_period, eval_batches=s.eval_batches,
+        eval_split="validation", log_period=s.log_period, init_checkpoint=None,
+        hash_tables=tables, progress_bar=self.progress_bar, tensorboard=self.tensorboard,
+        input_pipeline=data)
     if result.preempted:
       raise Stopped("SIGTERM")
     metrics = read_jsonl(model_dir / train_lib.METRICS_FILE)
     curve = validation_curve(read_jsonl(model_dir / train_lib.EVAL_FILE))
     if result.step not in curve:
       raise RuntimeError(f"{model_dir}: no validation record at the final step {result.step}")
-    with _init_with_predicted_ids(config):
-      trainer, state = self._restore(config, model_dir)
+    trainer, state = self._restore(config, model_dir)
     measured = self._measure(trainer, state, data, config)
     counts = param_counts(config)
     return RunRecord(

@@ -719,6 +719,8 @@ def _dummy_batch(config: TransformerConfig) -> dict[str, jax.ShapeDtypeStruct]:
   batch = {"decoder_input_tokens": spec, "decoder_target_tokens": spec}
   if config.is_encoder_decoder:
     batch["encoder_input_tokens"] = spec
+  if config.sparse is not None and config.sparse.hash_key == "predicted_future":
+    batch["predicted_ids"] = spec  # the predicted-future hash routes on it even at init
   return batch
 
 

@@ -906,6 +906,8 @@ def _init_batch(config: models.TransformerConfig) -> dict[str, np.ndarray]:
   batch = {"decoder_input_tokens": ones, "decoder_target_tokens": ones}
   if config.is_encoder_decoder:
     batch["encoder_input_tokens"] = ones
+  if config.sparse is not None and config.sparse.hash_key == "predicted_future":
+    batch["predicted_ids"] = ones  # the predicted-future hash routes on it even at init
   return batch
 
 
