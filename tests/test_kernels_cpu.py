@@ -171,9 +171,10 @@ def test_rows_past_the_groups_are_exact_zeros_and_get_no_gradient():
 
 
 def test_default_tiles_with_one_group_larger_than_a_tile():
-  # The default tile (128) with a group of 300 rows: two full windows and a remainder.
+  # The default tiles with a group of 2 full windows and a remainder.
   rng = np.random.default_rng(3)
-  m, sizes = 320, [7, 300, 0, 13]
+  big = 2 * cpu.DEFAULT_TILE + 3 * cpu.DEFAULT_SUB + 5
+  m, sizes = big + 30, [7, big, 0, 13]
   lhs = jnp.asarray(rng.standard_normal((m, 16)), jnp.float32)
   rhs = jnp.asarray(rng.standard_normal((4, 16, 8)), jnp.float32)
   dout = jnp.asarray(rng.standard_normal((m, 8)), jnp.float32)
@@ -231,7 +232,8 @@ def test_grouped_ffn_values_and_gradients_match_per_group_numpy(layout, act):
 
 def test_grouped_ffn_with_default_tiles():
   rng = np.random.default_rng(5)
-  m, sizes = 300, [0, 140, 3, 129, 0, 20]
+  tile = cpu.DEFAULT_TILE
+  m, sizes = 3 * tile, [0, tile + 12, 3, tile + 1, 0, 20]  # full windows and remainders
   x = jnp.asarray(rng.standard_normal((m, 8)), jnp.float32)
   wi = jnp.asarray(rng.standard_normal((6, 8, 12)) / 3, jnp.float32)
   wo = jnp.asarray(rng.standard_normal((6, 12, 8)) / 3, jnp.float32)

@@ -19,6 +19,11 @@ A remainder window may start early (clamped to the end of the array) or run past
 mask keeps every read and write inside the group, so windows can be visited in any order and rows
 past sum(group_sizes) are never touched.
 
+Tile sizes: `tile=256, sub=16` (16 remainder shapes). A group of up to 256 rows is then one window,
+so its weights are packed for the matmul once per pass; at 64 experts x 8192 rows (128 rows per
+expert on average) this measured ~5% faster than `tile=128` over a whole forward + backward, and
+larger tiles (384, 512) gained nothing more.
+
 Why group order and remainder first: the transposed product (`tgmm`, the weight gradient) accumulates
 one [k, n] slab per group. Visiting a group's windows back to back keeps that slab in cache, and the
 group's first window *writes* the slab instead of adding to it, so a group that fits in one window
@@ -51,7 +56,7 @@ from jax import lax
 Array = jax.Array
 Activation = Callable[[Array], Array]
 
-DEFAULT_TILE = 128
+DEFAULT_TILE = 256
 DEFAULT_SUB = 16
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
