@@ -654,9 +654,10 @@ class CachedPipeline:
     """int64[key_space] occurrences of each hash key id over the whole training split.
 
     token, prev_token and bigram ids are counted (and cached on disk) by
-    `hashmoe.data.stats.count_tokens`; the oracle's next token has the token counts (the target
-    sequence is the input sequence shifted by one); positions are counted over the packed rows
-    the decoder sees (real tokens only).
+    `hashmoe.data.stats.count_tokens` over the decoder inputs of rows of `seq_len` (what the
+    router hashes, the shifted-in start id included); the oracle's next token is the target, so
+    it has the targets' counts over the same rows; positions are counted over the packed rows the
+    decoder sees (real tokens only).
     """
     del max_len  # The key space already covers it (hashing.key_space_size).
     cache_key = (self.task, self.seq_len, key, key_space)
@@ -669,7 +670,8 @@ class CachedPipeline:
       from hashmoe.data import stats as stats_lib  # pylint: disable=g-import-not-at-top
       counted = "token" if key == "oracle_future" else key
       counts = stats_lib.count_tokens(self.task, split="train", key=counted,
-                                      key_space=key_space).counts
+                                      key_space=key_space, sequence_length=self.seq_len,
+                                      decoder_inputs=key != "oracle_future").counts
     elif key == "position":
       counts = np.zeros(key_space, np.int64)
       for batch in self._training_split():

@@ -194,3 +194,33 @@ def test_build_hash_table_kinds_and_multihash_files(tmp_path):
     stats.build_hash_table("balanced_topk", counts, num_experts=4, out_path=tmp_path / "k.npz")
   with pytest.raises(ValueError, match="kind="):
     stats.build_hash_table("nearest", counts, num_experts=4, out_path=tmp_path / "n.npz")
+
+
+@pytest.mark.parametrize("name,converter", [
+    ("text_lm", lambda: seqio.DecoderFeatureConverter(pack=True)),
+    ("text_seq2seq", lambda: seqio.EncDecFeatureConverter(pack=False))])
+def test_decoder_input_counts_equal_what_the_feature_converter_feeds_the_decoder(task, name,
+                                                                                converter):
+  # The reference is seqio's own pipeline: the decoder_input_tokens of every real (segment > 0 or
+  # unpacked non-padding) position of the converted rows, counted with a Counter.
+  length = 24
+  counts = stats.count_tokens(f"{PREFIX}_{name}", sequence_length=length, decoder_inputs=True,
+                              use_cache=False)
+  lengths = {"targets": length} if name == "text_lm" else {"inputs": length, "targets": length}
+  dataset = seqio.get_dataset(f"{PREFIX}_{name}", task_feature_lengths=lengths,
+                              dataset_split="train", shuffle=False, num_epochs=1,
+                              feature_converter=converter())
+  reference = collections.Counter()
+  for row in dataset.as_numpy_iterator():
+    inputs = row["decoder_input_tokens"]
+    if "decoder_segment_ids" in row:
+      real = row["decoder_segment_ids"] > 0
+    else:
+      real = np.arange(inputs.size) < np.count_nonzero(row["decoder_target_tokens"])
+    reference.update(int(i) for i in inputs[real])
+  assert {i: int(c) for i, c in enumerate(counts.counts) if c} == dict(reference)
+  # The start id is routed once per row segment: counting targets would never see it.
+  assert counts.counts[stats.DECODER_START_ID] > 0
+  assert stats.count_tokens(f"{PREFIX}_{name}", use_cache=False).counts[
+      stats.DECODER_START_ID] == 0
+  assert (counts.sequence_length, counts.decoder_inputs) == (length, True)

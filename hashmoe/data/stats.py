@@ -9,7 +9,13 @@ chunks of `chunk_tokens` ids, so memory is one chunk plus the int64[vocab] count
 corpus size. Counts are cached (`.npy` + `.json` metadata) keyed by the task's data identity.
 
 Which ids are counted: the decoder side, feature "targets" by default (the paper's sparse layer
-sits in the decoder: layer 7 of 11 for seq2seq, the middle of the LM), EOS included. Keys other than
+sits in the decoder: layer 7 of 11 for seq2seq, the middle of the LM), EOS included. A decoder's
+hash layer, though, routes its *inputs*: the targets shifted right by one within each row segment,
+with `DECODER_START_ID` shifted in. `count_tokens(..., sequence_length=L, decoder_inputs=True)`
+counts exactly those: the task's preprocessors cut or trim examples to the rows the model trains
+on, and each piece is shifted (its last id, usually EOS, is never an input; one start id per piece
+is). Counting targets instead leaves the start id, ~1/L of all routed tokens, unseen by the
+balanced table, which then puts it on an arbitrary (often the busiest) expert. Keys other than
 the current token are supported for tables keyed on them (`hashing.KEYS`): 'prev_token' (the
 previous token within each example, `hashing.BOUNDARY_ID` at its start) and 'bigram'
 (`hashing.bigram_hash` of (previous, current)), exactly as `hashing.routing_keys` computes them on
@@ -39,10 +45,13 @@ from hashmoe.data.embedded import default_cache_dir
 from hashmoe.data.text_files import PathLike, normalize_split
 
 COUNTED_KEYS = ("token", "prev_token", "bigram")
+# The id seqio's feature converters shift into the first decoder input of every packed segment
+# (`seqio.utils.make_autoregressive_inputs`, bos_id=0).
+DECODER_START_ID = 0
 DEFAULT_CHUNK_TOKENS = 1 << 20
 # Examples per ragged batch pulled from tf.data: amortises the per-element Python cost.
 _EXAMPLES_PER_READ = 1024
-_COUNTS_FORMAT = 1
+_COUNTS_FORMAT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +66,9 @@ class TokenCounts:
     task: the task counted ('' when counted from raw arrays).
     split: the split counted.
     features: the task features counted (e.g. ('targets',)).
-    num_examples: examples read.
+    num_examples: examples read (pieces of at most `sequence_length` ids when that is set).
+    sequence_length: the row length the examples were cut/trimmed to (None: whole examples).
+    decoder_inputs: the ids were shifted right as decoder inputs before keying.
   """
   counts: np.ndarray
   vocab_size: int
@@ -67,6 +78,8 @@ class TokenCounts:
   split: str = "train"
   features: tuple[str, ...] = ("targets",)
   num_examples: int = 0
+  sequence_length: int | None = None
+  decoder_inputs: bool = False
 
   def __post_init__(self):
     counts = np.asarray(self.counts)
@@ -90,7 +103,8 @@ class TokenCounts:
             "vocab_fingerprint": self.vocab_fingerprint, "key": self.key, "task": self.task,
             "split": self.split, "features": list(self.features),
             "num_examples": self.num_examples, "num_tokens": self.num_tokens,
-            "key_space": int(self.counts.shape[0])}
+            "key_space": int(self.counts.shape[0]), "sequence_length": self.sequence_length,
+            "decoder_inputs": self.decoder_inputs}
 
   def save(self, path: PathLike) -> tuple[Path, Path]:
     """Writes `<path>.npy` (the counts) and `<path>.json` (the metadata); returns both paths."""
@@ -122,7 +136,9 @@ class TokenCounts:
     return cls(counts=counts, vocab_size=metadata["vocab_size"],
                vocab_fingerprint=metadata["vocab_fingerprint"], key=metadata["key"],
                task=metadata["task"], split=metadata["split"],
-               features=tuple(metadata["features"]), num_examples=metadata["num_examples"])
+               features=tuple(metadata["features"]), num_examples=metadata["num_examples"],
+               sequence_length=metadata["sequence_length"],
+               decoder_inputs=metadata["decoder_inputs"])
 
 
 def _stem(path: PathLike) -> Path:
@@ -130,7 +146,14 @@ def _stem(path: PathLike) -> Path:
   return path.with_suffix("") if path.suffix in (".npy", ".json") else path
 
 
-def example_keys(sequences: Sequence[np.ndarray], key: str, key_space: int) -> np.ndarray:
+def decoder_inputs_of(sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
+  """Each sequence shifted right by one with `DECODER_START_ID` in front (same length)."""
+  return [np.concatenate([[DECODER_START_ID], np.asarray(s, np.int64)[:-1]]) if len(s)
+          else np.zeros(0, np.int64) for s in sequences]
+
+
+def example_keys(sequences: Sequence[np.ndarray], key: str, key_space: int, *,
+                 decoder_inputs: bool = False) -> np.ndarray:
   """The key ids of a batch of token sequences, concatenated.
 
   Args:
@@ -139,12 +162,16 @@ def example_keys(sequences: Sequence[np.ndarray], key: str, key_space: int) -> n
       the first); 'bigram' (`hashing.bigram_hash` of (previous, current) folded into
       `key_space`).
     key_space: the number of key ids (the bigram fold).
+    decoder_inputs: key the decoder inputs the sequences become (`decoder_inputs_of`) rather
+      than the sequences themselves.
 
   Returns:
     int[sum n_i] keys, example after example.
   """
   if key not in COUNTED_KEYS:
     raise ValueError(f"key={key!r}; expected one of {COUNTED_KEYS}.")
+  if decoder_inputs:
+    sequences = decoder_inputs_of(sequences)
   lengths = np.array([len(s) for s in sequences], dtype=np.int64)
   tokens = (np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]) if len(sequences)
             else np.zeros(0, np.int64))
@@ -159,7 +186,8 @@ def example_keys(sequences: Sequence[np.ndarray], key: str, key_space: int) -> n
 
 
 def count_ids(sequences: Iterable[Sequence[np.ndarray]], key_space: int, *, key: str = "token",
-              chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[np.ndarray, int]:
+              chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+              decoder_inputs: bool = False) -> tuple[np.ndarray, int]:
   """Streams batches of token sequences and counts their key ids.
 
   Args:
@@ -167,6 +195,7 @@ def count_ids(sequences: Iterable[Sequence[np.ndarray]], key_space: int, *, key:
     key_space: ids must be in [0, key_space).
     key: see `example_keys`.
     chunk_tokens: ids buffered before each `np.bincount` (bounds memory).
+    decoder_inputs: see `example_keys`.
 
   Returns:
     (int64[key_space] counts, number of examples).
@@ -194,7 +223,7 @@ def count_ids(sequences: Iterable[Sequence[np.ndarray]], key_space: int, *, key:
 
   for batch in sequences:
     examples += len(batch)
-    ids = example_keys(batch, key, key_space)
+    ids = example_keys(batch, key, key_space, decoder_inputs=decoder_inputs)
     pending.append(ids)
     pending_size += ids.size
     if pending_size >= chunk_tokens:
@@ -226,7 +255,9 @@ def _fingerprint_or_empty(vocabulary: seqio.Vocabulary) -> str:
 def count_tokens(task_name: str, *, split: str = "train", features: str | Sequence[str] =
                  "targets", key: str = "token", key_space: int | None = None,
                  max_examples: int | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                 cache_dir: PathLike | None = None, use_cache: bool = True) -> TokenCounts:
+                 cache_dir: PathLike | None = None, use_cache: bool = True,
+                 sequence_length: int | None = None,
+                 decoder_inputs: bool = False) -> TokenCounts:
   """Counts the key ids of a registered task's split, streaming, with a cache.
 
   Args:
@@ -241,6 +272,10 @@ def count_tokens(task_name: str, *, split: str = "train", features: str | Sequen
     cache_dir: cache root (`<cache_dir>/token_counts/`); the cache is used only for tasks
       registered with `tasks.register_task`, whose data identity is known.
     use_cache: read and write the cache.
+    sequence_length: run the task's preprocessors at this row length, so examples are cut
+      (LM) or trimmed (seq2seq) into the pieces training sees; None counts whole examples.
+    decoder_inputs: count the pieces as the decoder's inputs (`decoder_inputs_of`): what a
+      decoder hash layer routes. Use with `sequence_length`.
 
   Returns:
     `TokenCounts` with int64[key_space] counts.
@@ -249,6 +284,8 @@ def count_tokens(task_name: str, *, split: str = "train", features: str | Sequen
   split = normalize_split(split)
   if max_examples is not None and max_examples < 1:
     raise ValueError(f"max_examples={max_examples}; expected None or >= 1.")
+  if sequence_length is not None and sequence_length < 1:
+    raise ValueError(f"sequence_length={sequence_length}; expected None or >= 1.")
   task = seqio.get_mixture_or_task(task_name)
   vocabulary = _task_vocabulary(task, features)
   vocab_size = vocabulary.vocab_size
@@ -263,7 +300,8 @@ def count_tokens(task_name: str, *, split: str = "train", features: str | Sequen
   if use_cache and data_id is not None:
     digest = vocab_lib.cache_key({
         "format": _COUNTS_FORMAT, "data": data_id, "features": list(features), "key": key,
-        "key_space": key_space, "max_examples": max_examples})
+        "key_space": key_space, "max_examples": max_examples,
+        "sequence_length": sequence_length, "decoder_inputs": decoder_inputs})
     cache_path = (Path(cache_dir or default_cache_dir()) / "token_counts" /
                   f"{task_name}-{split}-{key}-{digest[:16]}")
     if cache_path.with_name(cache_path.name + ".json").is_file():
@@ -272,7 +310,9 @@ def count_tokens(task_name: str, *, split: str = "train", features: str | Sequen
       except ValueError:
         pass  # A damaged entry is recounted and rewritten.
 
-  dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1)
+  lengths = (None if sequence_length is None else
+             {name: int(sequence_length) for name in task.output_features})
+  dataset = task.get_dataset(sequence_length=lengths, split=split, shuffle=False, num_epochs=1)
   if max_examples is not None:
     dataset = dataset.take(max_examples)
   dataset = dataset.map(lambda ex: {f: ex[f] for f in features})
@@ -287,10 +327,12 @@ def count_tokens(task_name: str, *, split: str = "train", features: str | Sequen
         values, splits = ragged.flat_values.numpy(), ragged.row_splits.numpy()
         yield [values[a:b] for a, b in zip(splits[:-1], splits[1:])]
 
-  counts, examples = count_ids(batches(), key_space, key=key, chunk_tokens=chunk_tokens)
+  counts, examples = count_ids(batches(), key_space, key=key, chunk_tokens=chunk_tokens,
+                               decoder_inputs=decoder_inputs)
   result = TokenCounts(counts=counts, vocab_size=vocab_size, vocab_fingerprint=fingerprint,
                        key=key, task=task_name, split=split, features=features,
-                       num_examples=examples // len(features))
+                       num_examples=examples // len(features), sequence_length=sequence_length,
+                       decoder_inputs=decoder_inputs)
   if cache_path is not None:
     result.save(cache_path)
   return result
