@@ -463,9 +463,9 @@ def _decoder_valid(batch: Mapping[str, Array], tokens: Array) -> Array:
   return jnp.ones(tokens.shape, bool)
 
 
-def _decoder_features(batch: Mapping[str, Array], tokens: Array, positions: Array
-                      ) -> RouterFeatures:
-  return RouterFeatures(token_ids=tokens, positions=positions,
+def _decoder_features(batch: Mapping[str, Array], tokens: Array, positions: Array,
+                      valid: Array) -> RouterFeatures:
+  return RouterFeatures(token_ids=tokens, positions=positions, valid=valid,
                         segment_ids=_optional(batch, "decoder_segment_ids"),
                         targets=_optional(batch, "decoder_target_tokens"),
                         predicted_ids=_optional(batch, "predicted_ids"))
@@ -578,7 +578,7 @@ class DecoderLM(_Transformer):
     segments = _optional(batch, "decoder_segment_ids")
     mask = combine_masks(make_causal_mask(tokens.shape[1]), make_attention_mask(valid, valid),
                          None if segments is None else make_segment_mask(segments, segments))
-    features = _decoder_features(batch, tokens, positions)
+    features = _decoder_features(batch, tokens, positions, valid)
     x = self._embed(tokens, positions, self.position_embedder, deterministic)
     for layer in self.decoder_layers:
       x = layer(x, mask, features=features, deterministic=deterministic)
@@ -620,7 +620,8 @@ class EncoderDecoder(_Transformer):
     segments = _optional(batch, "encoder_segment_ids")
     mask = combine_masks(make_attention_mask(valid, valid),
                          None if segments is None else make_segment_mask(segments, segments))
-    features = RouterFeatures(token_ids=tokens, positions=positions, segment_ids=segments)
+    features = RouterFeatures(token_ids=tokens, positions=positions, segment_ids=segments,
+                              valid=valid)
     x = self._embed(tokens, positions, self.encoder_position_embedder, deterministic)
     for layer in self.encoder_layers:
       x = layer(x, mask, features=features, deterministic=deterministic)
@@ -645,7 +646,7 @@ class EncoderDecoder(_Transformer):
                               make_segment_mask(segments, segments) if packed else None)
     cross_mask = combine_masks(make_attention_mask(valid, enc_valid),
                                make_segment_mask(segments, enc_segments) if packed else None)
-    features = _decoder_features(batch, tokens, positions)
+    features = _decoder_features(batch, tokens, positions, valid)
     x = self._embed(tokens, positions, self.decoder_position_embedder, deterministic)
     for layer in self.decoder_layers:
       x = layer(x, self_mask, encoded=encoded, cross_mask=cross_mask, features=features,

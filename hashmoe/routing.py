@@ -55,6 +55,10 @@ class RouterFeatures:
   (`hashing.precompute_hash_routing`): {`hashing.routing_signature(key, tables)`:
   `hashing.SortedAssignments`}. A hash router whose signature is present hands its entry on in
   `Routing.sorted_assignments`, and the experts use it instead of sorting on device.
+
+  `valid` (bool[batch, length]) marks real tokens; padding is still routed (shapes are static) but
+  left out of the routing metrics (expert load, dropped fraction, entropy), which would otherwise
+  report the padding id's expert as loaded. None counts every position.
   """
   token_ids: jax.Array
   positions: Optional[jax.Array] = None
@@ -62,6 +66,7 @@ class RouterFeatures:
   targets: Optional[jax.Array] = None
   predicted_ids: Optional[jax.Array] = None
   sorted_assignments: Optional[Mapping[str, hashing.SortedAssignments]] = None
+  valid: Optional[jax.Array] = None
 
 
 @flax.struct.dataclass
@@ -121,7 +126,8 @@ class RoutingInstructions:
 
 def routing_metrics(expert_index: Array, combine_weight: Array, num_experts: int,
                     router_probs: Optional[Array] = None, *,
-                    kept: Optional[Array] = None) -> dict[str, Array]:
+                    kept: Optional[Array] = None,
+                    token_mask: Optional[Array] = None) -> dict[str, Array]:
   """The metrics every router fills, computed from its assignments.
 
   Args:
@@ -133,9 +139,10 @@ def routing_metrics(expert_index: Array, combine_weight: Array, num_experts: int
       router has them.
     kept: bool[tokens, H] assignments that reached an expert; None reads it off the weights
       (`combine_weight != 0`).
+    token_mask: bool[tokens] the tokens counted (real ones, not padding); None counts all.
 
   Returns:
-    dict of float32:
+    dict of float32, over the counted tokens:
       expert_load [E]: kept assignments per expert / all kept assignments (sums to 1; all zeros if
         nothing was kept). This is the work each expert actually does.
       max_over_mean_load []: max(expert_load) / mean(expert_load) = E * max(expert_load); 1 is
@@ -156,23 +163,35 @@ def routing_metrics(expert_index: Array, combine_weight: Array, num_experts: int
   elif tuple(kept.shape) != tuple(expert_index.shape):
     raise ValueError(f"kept must have shape {tuple(expert_index.shape)}, got {tuple(kept.shape)}")
   kept = jnp.asarray(kept, bool)
+  tokens = expert_index.shape[0]
+  if token_mask is None:
+    token_mask = jnp.ones((tokens,), bool)
+  else:
+    token_mask = jnp.asarray(token_mask, bool).reshape(-1)
+    if token_mask.shape != (tokens,):
+      raise ValueError(f"token_mask must have {tokens} entries (one per token), got "
+                       f"{token_mask.shape[0]}")
+  counted = token_mask[:, None]
   counts = jnp.zeros((num_experts,), jnp.float32).at[expert_index.reshape(-1)].add(
-      kept.reshape(-1).astype(jnp.float32), mode="drop")
+      (kept & counted).reshape(-1).astype(jnp.float32), mode="drop")
   total = jnp.sum(counts)
   load = counts / jnp.maximum(total, 1.0)
-  num_assignments = max(expert_index.size, 1)
+  num_tokens = jnp.sum(token_mask).astype(jnp.float32)
+  num_assignments = jnp.maximum(num_tokens * expert_index.shape[1], 1.0)
   metrics = {
       "expert_load": load,
       "max_over_mean_load": jnp.max(load) * num_experts,
-      "dropped_fraction": jnp.sum(~kept).astype(jnp.float32) / num_assignments,
+      "dropped_fraction": jnp.sum(~kept & counted).astype(jnp.float32) / num_assignments,
   }
   if router_probs is not None:
     probs = jnp.asarray(router_probs, jnp.float32)
-    if probs.shape != (expert_index.shape[0], num_experts):
+    if probs.shape != (tokens, num_experts):
       raise ValueError(f"router_probs must be [tokens, num_experts] = "
-                       f"{(expert_index.shape[0], num_experts)}, got {probs.shape}")
-    metrics["router_entropy"] = jnp.mean(-jnp.sum(jax.scipy.special.xlogy(probs, probs), axis=-1))
-    metrics["router_confidence"] = jnp.mean(jnp.max(probs, axis=-1))
+                       f"{(tokens, num_experts)}, got {probs.shape}")
+    weight = token_mask.astype(jnp.float32) / jnp.maximum(num_tokens, 1.0)
+    entropy = -jnp.sum(jax.scipy.special.xlogy(probs, probs), axis=-1)
+    metrics["router_entropy"] = jnp.sum(weight * entropy)
+    metrics["router_confidence"] = jnp.sum(weight * jnp.max(probs, axis=-1))
   return metrics
 
 
@@ -474,7 +493,9 @@ class Router(nn.Module):
     if kept is None:
       kept = jnp.ones(expert_index.shape, bool)
     metrics = routing_metrics(expert_index, combine_weight, self.num_experts,
-                              instructions.router_probs, kept=kept)
+                              instructions.router_probs, kept=kept,
+                              token_mask=None if features.valid is None else
+                              features.valid.reshape(-1))
     metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in instructions.metrics.items()})
     aux_loss = jnp.zeros((), jnp.float32)
     for term in instructions.aux_losses.values():

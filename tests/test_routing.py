@@ -612,3 +612,41 @@ def test_default_tables_and_topk_routers_have_signatures():
                              table=np.asarray(v["hash_tables"]["table"]),
                              num_experts=NUM_EXPERTS, vocab_size=VOCAB, seed=4)
   assert default_topk.routing_signature() == hashing.routing_signature("token", stored)
+
+
+def test_routing_metrics_count_only_the_masked_tokens():
+  # Reference: the same metrics computed by numpy over the real tokens alone.
+  rng = np.random.default_rng(11)
+  tokens, experts = 40, 5
+  expert_index = rng.integers(0, experts, size=(tokens, 1))
+  kept = rng.random((tokens, 1)) > 0.2
+  probs = rng.dirichlet(np.ones(experts), size=tokens)
+  mask = rng.random(tokens) > 0.3
+  metrics = routing.routing_metrics(jnp.asarray(expert_index), jnp.asarray(kept, jnp.float32),
+                                    experts, jnp.asarray(probs), kept=jnp.asarray(kept),
+                                    token_mask=jnp.asarray(mask))
+  real_index, real_kept, real_probs = expert_index[mask], kept[mask], probs[mask]
+  load = np.bincount(real_index[real_kept], minlength=experts) / real_kept.sum()
+  np.testing.assert_allclose(metrics["expert_load"], load, rtol=1e-6)
+  np.testing.assert_allclose(metrics["max_over_mean_load"], experts * load.max(), rtol=1e-6)
+  np.testing.assert_allclose(metrics["dropped_fraction"], (~real_kept).mean(), rtol=1e-6)
+  entropy = -np.sum(np.where(real_probs > 0, real_probs * np.log(real_probs), 0), axis=-1)
+  np.testing.assert_allclose(metrics["router_entropy"], entropy.mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["router_confidence"], real_probs.max(-1).mean(), rtol=1e-6)
+  with pytest.raises(ValueError, match="token_mask"):
+    routing.routing_metrics(jnp.asarray(expert_index), jnp.asarray(kept, jnp.float32), experts,
+                            token_mask=jnp.ones(tokens + 1, bool))
+
+
+def test_hash_router_load_leaves_out_padding():
+  # Two real tokens (ids 3, 4) and six padding positions (id 0): the load is over the real ones.
+  table = hashing.build_table("random", vocab_size=8, num_experts=4, seed=0)
+  router = routing.HashRouter(4, tables=(table,))
+  ids = jnp.asarray([[3, 4, 0, 0], [0, 0, 0, 0]], jnp.int32)
+  valid = ids > 0
+  features = routing.RouterFeatures(token_ids=ids, valid=valid)
+  hidden = jnp.zeros((8, 2), jnp.float32)
+  variables = router.init(jax.random.PRNGKey(0), hidden, features, deterministic=True)
+  out = router.apply(variables, hidden, features, deterministic=True)
+  expected = np.bincount(np.asarray(table.table)[[3, 4]], minlength=4) / 2
+  np.testing.assert_allclose(out.metrics["expert_load"], expected)
