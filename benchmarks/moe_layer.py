@@ -308,13 +308,34 @@ def _timed(fn, args, repeats):
   return statistics.median(walls), statistics.median(cpus), statistics.median(faults)
 
 
+def dense_with_expert_gradient_bytes(shape: Shape, num_experts: int, seed: int):
+  """(jitted step, (wi, wo)): the dense FFN's grad step that also writes two fresh buffers the size
+  of the experts' weight gradients ([E, d, D] and [E, D, d] floats, filled with a value read from
+  the input so that nothing folds them away).
+
+  A floor for any dropless expert layer on this backend: whatever the kernel, the step must at least
+  write E times the dense layer's weight-gradient bytes into freshly allocated memory.
+  """
+  dense_fn, weights = dense_step(shape, seed)
+  d, d_ff = shape.d_model, shape.d_ff
+
+  def step(wi, wo, x, ct):
+    grads = dense_fn(wi, wo, x, ct)
+    fill = ct[0, 0]
+    return grads, (jnp.broadcast_to(fill, (num_experts, d, d_ff)),
+                   jnp.broadcast_to(fill, (num_experts, d_ff, d)))
+
+  return jax.jit(step), weights
+
+
 def breakdown(args, ids_all, counts) -> list[dict[str, Any]]:
   """Where the time of the hash/sorted row goes, piece by piece, next to dense equivalents.
 
   For the first of --experts: the grouped matmul and the weight gradient (`kernels.cpu.gmm` /
   `tgmm`) against the dense matmuls over the same rows, the sort and the row gathers the dispatch
   adds, zero-filling one expert-weight-sized buffer (what the weight gradient must at least
-  write), and the page faults of each full step.
+  write), the page faults of each full step, and a floor: the dense step plus writing the experts'
+  weight-gradient bytes once into fresh memory (`dense_with_expert_gradient_bytes`).
   """
   num_experts = args.experts[0]
   shape = Shape(args.tokens, args.d_model, args.d_ff, min(args.length, args.tokens))
@@ -355,18 +376,37 @@ def breakdown(args, ids_all, counts) -> list[dict[str, Any]]:
     wall, cpu, faults = _timed(fn, fargs, args.repeats)
     out.append({"piece": name, "seconds": wall, "cpu_seconds": cpu, "page_faults": faults})
     print(f"{name:32s} {wall:8.4f} {cpu:8.4f} {faults:11.0f}")
-  for dispatch in ("sorted", "dense"):
+  # The full steps alternate run by run (medians), so that a change in the machine's load hits
+  # them alike; the ratio column is against the dense step.
+  steps = {}
+  for dispatch in ("dense", "sorted", "sorted_presorted", "dense + expert gradient bytes"):
     if dispatch == "dense":
       fn, (wi, wo) = dense_step(shape, args.seed)
       fargs = (wi, wo, x, x)
+    elif dispatch == "dense + expert gradient bytes":
+      fn, fargs = dense_with_expert_gradient_bytes(shape, num_experts, args.seed)
+      fargs = (*fargs, x, x)
     else:
       fn, fargs, _ = sparse_step("hash", dispatch, num_experts, shape, ids, x, table,
                                  args.capacity_factor, args.seed)
       fargs = (*fargs, x)
-    wall, cpu, faults = _timed(fn, fargs, args.repeats)
-    name = f"full step: {dispatch}"
-    out.append({"piece": name, "seconds": wall, "cpu_seconds": cpu, "page_faults": faults})
-    print(f"{name:32s} {wall:8.4f} {cpu:8.4f} {faults:11.0f}")
+    steps[f"full step: {dispatch}"] = (fn, fargs)
+  for fn, fargs in steps.values():
+    jax.block_until_ready(fn(*fargs))
+  runs = {name: [] for name in steps}
+  for _ in range(args.repeats):
+    for name, (fn, fargs) in steps.items():
+      f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+      wall, cpu = _run(fn, fargs)
+      runs[name].append((wall, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0))
+  dense_wall = statistics.median(r[0] for r in runs["full step: dense"])
+  dense_cpu = statistics.median(r[1] for r in runs["full step: dense"])
+  for name, rs in runs.items():
+    wall, cpu, faults = (statistics.median(r[i] for r in rs) for i in range(3))
+    out.append({"piece": name, "seconds": wall, "cpu_seconds": cpu, "page_faults": faults,
+                "ratio_vs_dense": wall / dense_wall, "cpu_ratio_vs_dense": cpu / dense_cpu})
+    print(f"{name:32s} {wall:8.4f} {cpu:8.4f} {faults:11.0f}   ratio {wall / dense_wall:.3f} "
+          f"(CPU {cpu / dense_cpu:.3f})")
   return out
 
 

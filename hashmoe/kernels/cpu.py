@@ -32,9 +32,13 @@ group's first window *writes* the slab instead of adding to it, so a group that 
 What it costs (2-core development machine, float32, 8192 rows, k=512, n=2048, 64 groups from real
 text): a grouped matmul takes ~1.2x the time of one dense matmul over the same rows, the weight
 gradient ~1.4x. The difference is memory traffic, not loop overhead (the loops cost < 1 ms): every
-window repacks its group's 4 MB weight matrix for the matmul, and `tgmm` writes (and XLA
-zero-initialises) G x k x n floats, 64x the bytes of a dense layer's weight gradient. See
-docs/PERFORMANCE.md.
+window reads and packs its group's 4 MB weight matrix for the matmul (G x 4 MB per pass, where the
+dense matmul packs one), and `tgmm` writes (and XLA zero-initialises: a loop carry, and `lax.scan`'s
+stacked outputs alike, must start initialised, and `lax.empty` is zeros on CPU) G x k x n floats,
+64x the bytes of a dense layer's weight gradient, into memory XLA:CPU allocates afresh every step
+(page faults, unless malloc hands out huge pages). Variants that removed the row masks (a padded
+per-group layout), the window transposes (Eigen's transposed-operand dot) or the zero-init (stacked
+per-group slabs) measured within noise of, or slower than, this kernel. See docs/PERFORMANCE.md.
 
 Public functions:
   gmm(lhs, rhs, group_sizes)        out[r] = lhs[r] @ rhs[g(r)]          (custom VJP)
