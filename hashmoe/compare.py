@@ -650,7 +650,8 @@ class CachedPipeline:
           drop_remainder=False))
     return _SPLIT_BATCHES[key]
 
-  def key_counts(self, key: str, key_space: int, *, max_len: Optional[int] = None) -> np.ndarray:
+  def key_counts(self, key: str, key_space: int, *, max_len: Optional[int] = None,
+                 decoder_inputs: bool = True) -> np.ndarray:
     """int64[key_space] occurrences of each hash key id over the whole training split.
 
     token, prev_token and bigram ids are counted (and cached on disk) by
@@ -660,7 +661,8 @@ class CachedPipeline:
     decoder sees (real tokens only).
     """
     del max_len  # The key space already covers it (hashing.key_space_size).
-    cache_key = (self.task, self.seq_len, key, key_space)
+    decoder_inputs = decoder_inputs and key != "oracle_future"
+    cache_key = (self.task, self.seq_len, key, key_space, decoder_inputs)
     if cache_key in _KEY_COUNTS:
       return _KEY_COUNTS[cache_key]
     if key == "predicted_future":
@@ -671,7 +673,7 @@ class CachedPipeline:
       counted = "token" if key == "oracle_future" else key
       counts = stats_lib.count_tokens(self.task, split="train", key=counted,
                                       key_space=key_space, sequence_length=self.seq_len,
-                                      decoder_inputs=key != "oracle_future").counts
+                                      decoder_inputs=decoder_inputs).counts
     elif key == "position":
       counts = np.zeros(key_space, np.int64)
       for batch in self._training_split():
@@ -731,11 +733,13 @@ class PredictedPipeline:
   def count_words(self, batch: Mapping[str, np.ndarray]) -> Optional[int]:
     return self._base.count_words(batch)
 
-  def key_counts(self, key: str, key_space: int, *, max_len: Optional[int] = None) -> np.ndarray:
+  def key_counts(self, key: str, key_space: int, *, max_len: Optional[int] = None,
+                 decoder_inputs: bool = True) -> np.ndarray:
     """Counts of the predicted next tokens over the batches the run trains on (predicting the
     whole training split would cost a forward pass over all of it); other keys as the base."""
     if key != "predicted_future":
-      return self._base.key_counts(key, key_space, max_len=max_len)
+      return self._base.key_counts(key, key_space, max_len=max_len,
+                                   decoder_inputs=decoder_inputs)
     if self._counts is None:
       counts = np.zeros(key_space, np.int64)
       for i in range(self._steps):

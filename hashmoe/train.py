@@ -359,6 +359,13 @@ _COUNTED_KEY = {"token": "token", "prev_token": "prev_token", "bigram": "bigram"
 _COUNTED_KINDS = ("balanced", "dispersed", hashing.TOPK_KIND)
 
 
+def counts_decoder_inputs(key: str) -> bool:
+  """Whether a table for hash key `key` is balanced on decoder-input counts (the ids a decoder
+  router hashes, shifted-in start id included) rather than on target counts: the oracle and
+  predicted next token are, or estimate, the target."""
+  return key not in ("oracle_future", "predicted_future")
+
+
 def counted_key(key: str) -> str:
   """The `hashmoe.data.stats` key whose training-split counts balance a table for `key`."""
   if key not in _COUNTED_KEY:
@@ -782,6 +789,11 @@ def truncate_jsonl(path: epath.Path, last_step: int) -> None:
   tmp.replace(path)
 
 
+def is_remote(path: epath.PathLike) -> bool:
+  """Whether `path` is on an object store (gs://, s3://, ...), where files cannot be appended to."""
+  return "://" in os.fspath(path)
+
+
 class MetricsLogger:
   """Writes train and eval metrics to JSONL and TensorBoard on process 0."""
 
@@ -789,6 +801,7 @@ class MetricsLogger:
     self._primary = jax.process_index() == 0
     self._metrics_path = model_dir / METRICS_FILE
     self._eval_path = model_dir / EVAL_FILE
+    self._remote_lines: dict[epath.Path, str] = {}
     self._writer = None
     if tensorboard and self._primary:
       try:
@@ -804,12 +817,21 @@ class MetricsLogger:
     if self._primary:
       truncate_jsonl(self._metrics_path, step)
       truncate_jsonl(self._eval_path, step)
+      self._remote_lines.clear()  # Re-read after truncation.
 
-  @staticmethod
-  def _append(path: epath.Path, record: Mapping[str, Any]) -> None:
-    with open(path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-      f.flush()
+  def _append(self, path: epath.Path, record: Mapping[str, Any]) -> None:
+    line = json.dumps(record) + "\n"
+    if not is_remote(path):
+      with open(path, "a") as f:
+        f.write(line)
+        f.flush()
+      return
+    # Object stores (gs://, s3://) cannot append: keep the log's lines and rewrite it whole. A log
+    # holds one line per LOG_PERIOD steps, so this stays small next to a checkpoint.
+    if path not in self._remote_lines:
+      self._remote_lines[path] = path.read_text() if path.exists() else ""
+    self._remote_lines[path] += line
+    path.write_text(self._remote_lines[path])
 
   def _tensorboard(self, step: int, prefix: str, record: Mapping[str, Any]) -> None:
     if self._writer is None:
@@ -1105,7 +1127,8 @@ def _resolve_hash_tables(spec: Any, config: models.TransformerConfig, data: "Inp
           f"`hashmoe build-hash --kind={spec} --embeddings_from=BASELINE_MODEL_DIR ...` and pass "
           "the file as train.hash_tables")
     key = config.sparse.hash_key
-    counts = lambda: data.key_counts(counted_key(key), hash_key_space(config))
+    counts = lambda: data.key_counts(counted_key(key), hash_key_space(config),
+                                     decoder_inputs=counts_decoder_inputs(key))
     with tempfile.TemporaryDirectory() as scratch:
       # Every host builds the same tables (same counts, same seed); process 0 keeps the files.
       folder = model_dir / HASH_TABLE_SUBDIR if jax.process_index() == 0 else epath.Path(scratch)
@@ -1469,17 +1492,22 @@ def evaluate(*,
     model_dir: the run to evaluate (its newest checkpoint unless `checkpoint`/`step` say otherwise).
     checkpoint: a checkpoint folder to read instead of MODEL_DIR's.
     step: which step to evaluate (default: the newest).
+    mesh: the device mesh to evaluate on (default `sharding.make_mesh()`: all devices on "data").
+      It need not be the mesh the checkpoint was written on: every array is read straight into
+      this mesh's shardings, so a checkpoint of 8 devices evaluates on 1 or 4.
     output_file: also write the record as JSON here.
     (the rest as in `train`)
 
   Returns:
-    The eval record: step, split, tokens, nll_sum, loss, ppl (and words, word_ppl).
+    The eval record: step, split, tokens, nll_sum, loss, ppl (and words, word_ppl), the checkpoint
+    and the mesh ({axis: size}) it was evaluated on.
   """
   data = input_pipeline or TaskPipeline(task, batch_size=batch_size, seq_len=seq_len, seed=seed)
   mesh = sharding.make_mesh() if mesh is None else mesh
   trainer = Trainer(model_config, models.build_model(model_config), optax.identity(), mesh,
                     seed=seed)
   source = checkpoint or model_dir
+  logger.info("evaluating %s on mesh %s", source, dict(mesh.shape))
   params, constants, meta, restored_step = restore_params(source, trainer.abstract_state, step)
   verify_hash_tables(constants, meta, vocab_size=data.vocab_size,
                      vocab_fingerprint=data.vocab_fingerprint,
@@ -1488,6 +1516,7 @@ def evaluate(*,
                      constants=constants)
   record = Evaluator(trainer, data, split=split, num_batches=eval_batches).run(state)
   record["checkpoint"] = os.fspath(source)
+  record["mesh"] = {name: int(size) for name, size in mesh.shape.items()}
   if output_file and jax.process_index() == 0:
     epath.Path(output_file).write_text(json.dumps(record, indent=2) + "\n")
   return record
@@ -1512,9 +1541,10 @@ class InputPipeline(Protocol):
   def count_words(self, batch: Mapping[str, np.ndarray]) -> Optional[int]:
     """Whitespace words of the batch's decoded targets, or None where the task has no words."""
 
-  def key_counts(self, key: str, key_space: int) -> np.ndarray:
+  def key_counts(self, key: str, key_space: int, *, decoder_inputs: bool = True) -> np.ndarray:
     """int[key_space] occurrences of each key id ('token', 'prev_token' or 'bigram', as
-    `hashmoe.data.stats` counts them) over the training split."""
+    `hashmoe.data.stats` counts them) over the training split's rows: of the decoder inputs
+    (`decoder_inputs`, what a decoder router hashes) or of the targets."""
 
 
 @gin.configurable(module="hashmoe.train")
@@ -1623,11 +1653,13 @@ class TaskPipeline:
           words += len(self.vocabulary.decode(piece).split())
     return words
 
-  def key_counts(self, key: str, key_space: int) -> np.ndarray:
-    # Counted on the decoder side ("targets"), where the paper's sparse layer sits; cached by
-    # hashmoe.data.stats under the task's data identity. Every host reads the whole split here
-    # (counting is cheap next to training), so all hosts build the same table.
-    counts = stats_lib.count_tokens(self.task, split="train", key=key, key_space=key_space)
+  def key_counts(self, key: str, key_space: int, *, decoder_inputs: bool = True) -> np.ndarray:
+    # Counted on the decoder side, where the paper's sparse layer sits, over rows of SEQ_LEN as
+    # training cuts them; cached by hashmoe.data.stats under the task's data identity. Every host
+    # reads the whole split here (counting is cheap next to training), so all hosts build the
+    # same table.
+    counts = stats_lib.count_tokens(self.task, split="train", key=key, key_space=key_space,
+                                    sequence_length=self.seq_len, decoder_inputs=decoder_inputs)
     if counts.num_tokens == 0:
       raise ValueError(f"task {self.task!r}: the training split has no tokens to count")
     return counts.counts
@@ -1714,6 +1746,7 @@ def build_hash_files(*, kind: str, output: PathLike, seed: int = 0,
   key = config.sparse.hash_key
   tables = make_hash_tables(
       config, kind, out_path=output, seed=seed, vocab_fingerprint=data.vocab_fingerprint,
-      key_counts=lambda: data.key_counts(counted_key(key), hash_key_space(config)),
+      key_counts=lambda: data.key_counts(counted_key(key), hash_key_space(config),
+                                         decoder_inputs=counts_decoder_inputs(key)),
       embeddings=embeddings, kmeans_iters=kmeans_iters)
   return [os.fspath(p) for p in stats_lib.hash_table_paths(output, len(tables))]

@@ -108,10 +108,11 @@ class NumpyPipeline:
   def count_words(self, batch):
     return None
 
-  def key_counts(self, key, key_space):
+  def key_counts(self, key, key_space, *, decoder_inputs=True):
     counts = np.zeros(key_space, np.int64)
+    feature = "decoder_input_tokens" if decoder_inputs else "decoder_target_tokens"
     for i in range(4):
-      np.add.at(counts, self.batch(i)["decoder_input_tokens"].ravel(), 1)
+      np.add.at(counts, self.batch(i)[feature].ravel(), 1)
     return counts
 
 
@@ -280,6 +281,34 @@ def test_truncate_jsonl_keeps_steps_up_to_restored_and_drops_torn_lines(tmp_path
                   + '{"step": 8, "lo')
   T.truncate_jsonl(epath.Path(path), 5)
   assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_metrics_logs_on_an_object_store_are_rewritten_not_appended(tmp_path, monkeypatch):
+  # gs:// files cannot be opened for appending: the logger must keep the earlier lines (from a
+  # previous run, after resume's truncation) and rewrite the file whole.
+  from etils import epath
+
+  def no_append(path, mode="r", *args, **kwargs):
+    raise AssertionError(f"open({path!r}, {mode!r}) on an object store")
+
+  monkeypatch.setattr(T, "is_remote", lambda path: True)
+  monkeypatch.setattr(T, "open", no_append, raising=False)
+  (tmp_path / T.METRICS_FILE).write_text("".join(json.dumps({"step": s}) + "\n"
+                                                 for s in (1, 2, 3)))
+  log = T.MetricsLogger(epath.Path(tmp_path), tensorboard=False)
+  log.resume(2)
+  log.write_train({"step": 3, "loss": 0.5})
+  log.write_train({"step": 4, "loss": 0.25})
+  log.write_eval({"step": 4, "loss": 0.75})
+  log.close()
+  lines = [json.loads(l) for l in (tmp_path / T.METRICS_FILE).read_text().splitlines()]
+  assert lines == [{"step": 1}, {"step": 2}, {"step": 3, "loss": 0.5}, {"step": 4, "loss": 0.25}]
+  assert json.loads((tmp_path / T.EVAL_FILE).read_text()) == {"step": 4, "loss": 0.75}
+
+
+def test_is_remote_tells_object_stores_from_local_paths(tmp_path):
+  assert T.is_remote("gs://bucket/run") and T.is_remote("s3://b/k")
+  assert not T.is_remote(tmp_path) and not T.is_remote("relative/run")
 
 
 def test_verify_hash_tables_detects_changed_tables_and_other_vocabularies():

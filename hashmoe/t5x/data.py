@@ -51,7 +51,8 @@ def _hash_layers(config: models.TransformerConfig) -> list[str]:
 
 
 def hash_tables(config: models.TransformerConfig, *, task: Optional[str] = None,
-                tables: TableSpec = None, model_dir: Optional[str] = None, seed: int = 0
+                tables: TableSpec = None, model_dir: Optional[str] = None, seed: int = 0,
+                sequence_length: Optional[int] = None
                 ) -> Optional[dict[str, tuple[hashing.HashTable, ...]]]:
   """The tables the hash layers of `config` are initialised with (`hashmoe_module.hash_tables`).
 
@@ -70,6 +71,9 @@ def hash_tables(config: models.TransformerConfig, *, task: Optional[str] = None,
       {layer or "default": paths}), checked against the model and the task's vocabulary.
     model_dir: where built tables are written (`MODEL_DIR/hash_tables/<kind>.npz`, process 0 only).
     seed: seed of built tables.
+    sequence_length: the target length of the rows trained on; built tables are then balanced on
+      the decoder inputs of those rows (what the routers hash, the shifted-in start id included).
+      None counts whole examples.
 
   Returns:
     {layer name or "default": tables} for `hashmoe.models.build_model`, or None when the model
@@ -103,7 +107,9 @@ def hash_tables(config: models.TransformerConfig, *, task: Optional[str] = None,
     key = train_lib.counted_key(config.sparse.hash_key)
 
     def key_counts() -> np.ndarray:
-      counts = stats_lib.count_tokens(task, split="train", key=key, key_space=key_space)
+      counts = stats_lib.count_tokens(
+          task, split="train", key=key, key_space=key_space, sequence_length=sequence_length,
+          decoder_inputs=train_lib.counts_decoder_inputs(config.sparse.hash_key))
       if counts.num_tokens == 0:
         raise ValueError(f"task {task!r}: the training split has no tokens to count")
       return counts.counts
