@@ -732,3 +732,11 @@ def test_quoting_round_trips_through_bash():
                        capture_output=True, text=True, check=True)
   assert bash_words(out.stdout) == words
   assert out.stdout.startswith("plain '' 'with space' \"it's\" \"--gin.X='a b'\" ")
+
+
+def test_entry_points_are_executable_and_the_library_is_not():
+  import os
+  scripts = ROOT / "tpu_scripts"
+  for name in ("tpu_pod.sh", "tpu_worker.sh", "gpu_multihost.sh", "gpu_multihost.sbatch"):
+    assert os.access(scripts / name, os.X_OK), f"chmod +x tpu_scripts/{name}"
+  assert not os.access(scripts / "lib.sh", os.X_OK)  # sourced, never run
