@@ -546,7 +546,10 @@ def text_env(tmp_path_factory, jax_cache_dir):
   return base, texts, env
 
 
-STEPS, PERIOD = 16, 4
+# SIGTERM is sent after 3 * PERIOD + 2 logged steps; the steps left after it must outlast the
+# signal's delivery even on an idle machine, where a tiny step takes milliseconds (with 16 steps, 2
+# were left and an idle CI machine finished them first).
+STEPS, PERIOD = 40, 4
 
 
 def cli_train(model_dir, texts, *extra):
