@@ -546,9 +546,6 @@ def text_env(tmp_path_factory, jax_cache_dir):
   return base, texts, env
 
 
-# SIGTERM is sent after 3 * PERIOD + 2 logged steps; the steps left after it must outlast the
-# signal's delivery even on an idle machine, where a tiny step takes milliseconds (with 16 steps, 2
-# were left and an idle CI machine finished them first).
 STEPS, PERIOD = 40, 4
 
 
@@ -568,6 +565,30 @@ def wait_for_lines(path, count, proc, timeout=240):
     assert proc.poll() is None, f"training exited early with {proc.returncode}"
     time.sleep(0.05)
   raise AssertionError(f"{path} did not reach {count} lines in {timeout}s")
+
+
+def sigterm_between_checkpoints(proc, path, after, timeout=240):
+  """Sends SIGTERM so that the run stops at a step that is not a checkpoint step; returns the
+  complete log lines n seen then (the run stops at step n + 1 or n + 2).
+
+  Timing alone cannot promise that: on an idle machine a tiny step takes milliseconds, and the
+  run can pass a checkpoint step (or its end) before the signal lands. So the process is frozen
+  (SIGSTOP) and its log read: the loop checks for SIGTERM after a step's train_step and before
+  writing that step's line, so with n complete lines the next check is at step n + 1, or n + 2 if
+  step n + 1 was already checked. When neither is a multiple of PERIOD, SIGTERM then SIGCONT;
+  otherwise SIGCONT and look again."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    wait_for_lines(path, after, proc)
+    proc.send_signal(signal.SIGSTOP)
+    n = path.read_text().count("\n")
+    if (n + 1) % PERIOD and (n + 2) % PERIOD and n + 2 < STEPS:
+      proc.send_signal(signal.SIGTERM)
+      proc.send_signal(signal.SIGCONT)
+      return n
+    proc.send_signal(signal.SIGCONT)
+    time.sleep(0.002)
+  raise AssertionError(f"no moment between checkpoints to send SIGTERM within {timeout}s")
 
 
 def test_sigkill_and_sigterm_at_any_moment_then_restart_reproduce_every_loss(text_env):
@@ -604,8 +625,10 @@ def test_sigkill_and_sigterm_at_any_moment_then_restart_reproduce_every_loss(tex
   proc = subprocess.Popen(cli_train(twin, texts), cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
   try:
-    wait_for_lines(twin / T.METRICS_FILE, 3 * PERIOD + 2, proc)  # between two checkpoints
-    proc.send_signal(signal.SIGTERM)
+    # Past killed_at, the lines are the restarted run's own (it truncates the log to its
+    # checkpoint first), so its SIGTERM handler is in place.
+    lines = sigterm_between_checkpoints(proc, twin / T.METRICS_FILE,
+                                        max(3 * PERIOD, killed_at + 1))
     out, _ = proc.communicate(timeout=120)
   finally:
     if proc.poll() is None:
@@ -615,6 +638,7 @@ def test_sigkill_and_sigterm_at_any_moment_then_restart_reproduce_every_loss(tex
   summary = json.loads(out.strip().splitlines()[-1])
   assert summary["preempted"] and 0 < summary["start_step"] <= killed_at
   stopped = summary["step"]
+  assert stopped in (lines + 1, lines + 2)
   assert stopped % PERIOD and stopped < STEPS  # not a regular checkpoint step
   steps = sorted(int(p.name) for p in (twin / "checkpoints").iterdir() if p.name.isdigit())
   assert steps[-1] == stopped == max(losses(twin))
