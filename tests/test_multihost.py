@@ -160,7 +160,7 @@ def reference(*args: str) -> list[str]:
 def workspace(tmp_path_factory):
   """A text folder, and the caches every process of this module shares: the vocabulary and token
   counts (HASHMOE_CACHE), and compiled programs."""
-  from test_cli import write_text_folder  # pylint: disable=g-import-not-at-top
+  from textdata import write_text_folder  # pylint: disable=g-import-not-at-top
   base = tmp_path_factory.mktemp("multihost")
   texts = write_text_folder(base / "texts")
   return {"texts": texts, "cache": base / "cache", "jax_cache": base / "jax_cache"}
