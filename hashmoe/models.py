@@ -711,9 +711,13 @@ def collect_aux(state_or_collection: Mapping[str, Any]) -> tuple[Array, dict[str
 # Parameter counts.
 
 
-def _dummy_batch(config: TransformerConfig) -> dict[str, jax.ShapeDtypeStruct]:
-  # Param shapes do not depend on the batch; a short row keeps the abstract trace cheap. Length a
-  # multiple of the expert count keeps routers that split tokens evenly (BASE) satisfied.
+def init_batch_spec(config: TransformerConfig) -> dict[str, jax.ShapeDtypeStruct]:
+  """The features of a batch that initialises `config`'s model: int32[1, length] each.
+
+  Param shapes do not depend on the batch; a short row keeps init (or its abstract trace) cheap.
+  The length is a multiple of the expert count so routers that split tokens evenly (BASE) accept
+  it. Fill it with ones (`np.ones(spec.shape, spec.dtype)`) for a concrete init.
+  """
   experts = config.sparse.num_experts if config.sparse else 1
   length = min(config.max_len, experts * max(1, math.ceil(8 / experts)))
   spec = jax.ShapeDtypeStruct((1, length), jnp.int32)
@@ -740,7 +744,7 @@ def param_counts(config: TransformerConfig,
   model = build_model(config, hash_tables)
   variables = jax.eval_shape(
       lambda key, batch: model.init({"params": key}, batch, deterministic=True),
-      jax.random.key(0), _dummy_batch(config))
+      jax.random.key(0), init_batch_spec(config))
   per_token = config.sparse.experts_per_token if config.sparse else 1
   total = active = experts = 0
   leaves = jax.tree_util.tree_flatten_with_path(

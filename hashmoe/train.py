@@ -920,17 +920,8 @@ class _Preemption:
 
 
 def _init_batch(config: models.TransformerConfig) -> dict[str, np.ndarray]:
-  # Parameter shapes do not depend on the batch; a short row keeps init cheap. Its length is a
-  # multiple of the expert count so routers that split tokens evenly (BASE) accept it.
-  experts = config.sparse.num_experts if config.sparse else 1
-  length = min(config.max_len, experts * max(1, math.ceil(8 / experts)))
-  ones = np.ones((1, length), np.int32)
-  batch = {"decoder_input_tokens": ones, "decoder_target_tokens": ones}
-  if config.is_encoder_decoder:
-    batch["encoder_input_tokens"] = ones
-  if config.sparse is not None and config.sparse.hash_key == "predicted_future":
-    batch["predicted_ids"] = ones  # the predicted-future hash routes on it even at init
-  return batch
+  return {name: np.ones(spec.shape, spec.dtype)
+          for name, spec in models.init_batch_spec(config).items()}
 
 
 def _split_seed(seed: int) -> tuple[Array, Array]:

@@ -23,3 +23,25 @@ def fresh_gin_config():
   run's TASK and register its tasks again under another vocabulary."""
   gin.clear_config()
   yield
+
+
+@pytest.fixture(scope="session")
+def jax_cache_dir(tmp_path_factory):
+  """One persistent compilation cache for the session (subprocess tests pass it on by env)."""
+  return tmp_path_factory.getbasetemp() / "hashmoe_jax_cache"
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(jax_cache_dir):
+  """Identical programs (the same model in two tests) compile once; files that build many models
+  opt in with `pytestmark = pytest.mark.usefixtures("compilation_cache")`."""
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  old = {name: getattr(jax.config, name) for name in names}
+  jax.config.update("jax_compilation_cache_dir", str(jax_cache_dir))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  cc.reset_cache()
+  yield
+  for name, value in old.items():
+    jax.config.update(name, value)
+  cc.reset_cache()

@@ -47,20 +47,7 @@ def write_text_folder(root: Path, files: int = 6, paragraphs: int = 60, seed: in
   return root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Identical programs (e.g. the same model in two tests) compile once."""
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  old = {name: getattr(jax.config, name) for name in names}
-  jax.config.update("jax_compilation_cache_dir",
-                    str(tmp_path_factory.getbasetemp() / "hashmoe_jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  cc.reset_cache()
-  yield
-  for name, value in old.items():
-    jax.config.update(name, value)
-  cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 @pytest.fixture(scope="module")

@@ -656,3 +656,20 @@ def test_merge_metrics_combines_drops():
   assert float(merged["dropped_fraction"]) == 0.75
   assert float(merged["dispatch_dropped_fraction"]) == 0.5
   assert merged["expert_load"] == 1 and merged["group_sizes"] == 2
+
+
+@pytest.mark.parametrize("encdec,experts,key", [(False, None, "token"), (True, 5, "token"),
+                                                (False, 64, "predicted_future")])
+def test_init_batch_spec_lists_what_init_needs(encdec, experts, key):
+  sparse = None if experts is None else M.SparseConfig(router="hash", num_experts=experts,
+                                                            layers=(0,), hash_key=key)
+  config = M.tiny_config(vocab_size=32, num_encoder_layers=2 if encdec else 0,
+                              sparse=sparse)
+  spec = M.init_batch_spec(config)
+  expected = {"decoder_input_tokens", "decoder_target_tokens"}
+  expected |= {"encoder_input_tokens"} if encdec else set()
+  expected |= {"predicted_ids"} if key == "predicted_future" else set()
+  assert set(spec) == expected
+  (shape,) = {s.shape for s in spec.values()}
+  assert shape[0] == 1 and shape[1] <= config.max_len and shape[1] % (experts or 1) == 0
+  assert all(s.dtype == jnp.int32 for s in spec.values())

@@ -40,23 +40,7 @@ V = 64
 # loaded from the cache instead of recompiled, which is most of a tiny run's time).
 
 
-@pytest.fixture(scope="session")
-def jax_cache_dir(tmp_path_factory):
-  return tmp_path_factory.getbasetemp() / "hashmoe_jax_cache"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def compilation_cache(jax_cache_dir):
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  old = {name: getattr(jax.config, name) for name in names}
-  jax.config.update("jax_compilation_cache_dir", str(jax_cache_dir))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  cc.reset_cache()
-  yield
-  for name, value in old.items():
-    jax.config.update(name, value)
-  cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def tiny_config(router="hash", num_experts=4):
