@@ -114,6 +114,12 @@ del _fn
 # Errors.
 
 
+class ConfigError(ValueError):
+  """A setting or input the user must change before the run can go on (a usage error: the CLI
+  prints the message alone and exits 2). Runtime failures (a diverged loss, an unreadable
+  checkpoint, a full disk) are other exceptions and exit 1."""
+
+
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite; nothing after the last good checkpoint was saved."""
 
