@@ -279,6 +279,7 @@ def sort_matches(key: Array, perm: Array, inverse: Array, sizes: Array) -> Array
   return in_range & bijective & grouped & stable & jnp.all(sizes >= 0)
 
 
+@jax.named_scope("sort_by_expert")
 def _sort(assign: _Assignments,
           precomputed: Optional[hashing.SortedAssignments] = None) -> _Sort:
   """The grouping of the assignments: precomputed (checked) when given, else a stable argsort."""
@@ -441,23 +442,31 @@ def _expert_ffn(plan: _Plan, x: Array, combine_weight: Array, wi: Array, wo: Arr
   tokens, d_model = x.shape
   wi_g, wo_g = _group_weights(wi, wo, num_slices)
   weight = combine_weight.astype(x.dtype)
+  # Named scopes, so that a profile (and the HLO metadata) shows each piece of the layer by name.
+  gather = jax.named_scope("permute")(plan.gather)
+  matmul = jax.named_scope("grouped_matmul")(plan.matmul)
+  scatter = jax.named_scope("unpermute")(plan.scatter)
   if num_slices == 1:
     # Top-k: each assignment is an independent full FFN, so the activation runs inside the buffer.
     ffn = getattr(plan, "ffn", None)
     if ffn is not None:
-      out = plan.scatter(ffn(plan.gather(x), wi_g, wo_g, activation))
+      with jax.named_scope("grouped_matmul"):
+        buf = ffn(gather(x), wi_g, wo_g, activation)
+      out = scatter(buf)
     else:
-      hidden = activation(plan.matmul(plan.gather(x), wi_g))
-      out = plan.scatter(plan.matmul(hidden, wo_g))  # [tokens, H, d_model]
-    if out.shape[1] == 1:
-      return out[:, 0] * weight
-    return jnp.einsum("thd,th->td", out, weight)
+      hidden = activation(matmul(gather(x), wi_g))
+      out = scatter(matmul(hidden, wo_g))  # [tokens, H, d_model]
+    with jax.named_scope("combine"):
+      if out.shape[1] == 1:
+        return out[:, 0] * weight
+      return jnp.einsum("thd,th->td", out, weight)
   # MultiHash (Sec. 3.2): v = act([A_{k_1}(h); ...; A_{k_N}(h)]) needs all N slices of a token
   # together, so the first layer's output returns to token order before the activation.
-  pre = plan.scatter(plan.matmul(plan.gather(x), wi_g))  # [tokens, N, d_ff / N]
+  pre = scatter(matmul(gather(x), wi_g))  # [tokens, N, d_ff / N]
   v = jnp.where(plan.kept[..., None], activation(pre), 0).reshape(tokens, -1)
-  out = plan.scatter(plan.matmul(plan.gather(v), wo_g))  # [tokens, N, d_model / N]
-  return (out * weight[..., None]).reshape(tokens, d_model)
+  out = scatter(matmul(gather(v), wo_g))  # [tokens, N, d_model / N]
+  with jax.named_scope("combine"):
+    return (out * weight[..., None]).reshape(tokens, d_model)
 
 
 # ----------------------------------------------------------------------------------------------

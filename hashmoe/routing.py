@@ -485,8 +485,9 @@ class Router(nn.Module):
           f"{type(self).__name__}: hidden has {hidden.shape[0]} tokens but features.token_ids is "
           f"[{batch}, {length}] = {batch * length} tokens")
     # Switch §2.4 (selective precision): the router's softmax/exponentials are unstable in bfloat16.
-    instructions = self._compute_routing_instructions(
-        hidden.astype(jnp.float32), features, deterministic=deterministic)
+    with jax.named_scope("router"):
+      instructions = self._compute_routing_instructions(
+          hidden.astype(jnp.float32), features, deterministic=deterministic)
     expert_index = instructions.expert_index.astype(jnp.int32)
     combine_weight = instructions.combine_weight.astype(jnp.float32)
     kept = instructions.kept

@@ -311,7 +311,8 @@ class _CapacityExchange:
     w = src.shape[-1]
     buf = _gather_rows(src, self.row_of_slot // self.k, self.slot_of_row)  # [B·C, w]
     buf = buf.reshape(self.peers, self.local_buckets * self.capacity, w)
-    recv = jax.lax.all_to_all(buf, EXPERT_AXIS, 0, 0)  # recv[s] = peer s's rows for my buckets
+    with jax.named_scope("all_to_all_dispatch"):
+      recv = jax.lax.all_to_all(buf, EXPERT_AXIS, 0, 0)  # recv[s] = peer s's rows for my buckets
     recv = recv.reshape(self.peers, self.local_buckets, self.capacity, w)
     return recv.transpose(1, 0, 2, 3).reshape(self.local_buckets, self.peers * self.capacity, w)
 
@@ -324,8 +325,9 @@ class _CapacityExchange:
     (zero for dropped rows)."""
     u = rows.shape[-1]
     back = rows.reshape(self.local_buckets, self.peers, self.capacity, u).transpose(1, 0, 2, 3)
-    back = jax.lax.all_to_all(back.reshape(self.peers, self.local_buckets * self.capacity, u),
-                              EXPERT_AXIS, 0, 0)
+    with jax.named_scope("all_to_all_return"):
+      back = jax.lax.all_to_all(back.reshape(self.peers, self.local_buckets * self.capacity, u),
+                                EXPERT_AXIS, 0, 0)
     back = back.reshape(self.num_buckets * self.capacity, u)
     return _gather_rows(back, self.slot_of_row, self.row_of_slot[:, None])
 
@@ -427,7 +429,8 @@ class _RaggedExchange:
     sorted_rows = _gather_rows(src, self.order // self.k, self.pos_of_row)
     # zeros_like (not zeros) so that the buffer varies over the same mesh axes as the rows.
     out = jnp.zeros_like(sorted_rows, shape=(self.buffer_rows,) + src.shape[1:])
-    return _ragged_all_to_all(sorted_rows, out, *self.forward_args, axis_name=EXPERT_AXIS)
+    with jax.named_scope("all_to_all_dispatch"):
+      return _ragged_all_to_all(sorted_rows, out, *self.forward_args, axis_name=EXPERT_AXIS)
 
   def matmul(self, rows: Array, weights: Array) -> Array:
     """rows: [peers·rows, w], weights: [local_buckets, w, u] → [peers·rows, u]."""
@@ -436,7 +439,8 @@ class _RaggedExchange:
   def combine(self, rows: Array) -> Array:
     """rows: [peers·rows, u] → per-row results at home: [tokens, K, u]."""
     out = jnp.zeros_like(rows, shape=(self.rows,) + rows.shape[1:])
-    back = _ragged_all_to_all(rows, out, *self.backward_args, axis_name=EXPERT_AXIS)
+    with jax.named_scope("all_to_all_return"):
+      back = _ragged_all_to_all(rows, out, *self.backward_args, axis_name=EXPERT_AXIS)
     return _gather_rows(back, self.pos_of_row, self.order[:, None])
 
 
