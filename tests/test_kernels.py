@@ -423,7 +423,7 @@ def test_resolve_backend_defaults_on_cpu():
 
 @pytest.mark.parametrize("call,error,match", [
     (lambda: gmm(jnp.zeros((4, 3)), jnp.zeros((2, 5, 2)),
-                 jnp.zeros(2, jnp.int32)), ValueError, "Contraction sizes"),
+                 jnp.zeros(2, jnp.int32)), ValueError, "contraction sizes"),
     (lambda: gmm(jnp.zeros((4, 3)), jnp.zeros((2, 3, 2)),
                  jnp.zeros(3, jnp.int32)), ValueError, r"shape \(2,\)"),
     (lambda: gmm(jnp.zeros((4, 3)), jnp.zeros((2, 3, 2)),

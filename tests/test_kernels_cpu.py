@@ -318,7 +318,7 @@ def test_fewer_rows_than_a_window():
     (lambda: cpu.gmm(jnp.ones((4, 3)), jnp.ones((2, 3, 2)), jnp.ones(2, jnp.int32), tile=12,
                      sub=5), ValueError, "tile must be a positive multiple of sub"),
     (lambda: cpu.tgmm(jnp.ones((4, 3)), jnp.ones((5, 2)), jnp.ones(2, jnp.int32)), ValueError,
-     "equal m"),
+     "same number of rows"),
     (lambda: cpu.grouped_ffn(jnp.ones((4, 3)), jnp.ones((2, 3, 5)), jnp.ones((2, 4, 3)),
                              jnp.ones(2, jnp.int32), jax.nn.relu), ValueError, "matching"),
 ])

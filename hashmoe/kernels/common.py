@@ -1,4 +1,5 @@
-"""Group metadata and tiling shared by the TPU and GPU grouped-matmul kernels.
+"""Group metadata and tiling shared by the TPU and GPU grouped-matmul kernels, and the argument
+checks every backend (CPU windows included) shares.
 
 A grouped matmul multiplies contiguous row ranges of `lhs: [m, k]` by one
 weight matrix each: group g owns rows [offset_g, offset_g + size_g). Both
@@ -19,6 +20,61 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+# Argument checks every grouped-matmul backend (CPU windows, TPU, GPU) shares, so that a bad call
+# gets the same message whichever kernel the platform picked.
+
+
+def check_float(name: str, x: jax.Array) -> None:
+  if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+    raise TypeError(f"{name} must be float32 or bfloat16; got {x.dtype}")
+
+
+def check_group_sizes(group_sizes: jax.Array, num_groups: int | None = None) -> jax.Array:
+  """int32 group sizes of shape (num_groups,) (any G >= 1 when num_groups is None)."""
+  group_sizes = jnp.asarray(group_sizes)
+  if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    raise TypeError(f"group_sizes must be an integer array; got {group_sizes.dtype}")
+  if num_groups is None:
+    if group_sizes.ndim != 1 or group_sizes.shape[0] == 0:
+      raise ValueError(f"group_sizes must have shape (G,) with G >= 1; got {group_sizes.shape}")
+  elif group_sizes.shape != (num_groups,):
+    raise ValueError(f"group_sizes must have shape ({num_groups},) (one size per group); got "
+                     f"{group_sizes.shape}")
+  return group_sizes.astype(jnp.int32)
+
+
+def check_gmm_args(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
+                   transpose_rhs: bool) -> jax.Array:
+  """Checks `gmm(lhs [m, k], rhs [G, k, n] (or [G, n, k] transposed), group_sizes [G])`;
+  returns group_sizes as int32."""
+  if lhs.ndim != 2:
+    raise ValueError(f"gmm: lhs must be 2-D [m, k]; got shape {lhs.shape}")
+  if rhs.ndim != 3:
+    raise ValueError(f"gmm: rhs must be 3-D [G, k, n]; got shape {rhs.shape}")
+  check_float("lhs", lhs)
+  check_float("rhs", rhs)
+  rhs_k = rhs.shape[2] if transpose_rhs else rhs.shape[1]
+  if rhs_k != lhs.shape[1]:
+    raise ValueError(f"gmm: contraction sizes differ: lhs {lhs.shape} has k={lhs.shape[1]}, rhs "
+                     f"{rhs.shape} (transpose_rhs={transpose_rhs}) has k={rhs_k}")
+  if rhs.shape[0] == 0:
+    raise ValueError(f"gmm: rhs must hold at least one group; got {rhs.shape}")
+  return check_group_sizes(group_sizes, rhs.shape[0])
+
+
+def check_tgmm_args(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  """Checks `tgmm(lhs [m, k], rhs [m, n], group_sizes [G])`; returns group_sizes as int32."""
+  if lhs.ndim != 2 or rhs.ndim != 2 or lhs.shape[0] != rhs.shape[0]:
+    raise ValueError(f"tgmm: lhs and rhs must be 2-D [m, k] and [m, n] with the same number of "
+                     f"rows m; got {lhs.shape} and {rhs.shape}")
+  check_float("lhs", lhs)
+  check_float("rhs", rhs)
+  return check_group_sizes(group_sizes)
+
 
 # Triton's `tl.dot` needs every operand dimension to be a power of two and at
 # least 16; Pallas-Triton loads and stores need power-of-two sizes.

@@ -57,12 +57,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from hashmoe.kernels import common
+
 Array = jax.Array
 Activation = Callable[[Array], Array]
 
 DEFAULT_TILE = 256
 DEFAULT_SUB = 16
-_SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 class WindowPlan(NamedTuple):
@@ -279,21 +280,6 @@ def _tgmm_bwd(tile, sub, residuals, dout):
 _tgmm.defvjp(_tgmm_fwd, _tgmm_bwd)
 
 
-def _check_float(name: str, x: Array) -> None:
-  if jnp.dtype(x.dtype) not in _SUPPORTED_DTYPES:
-    raise TypeError(f"{name} must be float32 or bfloat16; got {x.dtype}")
-
-
-def _check_group_sizes(group_sizes: Array, num_groups: int) -> Array:
-  group_sizes = jnp.asarray(group_sizes)
-  if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-    raise TypeError(f"group_sizes must be an integer array; got {group_sizes.dtype}")
-  if group_sizes.shape != (num_groups,):
-    raise ValueError(f"group_sizes must have shape ({num_groups},) (one size per group); got "
-                     f"{group_sizes.shape}")
-  return group_sizes.astype(jnp.int32)
-
-
 def gmm(lhs: Array, rhs: Array, group_sizes: Array, *, transpose_rhs: bool = False,
         tile: int = DEFAULT_TILE, sub: int = DEFAULT_SUB) -> Array:
   """Grouped matmul on XLA:CPU: `out[r] = lhs[r] @ rhs[g]` for each row r of group g.
@@ -310,16 +296,8 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *, transpose_rhs: bool = Fal
     lhs.dtype[m, n] (accumulated in float32); rows past sum(group_sizes) are zeros.
     Differentiable in lhs and rhs (the weight gradient is `tgmm`).
   """
-  if lhs.ndim != 2 or rhs.ndim != 3:
-    raise ValueError(f"gmm expects lhs [m, k] and rhs [G, k, n]; got {lhs.shape} and {rhs.shape}")
-  _check_float("lhs", lhs)
-  _check_float("rhs", rhs)
-  rhs_k = rhs.shape[2] if transpose_rhs else rhs.shape[1]
-  if rhs_k != lhs.shape[1]:
-    raise ValueError(f"contraction sizes differ: lhs {lhs.shape} has k={lhs.shape[1]}, rhs "
-                     f"{rhs.shape} (transpose_rhs={transpose_rhs}) has k={rhs_k}")
+  group_sizes = common.check_gmm_args(lhs, rhs, group_sizes, transpose_rhs)
   _check_tiling(tile, sub)
-  group_sizes = _check_group_sizes(group_sizes, rhs.shape[0])
   if lhs.shape[0] == 0:
     return jnp.zeros((0, rhs.shape[1] if transpose_rhs else rhs.shape[2]), lhs.dtype)
   return _gmm(lhs, rhs.astype(lhs.dtype), group_sizes, bool(transpose_rhs), tile, sub)
@@ -337,16 +315,8 @@ def tgmm(lhs: Array, rhs: Array, group_sizes: Array, *, tile: int = DEFAULT_TILE
     lhs.dtype[G, k, n] (accumulated in float32); empty groups give zeros and rows past
     sum(group_sizes) are ignored. Differentiable in lhs and rhs.
   """
-  if lhs.ndim != 2 or rhs.ndim != 2 or lhs.shape[0] != rhs.shape[0]:
-    raise ValueError(f"tgmm expects lhs [m, k] and rhs [m, n] with equal m; got {lhs.shape} and "
-                     f"{rhs.shape}")
-  _check_float("lhs", lhs)
-  _check_float("rhs", rhs)
+  group_sizes = common.check_tgmm_args(lhs, rhs, group_sizes)
   _check_tiling(tile, sub)
-  group_sizes = jnp.asarray(group_sizes)
-  if group_sizes.ndim != 1 or group_sizes.shape[0] == 0:
-    raise ValueError(f"group_sizes must have shape (G,) with G >= 1; got {group_sizes.shape}")
-  group_sizes = _check_group_sizes(group_sizes, group_sizes.shape[0])
   if lhs.shape[0] == 0:
     return jnp.zeros((group_sizes.shape[0], lhs.shape[1], rhs.shape[1]), lhs.dtype)
   return _tgmm(lhs, rhs.astype(lhs.dtype), group_sizes, tile, sub)
@@ -449,9 +419,9 @@ def grouped_ffn(x: Array, wi: Array, wo: Array, group_sizes: Array, activation: 
     raise ValueError(f"expected wi [G, {x.shape[1]}, D] and wo [G, D, {x.shape[1]}] with matching "
                      f"G and D for x {x.shape}; got wi {wi.shape} and wo {wo.shape}")
   for name, a in (("x", x), ("wi", wi), ("wo", wo)):
-    _check_float(name, a)
+    common.check_float(name, a)
   _check_tiling(tile, sub)
-  group_sizes = _check_group_sizes(group_sizes, num_groups)
+  group_sizes = common.check_group_sizes(group_sizes, num_groups)
   if x.shape[0] == 0:
     return jnp.zeros(x.shape, x.dtype)
   return _grouped_ffn(x, wi.astype(x.dtype), wo.astype(x.dtype), group_sizes, activation, tile,

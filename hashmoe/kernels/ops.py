@@ -34,7 +34,6 @@ from hashmoe.kernels import common
 from hashmoe.kernels import gpu as gpu_kernels
 from hashmoe.kernels import tpu as tpu_kernels
 
-_SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _BACKENDS = ("tpu", "gpu")
 DEFAULT_TILING = (128, 128, 128)
 
@@ -79,22 +78,6 @@ def _make_config(tiling, preferred_element_type, interpret, backend):
   backend, interpret = resolve_backend(backend, interpret)
   tiling = tuple(tiling) if isinstance(tiling, (tuple, list)) else tiling
   return _Config(tiling, jnp.dtype(preferred_element_type), interpret, backend)
-
-
-def _check_float(name: str, x: jax.Array) -> None:
-  if jnp.dtype(x.dtype) not in _SUPPORTED_DTYPES:
-    raise TypeError(f"{name} must be float32 or bfloat16; got {x.dtype}.")
-
-
-def _check_group_sizes(group_sizes: jax.Array, num_groups: int) -> jax.Array:
-  if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-    raise TypeError(
-        f"group_sizes must be an integer array; got {group_sizes.dtype}.")
-  if group_sizes.shape != (num_groups,):
-    raise ValueError(
-        f"group_sizes must have shape ({num_groups},) (one size per group); "
-        f"got {group_sizes.shape}.")
-  return group_sizes.astype(jnp.int32)
 
 
 def _gmm_impl(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
@@ -236,20 +219,7 @@ def gmm(
   Returns:
     out: preferred_element_type[m, n]; rows past sum(group_sizes) are zero.
   """
-  if lhs.ndim != 2:
-    raise ValueError(f"lhs must be 2-D [m, k]; got shape {lhs.shape}.")
-  if rhs.ndim != 3:
-    raise ValueError(f"rhs must be 3-D [G, k, n]; got shape {rhs.shape}.")
-  _check_float("lhs", lhs)
-  _check_float("rhs", rhs)
-  rhs_k = rhs.shape[2] if transpose_rhs else rhs.shape[1]
-  if rhs_k != lhs.shape[1]:
-    raise ValueError(
-        f"Contraction sizes differ: lhs {lhs.shape} has k={lhs.shape[1]}, "
-        f"rhs {rhs.shape} (transpose_rhs={transpose_rhs}) has k={rhs_k}.")
-  if rhs.shape[0] == 0:
-    raise ValueError(f"rhs must hold at least one group; got {rhs.shape}.")
-  group_sizes = _check_group_sizes(group_sizes, rhs.shape[0])
+  group_sizes = common.check_gmm_args(lhs, rhs, group_sizes, transpose_rhs)
   cfg = _make_config(tiling, preferred_element_type, interpret, backend)
   return _gmm(lhs, rhs, group_sizes, cfg, bool(transpose_rhs))
 
@@ -278,17 +248,6 @@ def tgmm(
     out: preferred_element_type[G, k, n], out[g] = lhs_g^T @ rhs_g (zeros for
     an empty group).
   """
-  if lhs.ndim != 2 or rhs.ndim != 2:
-    raise ValueError(f"lhs and rhs must be 2-D [m, k] and [m, n]; got "
-                     f"{lhs.shape} and {rhs.shape}.")
-  if lhs.shape[0] != rhs.shape[0]:
-    raise ValueError(f"lhs {lhs.shape} and rhs {rhs.shape} must have the same "
-                     f"number of rows.")
-  _check_float("lhs", lhs)
-  _check_float("rhs", rhs)
-  if group_sizes.ndim != 1 or group_sizes.shape[0] == 0:
-    raise ValueError(f"group_sizes must have shape (G,) with G >= 1; got "
-                     f"{group_sizes.shape}.")
-  group_sizes = _check_group_sizes(group_sizes, group_sizes.shape[0])
+  group_sizes = common.check_tgmm_args(lhs, rhs, group_sizes)
   cfg = _make_config(tiling, preferred_element_type, interpret, backend)
   return _tgmm(lhs, rhs, group_sizes, cfg)
