@@ -66,6 +66,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from hashmoe import hashing
+from hashmoe.activations import ACTIVATIONS, get_activation  # noqa: F401  (re-exported)
 from hashmoe.kernels import cpu as cpu_kernels
 from hashmoe.routing import Routing
 
@@ -79,11 +80,6 @@ GroupMatmul = Callable[[Array, Array, Array], Array]
 Metrics = dict[str, Array]
 ExpertFn = Callable[..., tuple[Array, Metrics]]
 
-ACTIVATIONS: dict[str, Activation] = {
-    "relu": jax.nn.relu,
-    "gelu": jax.nn.gelu,  # tanh approximation, as flaxformer's "gelu"
-    "swish": jax.nn.swish,
-}
 DISPATCHES = ("sorted", "ragged_dot", "einsum", "capacity", "pallas", "expert_parallel", "auto")
 # Dispatches that never drop a token; a capacity_factor given to them is a configuration mistake.
 DROPLESS_DISPATCHES = ("sorted", "ragged_dot", "pallas")
@@ -663,7 +659,7 @@ class Experts(nn.Module):
     num_experts: E, the number of experts.
     d_ff: D, the hidden size of each expert (MultiHash splits it into num_slices pieces).
     num_slices: N hashes for MultiHash (Hash Layers Sec. 3.2); 1 otherwise.
-    activation: "relu" (the paper), "gelu" or "swish".
+    activation: a name in `hashmoe.activations.ACTIVATIONS` ("relu" is the paper's).
     dispatch: one of DISPATCHES; "auto" asks `choose_dispatch(jax.default_backend(), ...)`.
     capacity_factor: per-group capacity for the dropping dispatches ("einsum", "capacity",
       "expert_parallel" if it drops); None means dropless.
@@ -704,9 +700,7 @@ class Experts(nn.Module):
     """x: float[tokens, d_model] -> (y: dtype[tokens, d_model], metrics)."""
     if self.num_experts < 1:
       raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
-    if self.activation not in ACTIVATIONS:
-      raise ValueError(
-          f"unknown activation {self.activation!r}; expected one of {sorted(ACTIVATIONS)}")
+    activation = get_activation(self.activation)
     if x.ndim != 2:
       raise ValueError(f"Experts expects x: float[tokens, d_model], got shape {x.shape}")
     tokens, d_model = x.shape
@@ -738,4 +732,4 @@ class Experts(nn.Module):
     return dispatch_fn(name)(
         jnp.asarray(x, self.dtype), index, weight.astype(self.dtype),
         jnp.asarray(wi, self.dtype), jnp.asarray(wo, self.dtype),
-        activation=ACTIVATIONS[self.activation], num_slices=self.num_slices, **kwargs)
+        activation=activation, num_slices=self.num_slices, **kwargs)

@@ -94,7 +94,9 @@ def vocabulary_fingerprint(pieces: Sequence[str]) -> str:
   return digest.hexdigest()
 
 
-def _is_tracer(x: Any) -> bool:
+def is_tracer(x: Any) -> bool:
+  """Whether `x` is being traced (under jit/grad): its values are unknown, so the host-side checks
+  of ids (here, in `hashmoe.routing` and `hashmoe.models.validate_batch`) cannot run."""
   return isinstance(x, jax.core.Tracer)
 
 
@@ -111,7 +113,7 @@ def check_token_ids(ids: ArrayLike, vocab_size: int, name: str = "token_ids") ->
     vocab_size: the number of valid ids.
     name: how to call `ids` in the error message.
   """
-  if _is_tracer(ids):
+  if is_tracer(ids):
     return
   # Reduce on the device (two scalars come back), but inside any ambient trace evaluate eagerly:
   # a concrete array captured by a jitted function would otherwise have its min/max staged.

@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hashmoe.activations import ACTIVATIONS, get_activation  # noqa: F401  (re-exported)
 from hashmoe.routing import RouterFeatures
 
 Array = jax.Array
@@ -40,27 +41,10 @@ MOE_COLLECTION = "moe"
 AUX_LOSS_KEY = "aux_loss"
 METRICS_KEY = "metrics"
 
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "relu": jax.nn.relu,
-    "gelu": jax.nn.gelu,  # tanh approximation, as in GPT-2 / t5x "gelu"
-    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
-
 # Big negative logit for masked attention positions. `jnp.where(mask, logits, _MASKED)` (instead
 # of adding a bias) keeps a fully masked row finite: all entries equal, softmax uniform, no NaN.
 # Such rows only occur for padding queries, whose outputs are ignored by the loss.
 _MASKED = float(jnp.finfo(jnp.float32).min)
-
-
-def get_activation(name: str) -> Callable[[Array], Array]:
-  """The elementwise activation called `name` (one of `ACTIVATIONS`)."""
-  try:
-    return ACTIVATIONS[name]
-  except KeyError:
-    raise ValueError(
-        f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ class TransformerConfig:
     dropout_rate: embedding, residual-branch and FFN-hidden dropout.
     attention_dropout_rate: dropout on attention probabilities.
     dtype: compute dtype name, "float32" (default) or "bfloat16"; parameters stay float32.
-    activation: FFN activation name (`hashmoe.layers.ACTIVATIONS`).
+    activation: FFN activation name (`hashmoe.activations.ACTIVATIONS`).
     norm: "layernorm" or "rmsnorm".
     position_embedding: "learned" (ParlAI's) or "sinusoidal".
     share_embeddings: tie the output projection to the token embedding (logits = h E^T / sqrt(d)).
@@ -271,10 +271,6 @@ _DECODER_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_p
 _ENCODER_FEATURES = ("encoder_input_tokens", "encoder_positions", "encoder_segment_ids")
 
 
-def _is_concrete(x: Any) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
 def validate_batch(batch: Mapping[str, Any], vocab_size: int,
                    max_len: Optional[int] = None) -> None:
   """Check a batch on the host before it reaches a gather that cannot raise on bad ids.
@@ -297,7 +293,7 @@ def validate_batch(batch: Mapping[str, Any], vocab_size: int,
       if len(shape) != 2:
         raise ValueError(f"{k} must have shape [batch, length], got {shape}")
   for name, value in batch.items():
-    if not _is_concrete(value):
+    if hashing.is_tracer(value):
       continue
     if name in _TOKEN_FEATURES:
       hi, what = vocab_size, f"vocab_size is {vocab_size}"

@@ -406,10 +406,6 @@ def balanced_assignment(scores: Array, *, relative_epsilon: float = 1e-3,
 # The template.
 
 
-def _is_tracer(x: Any) -> bool:
-  return isinstance(x, jax.core.Tracer)
-
-
 def _check_expert_range(name: str, table: np.ndarray, num_experts: int) -> None:
   if table.size and (int(table.min()) < 0 or int(table.max()) >= num_experts):
     raise ValueError(f"{name} holds experts in [{int(table.min())}, {int(table.max())}], outside "
@@ -427,19 +423,7 @@ def check_key_ids(keys: Array, key_space: int, key: str) -> None:
     key_space: rows of the hash table.
     key: the key's name, for the message.
   """
-  _check_ids_in_range(keys, key_space, f"routing keys for key {key!r}", "the table's key space")
-
-
-def _check_ids_in_range(ids: Any, size: int, what: str, space: str) -> None:
-  if _is_tracer(ids):
-    return
-  ids = np.asarray(ids)  # on the host: jnp reductions would be staged inside an enclosing trace
-  bad = (ids < 0) | (ids >= size)
-  if bad.any():
-    bad_ids = np.unique(ids[bad])
-    shown = ", ".join(str(int(i)) for i in bad_ids[:8]) + (", ..." if bad_ids.size > 8 else "")
-    raise ValueError(f"{what}: {int(bad.sum())} of {ids.size} are outside {space} [0, {size}): "
-                     f"ids {shown}")
+  hashing.check_token_ids(keys, key_space, f"routing keys for key {key!r} (the table's key space)")
 
 
 class Router(nn.Module):
@@ -831,8 +815,8 @@ class SwitchRouter(Router):
                                     deterministic: bool) -> RoutingInstructions:
     tokens = hidden.shape[0]
     if self.token_based:
-      _check_ids_in_range(features.token_ids, self.vocab_size, "token_ids",
-                          "the token embedding's vocabulary")
+      hashing.check_token_ids(features.token_ids, self.vocab_size,
+                              "token_ids (the token-based router's embedding vocabulary)")
       token_ids = jnp.asarray(features.token_ids, jnp.int32).reshape(-1)
       dim = self.router_embed_dim or hidden.shape[-1]
       table = self.param("token_embedding",

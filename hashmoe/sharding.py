@@ -51,6 +51,8 @@ import numpy as np
 from flax.core import meta
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from hashmoe.activations import get_activation
+
 Array = jax.Array
 AnyMesh = Union[Mesh, jax.sharding.AbstractMesh]
 LogicalRules = Sequence[tuple[str, Union[None, str, tuple[str, ...]]]]
@@ -449,13 +451,7 @@ class _RaggedExchange:
 
 
 def _resolve_activation(activation: Union[str, Callable[[Array], Array]]) -> Callable:
-  if callable(activation):
-    return activation
-  fn = getattr(jax.nn, str(activation), None)
-  if fn is None:
-    raise ValueError(f"unknown activation {activation!r}; expected a callable or a jax.nn name "
-                     f"such as 'relu' or 'gelu'")
-  return fn
+  return activation if callable(activation) else get_activation(activation)
 
 
 def _resolve_mesh(mesh: Optional[AnyMesh], num_experts: int) -> AnyMesh:
