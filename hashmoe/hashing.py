@@ -24,6 +24,7 @@ Lookups use jnp; everything that builds a table uses numpy and never touches a d
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import heapq
@@ -396,8 +397,14 @@ class HashTable:
 def _atomic_write(path: PathLike, data: bytes) -> None:
   path = epath.Path(path)
   tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-  tmp.write_bytes(data)
-  tmp.replace(path)
+  try:
+    tmp.write_bytes(data)
+    tmp.replace(path)
+  except BaseException:
+    # A full disk, a directory in the way of `path`, Ctrl-C: no half-written temporary stays.
+    with contextlib.suppress(OSError):
+      tmp.unlink()
+    raise
 
 
 def _parse_metadata(metadata_array: np.ndarray, table: np.ndarray) -> dict[str, Any]:

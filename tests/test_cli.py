@@ -202,7 +202,8 @@ def test_gin_flags_are_split_t5x_style():
       ["train", "--gin.MODEL_DIR='/tmp/a=b'", "--gin_file=x.gin", "--gin.TRAIN_STEPS=5"])
   assert rest == ["train", "--gin_file=x.gin"]
   assert bindings == ["MODEL_DIR = '/tmp/a=b'", "TRAIN_STEPS = 5"]
-  with pytest.raises(SystemExit):
+  with pytest.raises(cli.UsageError, match=r"'--gin.MODEL_DIR' has no value; write "
+                     r"--gin.MODEL_DIR=VALUE"):
     cli._split_gin_flags(["--gin.MODEL_DIR"])
 
 

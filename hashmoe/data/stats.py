@@ -27,6 +27,7 @@ to the `.npz` files the trainer loads with `load_hash_tables`, carrying the voca
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -112,13 +113,18 @@ class TokenCounts:
     stem.parent.mkdir(parents=True, exist_ok=True)
     npy, meta = stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".json")
     tmp = npy.with_name(f".{npy.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-      np.save(f, self.counts, allow_pickle=False)
-    os.replace(tmp, npy)
-    # The metadata is written last: its presence marks a complete pair.
-    tmp = meta.with_name(f".{meta.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(self._metadata(), indent=1, sort_keys=True))
-    os.replace(tmp, meta)
+    try:
+      with open(tmp, "wb") as f:
+        np.save(f, self.counts, allow_pickle=False)
+      os.replace(tmp, npy)
+      # The metadata is written last: its presence marks a complete pair.
+      tmp = meta.with_name(f".{meta.name}.tmp-{os.getpid()}")
+      tmp.write_text(json.dumps(self._metadata(), indent=1, sort_keys=True))
+      os.replace(tmp, meta)
+    except BaseException:  # A full disk, Ctrl-C: no half-written temporary stays behind.
+      with contextlib.suppress(OSError):
+        tmp.unlink()
+      raise
     return npy, meta
 
   @classmethod
