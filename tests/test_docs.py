@@ -63,10 +63,13 @@ CLI_FILE = ROOT / "hashmoe" / "cli.py"
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
-# A word that starts a command (after VAR=value assignments). Fenced shell blocks also know the
-# shell's own `export`, `for ...; do` and `done`.
+# A word that starts a command in a header, a docstring or an inline code span (after VAR=value
+# assignments): the programs the docs run, and others a doc might name, which then fail for want
+# of a plan. In fenced shell blocks every line is a command (the shell's own `export`,
+# `for ...; do` and `done` included).
 _ENV = r"(?:[A-Z_][A-Z0-9_]*=\S*\s+)*"
-_PROGRAM = re.compile(_ENV + r"(hashmoe|python3?|pip|pytest|sbatch|scancel|tpu_scripts/\S+)(\s|$)")
+_PROGRAM = re.compile(_ENV + r"(hashmoe|python3?|pip|pytest|sbatch|scancel|srun|tpu_scripts/\S+|"
+                      r"gcloud|gsutil|bash|sh|git|docker|curl|wget|uv|conda)(\s|$)")
 
 # Appended to the commands that run: only sizes shrink.
 SHRINK = {
