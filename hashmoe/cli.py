@@ -2,10 +2,16 @@
 
     hashmoe train --gin_file=configs/runs/cpu_tiny.gin --gin.MODEL_DIR="'/tmp/tiny'" \
                   --gin.TRAIN_STEPS=200
-    hashmoe eval  --gin_file=configs/runs/eval.gin --gin_file=... --gin.MODEL_DIR="'/tmp/tiny'"
+    hashmoe eval  --gin_file=configs/runs/cpu_tiny.gin --gin_file=configs/runs/eval.gin \
+                  --gin.MODEL_DIR="'/tmp/tiny'" --gin.SEQ_LEN=64 --gin.BATCH_SIZE=8 \
+                  --gin.EVAL_BATCHES=4
     hashmoe build-hash --gin_file=configs/runs/cpu_tiny.gin --kind=balanced \
                   --output=/tmp/tables/balanced.npz
-    hashmoe compare [--quick] [--models dense,switch,hash] [--text-dir DIR] [--out DIR]
+    hashmoe compare --quick --models dense,hash --out /tmp/compare_quick
+
+(`eval` after the run's gin files: eval.gin's own BATCH_SIZE/SEQ_LEN/EVAL_BATCHES replace the run's,
+so repeat the run's to reproduce its evaluation; `build-hash` needs no MODEL_DIR; `compare` takes
+`--text-dir DIR` for your own text and lists its experiments with `--list`.)
 
 Flags follow t5x: `--gin_file` (repeatable; a path, or one relative to the `configs/` folder),
 `--gin.KEY=VALUE` (repeatable; `KEY = VALUE` in gin syntax, so strings need inner quotes:
@@ -50,8 +56,10 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a shell reports for a process ended 
 CONFIGS_ENV = "HASHMOE_CONFIGS"
 DEBUG_ENV = "HASHMOE_DEBUG"
 
-# Macros the runs/ configs define; build-hash reads the model and task from them.
+# Macros the runs/ configs define; build-hash reads the model and task from them. It writes no run,
+# so the run files' required MODEL_DIR gets a value nothing reads.
 _BUILD_HASH_BINDINGS = """
+MODEL_DIR = None
 hashmoe.train.hash_table_inputs.model_config = %MODEL_CONFIG
 hashmoe.train.hash_table_inputs.task = %TASK
 hashmoe.train.hash_table_inputs.seq_len = %SEQ_LEN

@@ -2,6 +2,10 @@
 import pathlib
 import re
 
+import pytest
+
+from hashmoe import models
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -19,7 +23,55 @@ def test_readme_python_example_runs():
   assert float(namespace["aux_loss"]) == 0.0
   assert namespace["logits"].shape == (2, 16, namespace["vocab"])
   assert namespace["table"].load_stats(namespace["np"].bincount(
-      namespace["counts"], minlength=namespace["vocab"]))["max_over_mean"] < 1.2
+      namespace["ids"], minlength=namespace["vocab"]))["max_over_mean"] < 1.2
+
+
+# The example's own router and tables, which the README's other routers replace.
+EXAMPLE_ROUTER = 'router="hash"'
+EXAMPLE_TABLES = 'hash_tables={"default": (table,)}'
+
+
+def _router_edits() -> dict[str, dict[str, str]]:
+  """{router: {what the example prints: what replaces it}} as the README's text after its example
+  says: a line naming `router="R"...` and `hash_tables=...` gives both edits; a router named only
+  as `"R"` swaps the router and nothing else."""
+  section = README.read_text().split("## A hash layer in a few lines", 1)[1].split("\n## ", 1)[0]
+  prose = re.sub(r"```.*?```", "", section, flags=re.S)
+  edits = {}
+  for item in re.split(r"\n(?=- )|\n\n", prose):
+    spans = [" ".join(s.split()) for s in re.findall(r"`([^`]+)`", item)]
+    routers = [s for s in spans if re.match(r'router="\w+"', s) and s != EXAMPLE_ROUTER]
+    tables = [s for s in spans if s.startswith("hash_tables=")]
+    for span in routers:
+      name = re.match(r'router="(\w+)"', span).group(1)
+      edits[name] = {EXAMPLE_ROUTER: span, **({EXAMPLE_TABLES: tables[0]} if tables else {})}
+    for span in spans:
+      named = re.fullmatch(r'"(\w+)"', span)
+      if named and named.group(1) in models.ROUTERS and named.group(1) not in edits:
+        edits[named.group(1)] = {EXAMPLE_ROUTER: f'router="{named.group(1)}"'}
+  return edits
+
+
+# What the README says each router's aux_loss is: the load-balancing loss, or none.
+BALANCE_LOSS = {"switch": True, "token_switch": True, "base": False, "hash_topk": False}
+
+
+@pytest.mark.parametrize("router", [r for r in models.ROUTERS if r != "hash"])
+def test_readme_example_runs_with_every_router_it_names(router):
+  """Each router in the example, with exactly the edits the README gives for it."""
+  edits = _router_edits().get(router)
+  assert edits is not None, f"README.md does not say how its example uses router={router!r}"
+  (block,) = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+  assert EXAMPLE_ROUTER in block and EXAMPLE_TABLES in block
+  for printed, replacement in edits.items():
+    block = block.replace(printed, replacement)
+  namespace = {}
+  exec(compile(block, f"{README} ({router})", "exec"), namespace)  # noqa: S102
+  config = namespace["config"]
+  assert config.sparse.router == router
+  assert namespace["logits"].shape == (2, 16, namespace["vocab"])
+  aux_loss = float(namespace["aux_loss"])
+  assert aux_loss > 0 if BALANCE_LOSS[router] else aux_loss == 0.0
 
 
 def _scaling_up_commands(prefix):
