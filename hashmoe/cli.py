@@ -56,10 +56,9 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a shell reports for a process ended 
 CONFIGS_ENV = "HASHMOE_CONFIGS"
 DEBUG_ENV = "HASHMOE_DEBUG"
 
-# Macros the runs/ configs define; build-hash reads the model and task from them. It writes no run,
-# so the run files' required MODEL_DIR gets a value nothing reads.
+# Macros the runs/ configs define; build-hash reads the model and task from them (it writes no run:
+# `_check_config` binds the run files' required settings it cannot reach, MODEL_DIR, to None).
 _BUILD_HASH_BINDINGS = """
-MODEL_DIR = None
 hashmoe.train.hash_table_inputs.model_config = %MODEL_CONFIG
 hashmoe.train.hash_table_inputs.task = %TASK
 hashmoe.train.hash_table_inputs.seq_len = %SEQ_LEN
