@@ -407,7 +407,9 @@ def parse_hashmoe(argv) -> Parsed:
   if args.command == "build-hash":
     extra = cli._BUILD_HASH_BINDINGS + extra  # pylint: disable=protected-access
   cli.parse_gin(args.gin_file, list(args.gin_bindings) + bindings, args.gin_search_path,
-                extra=extra)
+                extra=extra, finalize=False)
+  cli._check_config(args.command)  # pylint: disable=protected-access
+  gin.finalize()
   return Parsed(args, probe(), gin.query_parameter("hashmoe.train.task_name.name"))
 
 
@@ -529,8 +531,8 @@ def test_a_model_file_after_an_lm_task_keeps_it_decoder_only(path):
   run = "runs/cpu_tiny.gin" if "/tiny/" in path else "runs/pretrain.gin"
   argv = ["hashmoe", "train", f"--gin_file={run}"]
   if run == "runs/pretrain.gin":
-    argv.append("--gin_file=tasks/text_dir.gin")
-  argv += [f"--gin_file={path}", "--gin.MODEL_DIR='/tmp/x'", "--gin.TEXT_DIR='/my/texts'"]
+    argv += ["--gin_file=tasks/text_dir.gin", "--gin.TEXT_DIR='/my/texts'"]
+  argv += [f"--gin_file={path}", "--gin.MODEL_DIR='/tmp/x'"]
   parsed = parse_hashmoe(argv)
   assert parsed.shape == "lm" and parsed.config.num_encoder_layers == 0, (
       f"{path} after {run}: {parsed.config.num_encoder_layers} encoder layers for {parsed.task}")
