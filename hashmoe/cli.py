@@ -235,7 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                  if k != "moe"},
                  "eval": result.last_eval}
       print(json.dumps(summary))
-      return EXIT_PREEMPTED if result.preempted else 0
+      return result.exit_code  # 0, or 143 / 130 after a checkpoint on SIGTERM / Ctrl-C
     if args.command == "eval":
       parse_gin(args.gin_file, bindings, args.gin_search_path)
       print(json.dumps(train_lib.evaluate()))
