@@ -764,19 +764,17 @@ def read_saved_config(model_dir: PathLike) -> Optional[tuple[int, dict[str, Any]
   directory = model_dir / CHECKPOINT_SUBDIR
   if not directory.is_dir():
     return None
-  manager = ocp.CheckpointManager(directory, item_names=Checkpointer.ITEMS,
-                                  options=ocp.CheckpointManagerOptions(create=False))
-  try:
-    steps = sorted(manager.all_steps(), reverse=True)
-    for step in steps:
-      try:
-        item = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-      except Exception:  # pylint: disable=broad-except
-        continue  # A damaged item: restore_latest reports the damage; an older step may tell.
-      if isinstance(item, dict):
-        return step, item
-  finally:
-    manager.close()
+  # The files are read directly: a CheckpointManager is a collective across processes (it syncs
+  # on construction), and whether the directory exists yet is not a collective decision.
+  steps = sorted(ocp.path.step.checkpoint_steps(directory), reverse=True)
+  handler = ocp.JsonCheckpointHandler()
+  for step in steps:
+    try:
+      item = handler.restore(directory / str(step) / "config")
+    except Exception:  # pylint: disable=broad-except
+      continue  # A damaged item: restore_latest reports the damage; an older step may tell.
+    if isinstance(item, dict):
+      return step, item
   if not steps:
     return None
   text = (model_dir / CONFIG_FILE).read_text() if (model_dir / CONFIG_FILE).exists() else ""
