@@ -52,7 +52,6 @@ from typing import Any, Iterator, Optional, Sequence
 EXIT_ERROR = 1  # a runtime failure
 EXIT_USAGE = 2  # a command line or config to change (argparse's own code for a bad command line)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
-EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM.
 CONFIGS_ENV = "HASHMOE_CONFIGS"
 DEBUG_ENV = "HASHMOE_DEBUG"
 
@@ -852,7 +851,7 @@ def _run(argv: list[str], debug: bool, context: _Context) -> int:
                                                if k != "moe"},
                "eval": result.last_eval}
     print(json.dumps(summary))
-    return EXIT_PREEMPTED if result.preempted else 0
+    return result.exit_code
   if args.command == "eval":
     print(json.dumps(train_lib.evaluate()))
     return 0

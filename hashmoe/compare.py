@@ -1104,6 +1104,8 @@ class TrainRunner:
         hash_tables=tables, progress_bar=self.progress_bar, tensorboard=self.tensorboard,
         input_pipeline=data)
     if result.preempted:
+      if result.stop_signal == signal.SIGINT:
+        raise KeyboardInterrupt  # Ctrl-C: the trainer checkpointed; report it as compare does.
       raise Stopped("SIGTERM")
     metrics = read_jsonl(model_dir / train_lib.METRICS_FILE)
     curve = validation_curve(read_jsonl(model_dir / train_lib.EVAL_FILE))

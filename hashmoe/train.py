@@ -22,9 +22,24 @@ Determinism and restarts. The step RNG is `fold_in(key(seed), step)` and the dat
 of every checkpoint, so a run killed at any moment (SIGKILL included) and started again with the
 same command retraces the uninterrupted run step for step: same batches, same dropout masks,
 bit-equal losses on the same machine. On restart the tail of `metrics.jsonl` past the restored step
-is dropped, so the file always reads as one run. SIGTERM (pre-emption) finishes the current step,
-writes a checkpoint and exits. A non-finite loss raises `NonFiniteLossError` naming the step before
-anything is saved, so the last good checkpoint is never overwritten.
+is dropped, so the file always reads as one run. SIGTERM (pre-emption) and SIGINT (Ctrl-C) finish
+the current step, write a checkpoint and return (`TrainResult.exit_code` 143 or 130); a second
+Ctrl-C stops at once (KeyboardInterrupt, no checkpoint). A diverged loss (NaN/inf, or a
+cross-entropy above `divergence_factor` x ln(vocab size)) raises `LossDivergedError` naming the
+step before anything is saved, so the last good checkpoint is never overwritten; the metrics
+writers never fail on a huge or non-finite value (JSONL writes "nan"/"inf", TensorBoard skips it).
+
+One run per MODEL_DIR (`ModelDirLock`): process 0 locks `MODEL_DIR/hashmoe.lock` before anything is
+written, and a second run on the directory fails at once naming the first one's pid and host.
+
+Resuming checks the run against the checkpoint (`check_resume`): settings that a checkpoint fixes
+(the model's architecture and routing, the hash tables, the task and its vocabulary, SEQ_LEN,
+BATCH_SIZE, SEED; see `run_settings`) must be the checkpoint's, or the run is refused with every
+difference named and nothing written. Everything else (TRAIN_STEPS, the learning-rate schedule,
+eval/checkpoint/log periods, dropout, ...) may change: the changes are logged, `config.gin` gets
+the new config and the checkpoint's is kept as `config.gin.<step>`. A fresh run in a MODEL_DIR
+that holds logs of an earlier run (its checkpoints deleted) keeps them as
+`<name>.<timestamp>.bak` before starting over, with a warning.
 
 A checkpoint (orbax, one directory per step, written asynchronously) holds four items:
   state        params (float32 master weights), optimizer state, step, and the model's
@@ -33,7 +48,8 @@ A checkpoint (orbax, one directory per step, written asynchronously) holds four 
                layout (path, shape, dtype of each array);
   hash_tables  the tables' metadata (kind, experts, seed, sha256, vocabulary fingerprint), verified
                on restore against the restored arrays and the task's vocabulary;
-  config       the operative gin config (also written to `MODEL_DIR/config.gin`).
+  config       the operative gin config (also written to `MODEL_DIR/config.gin`) and the settings
+               the checkpoint fixes (`run_settings`), compared by a resumed run.
 A checkpoint that fails to read or whose arrays miss their checksums is corrupt: the previous one
 is used (with a warning) and the corrupt one moved to `MODEL_DIR/corrupt_checkpoints/`. One whose layout differs from the
 run's is not corrupt but another config: `IncompatibleCheckpointError`. The tables are also written
@@ -46,6 +62,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -54,6 +72,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -69,6 +88,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from etils import epath
+from gin import config_parser as gin_config_parser
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hashmoe import hashing, models, sharding
@@ -120,8 +140,20 @@ class ConfigError(ValueError):
   checkpoint, a full disk) are other exceptions and exit 1."""
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite; nothing after the last good checkpoint was saved."""
+class ChangedConfigError(ConfigError):
+  """A resumed run differs from its checkpoint in a setting a checkpoint fixes (`run_settings`)."""
+
+
+class ModelDirInUseError(ConfigError):
+  """Another run holds MODEL_DIR's lock (`ModelDirLock`)."""
+
+
+class LossDivergedError(FloatingPointError):
+  """The training loss became NaN/inf or rose past the divergence bound; nothing after the last
+  good checkpoint was saved."""
+
+
+NonFiniteLossError = LossDivergedError  # The earlier name (NaN/inf only), kept for callers.
 
 
 class CheckpointError(RuntimeError):
@@ -525,6 +557,8 @@ def verify_hash_tables(constants: PyTree, metadata: Mapping[str, Any], *, vocab_
 
 
 def _json_default(x: Any) -> Any:
+  if isinstance(x, os.PathLike):
+    return os.fspath(x)
   if isinstance(x, (np.integer,)):
     return int(x)
   if isinstance(x, (np.floating,)):
@@ -619,8 +653,9 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, state: TrainState, *, data_position: Any, hash_metadata: Mapping[str, Any],
-           config_text: str) -> int:
-    """Saves `state` under its own step (asynchronously); returns the step."""
+           config_text: str, settings: Optional[Mapping[str, Any]] = None) -> int:
+    """Saves `state` under its own step (asynchronously); returns the step. `settings`: what the
+    checkpoint fixes (`run_settings`), recorded beside the gin text for `check_resume`."""
     step = int(jax.device_get(state.step))
     if step in self._manager.all_steps():
       return step
@@ -631,7 +666,8 @@ class Checkpointer:
         data=ocp.args.JsonSave(_to_json({"positions": positions, "checksums": checksums,
                                          "layout": state_layout(state)})),
         hash_tables=ocp.args.JsonSave(_to_json(hash_metadata)),
-        config=ocp.args.JsonSave({"operative_config": config_text}))
+        config=ocp.args.JsonSave(_to_json({"operative_config": config_text,
+                                           **({"settings": settings} if settings else {})})))
     self._manager.save(step, args=args, force=True)
     return step
 
@@ -716,6 +752,35 @@ class Checkpointer:
     self._manager = self._make_manager()
 
 
+def read_saved_config(model_dir: PathLike) -> Optional[tuple[int, dict[str, Any]]]:
+  """The "config" item of MODEL_DIR's newest checkpoint that has a readable one, as (step, item),
+  read without writing anything; None when MODEL_DIR holds no checkpoint.
+
+  item: {"operative_config": gin text, "settings": `run_settings`} ("settings" is missing in
+  checkpoints written before it was recorded). When no step's item reads, the item is rebuilt from
+  `MODEL_DIR/config.gin` (or is empty) under the newest step.
+  """
+  model_dir = epath.Path(model_dir)
+  directory = model_dir / CHECKPOINT_SUBDIR
+  if not directory.is_dir():
+    return None
+  # The files are read directly: a CheckpointManager is a collective across processes (it syncs
+  # on construction), and whether the directory exists yet is not a collective decision.
+  steps = sorted(ocp.path.step.checkpoint_steps(directory), reverse=True)
+  handler = ocp.JsonCheckpointHandler()
+  for step in steps:
+    try:
+      item = handler.restore(directory / str(step) / "config")
+    except Exception:  # pylint: disable=broad-except
+      continue  # A damaged item: restore_latest reports the damage; an older step may tell.
+    if isinstance(item, dict):
+      return step, item
+  if not steps:
+    return None
+  text = (model_dir / CONFIG_FILE).read_text() if (model_dir / CONFIG_FILE).exists() else ""
+  return steps[0], {"operative_config": text}
+
+
 def restore_params(checkpoint: PathLike, abstract_state: TrainState,
                    step: Optional[int] = None) -> tuple[PyTree, PyTree, dict[str, Any], int]:
   """Reads params and constants (hash tables) of another run, e.g. for fine-tuning.
@@ -764,6 +829,420 @@ def restore_params(checkpoint: PathLike, abstract_state: TrainState,
 
 
 # --------------------------------------------------------------------------------------------------
+# Resuming: what a checkpoint fixes, and what a resumed run changed.
+
+# Model fields a resumed run may change: they shape how the parameters are trained or computed,
+# not what they mean (dropout, compute precision, the experts' dispatch, Switch's loss coefficients
+# and capacity). Every other TransformerConfig and SparseConfig field is fixed by a checkpoint.
+RESUMABLE_MODEL_FIELDS = frozenset({"dropout_rate", "attention_dropout_rate", "dtype"})
+RESUMABLE_SPARSE_FIELDS = frozenset({"dispatch", "capacity_factor", "balance_coef", "z_loss_coef",
+                                     "jitter"})
+# `train` arguments a checkpoint fixes: its data position was saved for the task, SEQ_LEN and
+# BATCH_SIZE; the seed draws the step keys (the restart guarantee); the tables are the
+# checkpoint's own.
+FIXED_TRAIN_ARGS = ("task", "seq_len", "batch_size", "seed", "hash_tables")
+VOCABULARY_SETTING = "vocabulary fingerprint"
+# Configurables whose parameters are model fields (the presets take them as overrides).
+_MODEL_CONFIGURABLES = ("TransformerConfig", "baseline_config", "wider_config", "deeper_config",
+                        "tiny_config")
+
+
+def _is_file_spec(spec: Any) -> bool:
+  """Whether a `train.hash_tables` value names table files (checked by content on resume, so a
+  moved or renamed file of the same table is not a change)."""
+  return spec is not None and not _is_table_kind(spec)
+
+
+def run_settings(model_config: models.TransformerConfig, *, task: str, seq_len: int,
+                 batch_size: int, seed: int, hash_tables: Any,
+                 vocab_fingerprint: str) -> dict[str, Any]:
+  """What a checkpoint fixes, as {gin name: JSON value}: every TransformerConfig and SparseConfig
+  field but the RESUMABLE_* ones, the task, SEQ_LEN, BATCH_SIZE, SEED, the hash-table choice
+  (None normalised to the router's default kind) and the vocabulary's fingerprint. Recorded in
+  every checkpoint; `check_resume` refuses a run whose settings differ."""
+  settings: dict[str, Any] = {
+      f"TransformerConfig.{f.name}": getattr(model_config, f.name)
+      for f in dataclasses.fields(model_config)
+      if f.name != "sparse" and f.name not in RESUMABLE_MODEL_FIELDS}
+  sparse = model_config.sparse
+  settings["TransformerConfig.sparse"] = None if sparse is None else "SparseConfig"
+  if sparse is not None:
+    settings.update({f"SparseConfig.{f.name}": getattr(sparse, f.name)
+                     for f in dataclasses.fields(sparse) if f.name not in RESUMABLE_SPARSE_FIELDS})
+  settings.update({"train.task": task, "train.seq_len": int(seq_len),
+                   "train.batch_size": int(batch_size), "train.seed": int(seed),
+                   VOCABULARY_SETTING: vocab_fingerprint})
+  if _hash_layers(model_config):
+    if hash_tables is None:  # What _resolve_hash_tables builds for None.
+      hash_tables = "random" if sparse.router == "hash" else hashing.TOPK_KIND
+    settings["train.hash_tables"] = hash_tables
+  return _to_json(settings)
+
+
+class _Unset:
+  """A setting one side of a comparison does not have."""
+
+  def __repr__(self) -> str:
+    return "(not set)"
+
+
+_UNSET = _Unset()
+
+
+@dataclasses.dataclass(frozen=True)
+class _GinReference:
+  """A `%MACRO` or `@configurable()` of gin text, kept as written."""
+  text: str
+  macro: Optional[str] = None
+
+  def __repr__(self) -> str:
+    return self.text
+
+
+class _GinTextDelegate(gin_config_parser.ParserDelegate):
+  """Parses references as text: a saved config names configurables that need not exist now."""
+
+  def configurable_reference(self, scoped_configurable_name, evaluate):
+    return _GinReference(f"@{scoped_configurable_name}{'()' if evaluate else ''}")
+
+  def macro(self, macro_name):
+    return _GinReference(f"%{macro_name}", macro=macro_name)
+
+
+def _gin_statements(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(macros {NAME: value}, bindings {"[scope/]configurable.param": value}) of gin text, values as
+  written. Configurables are named without their module, as the operative config prints them."""
+  macros, bindings = {}, {}
+  for statement in gin_config_parser.ConfigParser(text, _GinTextDelegate()):
+    if not isinstance(statement, gin_config_parser.BindingStatement):
+      continue
+    if not statement.arg_name:
+      macros[statement.selector] = statement.value
+      continue
+    name = statement.selector.rsplit(".", 1)[-1]
+    scope = f"{statement.scope}/" if statement.scope else ""
+    bindings[f"{scope}{name}.{statement.arg_name}"] = statement.value
+  return macros, bindings
+
+
+def _resolve_macros(value: Any, macros: Mapping[str, Any], depth: int = 0) -> Any:
+  if isinstance(value, _GinReference) and value.macro in macros and depth < 32:
+    return _resolve_macros(macros[value.macro], macros, depth + 1)
+  if isinstance(value, (list, tuple)):
+    return type(value)(_resolve_macros(v, macros, depth) for v in value)
+  if isinstance(value, dict):
+    return {k: _resolve_macros(v, macros, depth) for k, v in value.items()}
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigChange:
+  """One setting whose value differs between a checkpoint and the run resuming it.
+
+  Attributes:
+    name: a macro ("TRAIN_STEPS"), a gin binding ("SparseConfig.hash_key") or a `run_settings`
+      name, as the user would change it.
+    old, new: the checkpoint's value and the run's (macros resolved).
+    keys: the gin bindings the change reaches (a macro's users; the binding itself).
+  """
+  name: str
+  old: Any
+  new: Any
+  keys: tuple[str, ...] = ()
+
+  def __str__(self) -> str:
+    return f"{self.name}: {self.old!r} -> {self.new!r}"
+
+
+def gin_config_changes(old_text: str, new_text: str) -> list[ConfigChange]:
+  """The differences between two operative gin configs (a checkpoint's and a run's), macros
+  resolved: a changed macro is one change (named by the macro, listing the bindings that read
+  it); a binding that reads the same macro in both is not listed again. Text gin cannot parse (a
+  hand-edited config.gin) gives no changes, with a warning."""
+  try:
+    old_macros, old_bindings = _gin_statements(old_text)
+    new_macros, new_bindings = _gin_statements(new_text)
+  except Exception as e:  # pylint: disable=broad-except
+    logger.warning("cannot compare the checkpoint's gin config with this run's: %s", e)
+    return []
+  users: dict[str, set[str]] = {}
+  for bindings in (old_bindings, new_bindings):
+    for key, raw in bindings.items():
+      if isinstance(raw, _GinReference) and raw.macro:
+        users.setdefault(raw.macro, set()).add(key)
+  changes = []
+  for name in sorted(set(old_macros) | set(new_macros)):
+    old = _resolve_macros(old_macros.get(name, _UNSET), old_macros)
+    new = _resolve_macros(new_macros.get(name, _UNSET), new_macros)
+    if old != new:
+      changes.append(ConfigChange(name, old, new, tuple(sorted(users.get(name, ())))))
+  for key in sorted(set(old_bindings) | set(new_bindings)):
+    old_raw, new_raw = old_bindings.get(key, _UNSET), new_bindings.get(key, _UNSET)
+    if isinstance(old_raw, _GinReference) and old_raw.macro and old_raw == new_raw:
+      continue  # Listed under the macro's name if the macro changed.
+    old, new = _resolve_macros(old_raw, old_macros), _resolve_macros(new_raw, new_macros)
+    if old != new:
+      changes.append(ConfigChange(key, old, new, (key,)))
+  return changes
+
+
+def _fixed_gin_binding(key: str, value: Any) -> bool:
+  """Whether gin binding `key` ("[scope/]configurable.param") sets something a checkpoint fixes
+  (the rule `run_settings` follows, for checkpoints that only recorded their gin text)."""
+  configurable, _, arg = key.rsplit("/", 1)[-1].partition(".")
+  if configurable in _MODEL_CONFIGURABLES:
+    return arg not in RESUMABLE_MODEL_FIELDS
+  if configurable == "SparseConfig":
+    return arg not in RESUMABLE_SPARSE_FIELDS
+  if configurable == "SentencePieceSettings":
+    return True  # The vocabulary.
+  if configurable == "task_name":
+    return arg == "name"
+  if configurable == "train":
+    return arg in FIXED_TRAIN_ARGS and not (arg == "hash_tables" and _is_file_spec(value))
+  return False
+
+
+def check_resume(saved: Mapping[str, Any], *, step: int, settings: Mapping[str, Any],
+                 config_text: str, model_dir: PathLike) -> list[ConfigChange]:
+  """Compares a run with the checkpoint it is about to resume.
+
+  Args:
+    saved: the checkpoint's "config" item (`read_saved_config`).
+    step: the checkpoint's step.
+    settings: this run's `run_settings`.
+    config_text: this run's operative gin config.
+    model_dir: MODEL_DIR (for the message).
+
+  Returns:
+    The changes the run may make (for the log): every difference of the two gin configs.
+
+  Raises:
+    ChangedConfigError: a setting the checkpoint fixes differs, with each such difference named
+      (`name: checkpoint value -> this run's value`) and the ways out. Checkpoints that recorded
+      `run_settings` are compared on those; older ones on their gin text's fixed bindings.
+  """
+  changes = gin_config_changes(saved.get("operative_config") or "", config_text)
+  saved_settings = saved.get("settings")
+  if isinstance(saved_settings, Mapping):
+    try:
+      macros = {key: raw.macro for key, raw in _gin_statements(config_text)[1].items()
+                if isinstance(raw, _GinReference) and raw.macro}
+    except Exception:  # pylint: disable=broad-except
+      macros = {}  # Only the names suffer: gin_config_changes has warned.
+    current = _to_json(dict(settings))
+    fixed = []
+    # A setting only one side has is unknown, not changed: a field added to the model since the
+    # checkpoint was written (a dense model's SparseConfig fields show as TransformerConfig.sparse).
+    for key in sorted(set(saved_settings) & set(current)):
+      if key == "train.hash_tables" and _is_file_spec(current[key]):
+        continue  # Compared by content against the checkpoint's tables (_check_same_tables).
+      if saved_settings[key] != current[key]:
+        name = f"{macros[key]} ({key})" if key in macros else key
+        fixed.append(ConfigChange(name, saved_settings[key], current[key], (key,)))
+  else:
+    fixed = [c for c in changes if c.old is not _UNSET and c.new is not _UNSET
+             and any(_fixed_gin_binding(k, c.new) for k in c.keys)]
+  if fixed:
+    model_dir = os.fspath(model_dir)
+    lines = "".join(f"\n  {c}" for c in fixed)
+    raise ChangedConfigError(
+        f"MODEL_DIR {model_dir} holds a checkpoint (step {step}) of a run with other settings, "
+        f"and these cannot change under a checkpoint (checkpoint -> this run):{lines}\n"
+        f"Nothing was written. Rerun with the checkpoint's settings (its run's config is "
+        f"{os.path.join(model_dir, CONFIG_FILE)}), or use a new MODEL_DIR; to fine-tune this "
+        f"run's parameters under the new settings, start the new MODEL_DIR with "
+        f"INIT_CHECKPOINT='{model_dir}'.")
+  return changes
+
+
+def _keep_config_history(model_dir: epath.Path, step: int, saved_text: str,
+                         config_text: str) -> None:
+  """Before config.gin takes a resumed run's changed config, the checkpoint's is kept as
+  config.gin.<step> (the config that trained up to that step); an existing one is not replaced:
+  a run that stopped before its next checkpoint trained nothing that was kept."""
+  if not saved_text or saved_text == config_text:
+    return
+  kept = model_dir / f"{CONFIG_FILE}.{step}"
+  if not kept.exists():
+    kept.write_text(saved_text)
+    logger.info("the config of the checkpoint at step %d is kept as %s", step, kept)
+
+
+def _set_aside_earlier_logs(model_dir: epath.Path) -> None:
+  """A fresh run in a MODEL_DIR that holds logs of an earlier run (whose checkpoints were deleted)
+  would overwrite them: they are renamed `<name>.<timestamp>.bak` first, with a warning. The
+  TensorBoard folder is left as it is (TensorBoard tells the runs apart by wall time)."""
+  logs = [model_dir / name for name in (METRICS_FILE, EVAL_FILE)]
+  records = {p.name: sum(1 for line in p.read_text().splitlines() if line.strip())
+             for p in logs if p.exists()}
+  if not any(records.values()):
+    return
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  kept = []
+  for path in logs + [model_dir / CONFIG_FILE]:
+    if path.exists():
+      target = path.parent / f"{path.name}.{stamp}.bak"
+      path.rename(target)
+      kept.append(target.name)
+  message = (f"MODEL_DIR {model_dir} has no checkpoint but holds the logs of an earlier run "
+             f"({', '.join(f'{n}: {c} records' for n, c in records.items())}); they are kept as "
+             f"{', '.join(kept)} and this run starts over at step 0")
+  warnings.warn(message, RuntimeWarning, stacklevel=3)
+  logger.warning(message)
+
+
+# --------------------------------------------------------------------------------------------------
+# One run per MODEL_DIR.
+
+LOCK_FILE = "hashmoe.lock"
+
+
+class ModelDirLock:
+  """MODEL_DIR's lock: one run at a time writes to a MODEL_DIR.
+
+  `acquire` takes an exclusive `fcntl.flock` on MODEL_DIR/hashmoe.lock (the kernel drops it when
+  the process ends, however it ends) and writes the owner's pid, host and start time into the file,
+  for the message a second run prints; `release` deletes the file and drops the lock. `train`
+  takes it on process 0 before it writes anything, and releases it when the run ends, exceptions
+  included.
+
+  A lock file that exists but is not locked was left by a run that ended without releasing it
+  (SIGKILL, a crash). Written on this host, that run is certainly gone: the lock is taken over with
+  a warning. Written on another host, it may not be (not every network filesystem carries flock
+  between hosts, and this host cannot ask whether a process there lives): the run refuses and says
+  to delete the file if that run is gone. There is no heartbeat rule on purpose: a run that only
+  stalls would lose its lock to a second one.
+
+  Object stores (gs://, s3://) have no locks: there the lock is skipped (logged), and one run per
+  MODEL_DIR is up to the launcher. Where flock itself fails (a filesystem without locks) the run
+  goes on unlocked, with a warning.
+  """
+
+  def __init__(self, model_dir: PathLike):
+    self.model_dir = epath.Path(model_dir)
+    self.path = self.model_dir / LOCK_FILE
+    self._fd: Optional[int] = None
+
+  @property
+  def held(self) -> bool:
+    return self._fd is not None
+
+  def _read_owner(self, fd: int, wait: bool = False) -> dict[str, Any]:
+    # A holder writes its owner right after locking; `wait` gives it that moment.
+    for _ in range(20 if wait else 1):
+      raw = os.pread(fd, 1 << 16, 0)
+      if raw:
+        try:
+          owner = json.loads(raw.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+          owner = None
+        return owner if isinstance(owner, dict) else {"pid": "?", "host": "?",
+                                                      "started": "? (unreadable lock file)"}
+      if wait:
+        time.sleep(0.05)
+    return {}
+
+  def _describe(self, owner: Mapping[str, Any]) -> str:
+    return (f"pid {owner.get('pid', '?')} on host {owner.get('host', '?')} "
+            f"(started {owner.get('started', '?')})")
+
+  def acquire(self) -> "ModelDirLock":
+    """Takes the lock, or raises ModelDirInUseError naming the run that holds it."""
+    if is_remote(self.model_dir):
+      logger.info("MODEL_DIR %s is on an object store, which has no locks: make sure no other run "
+                  "writes to it", self.model_dir)
+      return self
+    path = os.fspath(self.path)
+    host = socket.gethostname()
+    for _ in range(10):
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        owner = self._read_owner(fd, wait=True)
+        os.close(fd)
+        who = self._describe(owner) if owner else "another run (it has not written its pid yet)"
+        raise ModelDirInUseError(
+            f"MODEL_DIR {self.model_dir} is in use by {who}: one run at a time may write to a "
+            "MODEL_DIR. Wait for that run to end (or stop it), or give this run another "
+            "MODEL_DIR.") from None
+      except OSError as e:
+        os.close(fd)
+        message = (f"cannot lock MODEL_DIR {self.model_dir} ({e}); going on unlocked: make sure no "
+                   "other run writes to it")
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        logger.warning(message)
+        return self
+      try:
+        current = os.stat(path).st_ino == os.fstat(fd).st_ino
+      except FileNotFoundError:
+        current = False
+      if not current:  # Its owner released and deleted it meanwhile: lock the file now there.
+        os.close(fd)
+        continue
+      owner = self._read_owner(fd)
+      if owner and owner.get("host") != host:
+        os.close(fd)
+        raise ModelDirInUseError(
+            f"MODEL_DIR {self.model_dir} is locked by {self._describe(owner)}, and this host "
+            f"({host}) cannot check whether that run is still going. If no run is using the "
+            f"directory, delete {path} and run again.")
+      if owner:
+        message = (f"taking over the stale lock of MODEL_DIR {self.model_dir}: "
+                   f"{self._describe(owner)} ended without releasing it")
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        logger.warning(message)
+      started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+      data = json.dumps({"pid": os.getpid(), "host": host, "started": started}).encode()
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, data, 0)
+      os.fsync(fd)
+      self._fd = fd
+      return self
+    raise ModelDirInUseError(f"could not lock MODEL_DIR {self.model_dir}: {path} kept being "
+                             "replaced; is another run starting there?")
+
+  def release(self) -> None:
+    """Deletes the lock file and drops the lock (nothing when not held)."""
+    if self._fd is None:
+      return
+    fd, self._fd = self._fd, None
+    try:
+      if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+        os.unlink(self.path)
+    except FileNotFoundError:
+      pass
+    finally:
+      os.close(fd)
+
+  def __enter__(self) -> "ModelDirLock":
+    return self.acquire()
+
+  def __exit__(self, *exc) -> bool:
+    self.release()
+    return False
+
+
+def _lock_model_dir(model_dir: epath.Path) -> Optional[ModelDirLock]:
+  """Process 0 takes MODEL_DIR's lock; every process raises if it could not (so that no host goes
+  on to wait for the others in a collective)."""
+  lock, error = None, ""
+  if jax.process_index() == 0:
+    try:
+      lock = ModelDirLock(model_dir).acquire()
+    except ModelDirInUseError as e:
+      error = str(e)
+  if jax.process_count() > 1:
+    error = next((e for e in _allgather_json(error) if e), "")
+  if error:
+    if lock is not None:
+      lock.release()
+    raise ModelDirInUseError(error)
+  return lock
+
+
+# --------------------------------------------------------------------------------------------------
 # Metrics: JSONL (one object per logged step), TensorBoard, a progress bar.
 
 
@@ -775,6 +1254,31 @@ def _jsonable(value: Any) -> Any:
       return str(v)  # JSON has no NaN/inf; keep the fact readable.
     return v
   return [_jsonable(v) for v in value]
+
+
+def _json_safe(value: Any) -> Any:
+  """`value` with every non-finite float as the string "nan", "inf" or "-inf": JSON has no such
+  numbers (json.dumps would write NaN/Infinity, which strict readers reject)."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  if isinstance(value, Mapping):
+    return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(v) for v in value]
+  return value
+
+
+def _exp(x: float) -> float:
+  """exp(x), inf where it overflows (a perplexity is never clamped to a made-up finite number)."""
+  try:
+    return math.exp(x)
+  except OverflowError:
+    return math.inf
+
+
+# TensorBoard stores float32: a value beyond its range (a diverged run's perplexity) cannot be
+# written, and TensorFlow raises instead of writing inf.
+_TENSORBOARD_MAX = float(np.finfo(np.float32).max)
 
 
 def truncate_jsonl(path: epath.Path, last_step: int) -> None:
@@ -801,7 +1305,10 @@ def is_remote(path: epath.PathLike) -> bool:
 
 
 class MetricsLogger:
-  """Writes train and eval metrics to JSONL and TensorBoard on process 0."""
+  """Writes train and eval metrics to JSONL and TensorBoard on process 0.
+
+  No value makes it fail: a non-finite float is written to the JSONL as the string "nan", "inf" or
+  "-inf" (strict JSON), and left out of TensorBoard, as is one beyond float32's range."""
 
   def __init__(self, model_dir: epath.Path, *, tensorboard: bool = True):
     self._primary = jax.process_index() == 0
@@ -826,7 +1333,7 @@ class MetricsLogger:
       self._remote_lines.clear()  # Re-read after truncation.
 
   def _append(self, path: epath.Path, record: Mapping[str, Any]) -> None:
-    line = json.dumps(record) + "\n"
+    line = json.dumps(_json_safe(record), allow_nan=False) + "\n"
     if not is_remote(path):
       with open(path, "a") as f:
         f.write(line)
@@ -849,14 +1356,20 @@ class MetricsLogger:
       if key == "moe":
         for layer, metrics in value.items():
           for name, v in metrics.items():
-            arr = np.asarray(v, np.float64)
+            try:
+              arr = np.asarray(v, np.float64)
+            except (TypeError, ValueError):
+              continue  # "nan"/"inf" strings of a non-finite metric (_jsonable).
             tag = f"{prefix}/moe/{layer}/{name}"
+            if not np.all(np.abs(arr) <= _TENSORBOARD_MAX):  # NaN fails the test too.
+              continue
             if arr.ndim == 0:
               scalars[tag] = float(arr)
             else:
               histograms[tag] = arr
         continue
-      if isinstance(value, (int, float)) and value is not None:
+      if isinstance(value, (int, float)) and abs(value) <= _TENSORBOARD_MAX:
+        # NaN, inf and what float32 cannot hold are left out (the JSONL keeps them).
         scalars[f"{prefix}/{key}"] = float(value)
     self._writer.write_scalars(step, scalars)
     if histograms:
@@ -888,37 +1401,53 @@ def _moe_record(moe: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any
 
 
 # --------------------------------------------------------------------------------------------------
-# Pre-emption.
+# Pre-emption and Ctrl-C.
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step (then it checkpoints and exits)."""
+class _StopSignals:
+  """Turns SIGTERM (pre-emption) and SIGINT (Ctrl-C) into a request the loop checks after each
+  step; it then checkpoints and returns. A second Ctrl-C raises KeyboardInterrupt at once (no
+  checkpoint). A SIGINT that the parent left ignored (a `nohup` or background job) stays ignored."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signum = 0  # The first signal received; 0: none.
+    self._previous: dict[int, Any] = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        if signum == signal.SIGINT and signal.getsignal(signum) == signal.SIG_IGN:
+          continue
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def _handle(self, signum, frame):
     del frame
-    logger.warning("received signal %d: checkpointing after the current step", signum)
-    self.requested = True
+    if self.signum and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if self.signum:
+      return
+    self.signum = signum
+    if signum == signal.SIGINT:
+      logger.warning("Ctrl-C: checkpointing after the current step, then stopping (Ctrl-C again "
+                     "stops at once, without a checkpoint)")
+    else:
+      logger.warning("received %s: checkpointing after the current step, then stopping",
+                     signal.Signals(signum).name)
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous.clear()
     return False
 
-  def any_host(self) -> bool:
-    # Hosts receive the signal at different moments; all must stop at the same step.
+  def any_host(self) -> int:
+    """The signal that stops the run (0: none yet), the same on every host: hosts receive it at
+    different moments, and all must stop at the same step."""
     if jax.process_count() == 1:
-      return self.requested
+      return self.signum
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+    return int(np.max(multihost_utils.process_allgather(np.int32(self.signum))))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1081,10 +1610,11 @@ class TrainResult:
   Attributes:
     step: the step the run stopped at.
     start_step: the step it started (or resumed) from.
-    preempted: stopped early by SIGTERM (a checkpoint at `step` was written).
+    preempted: stopped early by SIGTERM or SIGINT (a checkpoint at `step` was written).
     last_train: the last logged train record (as in metrics.jsonl), or None.
     last_eval: the last eval record (as in eval.jsonl), or None.
     model_dir: where everything was written.
+    stop_signal: the signal that stopped the run early (signal.SIGTERM or signal.SIGINT), or None.
   """
   step: int
   start_step: int
@@ -1092,6 +1622,15 @@ class TrainResult:
   last_train: Optional[dict[str, Any]]
   last_eval: Optional[dict[str, Any]]
   model_dir: str
+  stop_signal: Optional[int] = None
+
+  @property
+  def exit_code(self) -> int:
+    """0, or what a shell reports for a process its stop signal ended: 128 + the signal (143
+    SIGTERM, 130 SIGINT), so that scripts and schedulers tell a stop from a finished run."""
+    if not self.preempted:
+      return 0
+    return 128 + int(self.stop_signal or signal.SIGTERM)
 
 
 def _is_table_kind(spec: Any) -> bool:
@@ -1168,6 +1707,7 @@ def train(*,
           hash_tables: Any = None,
           progress_bar: bool = True,
           tensorboard: bool = True,
+          divergence_factor: Optional[float] = 4.0,
           input_pipeline: Optional["InputPipeline"] = None) -> TrainResult:
   """Trains `model_config` on `task` until `train_steps`, resuming from MODEL_DIR if possible.
 
@@ -1199,13 +1739,21 @@ def train(*,
       given again must be those); a run from INIT_CHECKPOINT keeps that checkpoint's.
     progress_bar: show a tqdm bar (process 0).
     tensorboard: write TensorBoard summaries.
+    divergence_factor: the run stops ("loss diverged at step N") when a step's cross-entropy
+      exceeds divergence_factor x ln(vocab size): an untrained model's loss is about ln(vocab
+      size), so a loss several times that means the run blew up, even while it is still finite
+      (its perplexity would overflow what the logs can hold). None disables the bound; a NaN or
+      infinite loss or update always stops the run.
     input_pipeline: the data (default: `TaskPipeline(task, ...)`); tests pass their own.
 
   Returns:
     TrainResult.
 
   Raises:
-    NonFiniteLossError: the loss became NaN/inf (the message names the step).
+    ModelDirInUseError: another run holds MODEL_DIR (`ModelDirLock`).
+    ChangedConfigError: MODEL_DIR's checkpoint fixes a setting this run changes (`check_resume`).
+    LossDivergedError: the loss diverged (the message names the step and the last good
+      checkpoint).
     CheckpointError: no checkpoint in MODEL_DIR could be restored.
   """
   for name, value in (("train_steps", train_steps), ("batch_size", batch_size),
@@ -1219,25 +1767,43 @@ def train(*,
   if batch_size % jax.process_count():
     raise ValueError(f"batch_size={batch_size} must divide evenly over "
                      f"{jax.process_count()} processes")
+  if divergence_factor is not None and not divergence_factor > 0:
+    raise ConfigError(f"train.divergence_factor must be a positive number or None (no bound), "
+                      f"got {divergence_factor!r}")
   model_dir = epath.Path(model_dir).absolute()
+  created = not model_dir.exists()
   model_dir.mkdir(parents=True, exist_ok=True)
-  data = input_pipeline or TaskPipeline(task, batch_size=batch_size, seq_len=seq_len, seed=seed)
-  logger.info("task %s: vocabulary of %d pieces", task, data.vocab_size)
-  if model_config.vocab_size != data.vocab_size:
-    raise ValueError(f"the model has vocab_size={model_config.vocab_size} but task {task!r} has a "
-                     f"vocabulary of {data.vocab_size} pieces; bind TransformerConfig.vocab_size "
-                     f"(VOCAB_SIZE) to {data.vocab_size}")
-  tx = make_optimizer() if optimizer is None else optimizer
-  mesh = sharding.make_mesh() if mesh is None else mesh
-  model = models.build_model(model_config)
-  trainer = Trainer(model_config, model, tx, mesh, seed=seed)
-  logger.info("mesh %s; %s", dict(mesh.shape), models.param_counts(model_config))
-  checkpointer = Checkpointer(model_dir / CHECKPOINT_SUBDIR, max_to_keep=keep_checkpoints,
-                              async_save=async_checkpointing)
-  metrics_logger = MetricsLogger(model_dir, tensorboard=tensorboard)
+  lock = _lock_model_dir(model_dir)
+  checkpointer = metrics_logger = None
   try:
+    data = input_pipeline or TaskPipeline(task, batch_size=batch_size, seq_len=seq_len, seed=seed)
+    logger.info("task %s: vocabulary of %d pieces", task, data.vocab_size)
+    if model_config.vocab_size != data.vocab_size:
+      raise ValueError(f"the model has vocab_size={model_config.vocab_size} but task {task!r} has "
+                       f"a vocabulary of {data.vocab_size} pieces; bind "
+                       f"TransformerConfig.vocab_size (VOCAB_SIZE) to {data.vocab_size}")
+    tx = make_optimizer() if optimizer is None else optimizer
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    model = models.build_model(model_config)
+    trainer = Trainer(model_config, model, tx, mesh, seed=seed)
+    logger.info("mesh %s; %s", dict(mesh.shape), models.param_counts(model_config))
+    # Read once everything gin configures has been called (make_optimizer, make_mesh above).
+    config_text = gin.operative_config_str()
+    settings = run_settings(model_config, task=task, seq_len=seq_len, batch_size=batch_size,
+                            seed=seed, hash_tables=hash_tables,
+                            vocab_fingerprint=data.vocab_fingerprint)
+    # Compared before anything is written: a refused run leaves MODEL_DIR as it found it.
+    saved = read_saved_config(model_dir)
+    changes = []
+    if saved is not None:
+      changes = check_resume(saved[1], step=saved[0], settings=settings, config_text=config_text,
+                             model_dir=model_dir)
+    checkpointer = Checkpointer(model_dir / CHECKPOINT_SUBDIR, max_to_keep=keep_checkpoints,
+                                async_save=async_checkpointing)
     with trainer.context():
       restored = checkpointer.restore_latest(trainer.abstract_state)
+    metrics_logger = MetricsLogger(model_dir, tensorboard=tensorboard)
+    primary = jax.process_index() == 0
     if restored is not None:
       state, position = restored.state, restored.data_position
       hash_meta = restored.hash_metadata
@@ -1247,23 +1813,42 @@ def train(*,
       if hash_tables is not None and not _is_table_kind(hash_tables):
         _check_same_tables(hash_tables, model_config, data, hash_meta)
       logger.info("resumed from step %d in %s", restored.step, checkpointer.directory)
+      if changes:
+        logger.info("changed since the checkpoint at step %d: %s", restored.step,
+                    "; ".join(map(str, changes)))
+      if primary and saved is not None:
+        _keep_config_history(model_dir, restored.step, saved[1].get("operative_config") or "",
+                             config_text)
       metrics_logger.resume(restored.step)
     else:
       state, position, hash_meta = _fresh_state(trainer, data, hash_tables, init_checkpoint,
                                                 model_dir, seed)
+      if primary:
+        _set_aside_earlier_logs(model_dir)
       metrics_logger.resume(0)
-    config_text = gin.operative_config_str()
-    if jax.process_index() == 0:
+    if primary:
       (model_dir / CONFIG_FILE).write_text(config_text)
+    max_loss = None if divergence_factor is None else divergence_factor * math.log(
+        max(data.vocab_size, 2))
     return _loop(trainer=trainer, state=state, position=position, data=data,
                  checkpointer=checkpointer, metrics_logger=metrics_logger, hash_meta=hash_meta,
-                 config_text=config_text, train_steps=int(train_steps),
+                 config_text=config_text, settings=settings, train_steps=int(train_steps),
                  checkpoint_period=checkpoint_period, eval_period=eval_period,
                  eval_batches=eval_batches, eval_split=eval_split, log_period=log_period,
-                 progress_bar=progress_bar, model_dir=model_dir)
+                 progress_bar=progress_bar, model_dir=model_dir, max_loss=max_loss,
+                 divergence_factor=divergence_factor)
   finally:
-    checkpointer.close()
-    metrics_logger.close()
+    try:
+      if checkpointer is not None:
+        checkpointer.close()
+      if metrics_logger is not None:
+        metrics_logger.close()
+    finally:
+      if lock is not None:
+        lock.release()
+      if created and jax.process_index() == 0 and not is_remote(model_dir):
+        with contextlib.suppress(OSError):
+          os.rmdir(model_dir)  # Only when empty: a run refused before writing leaves no trace.
 
 
 def _check_same_tables(spec: Any, config: models.TransformerConfig, data: "InputPipeline",
@@ -1316,9 +1901,10 @@ def _reinit_opt(trainer: Trainer, params: PyTree) -> PyTree:
 
 def _loop(*, trainer: Trainer, state: TrainState, position: Any, data: "InputPipeline",
           checkpointer: Checkpointer, metrics_logger: MetricsLogger, hash_meta: dict[str, Any],
-          config_text: str, train_steps: int, checkpoint_period: int, eval_period: int,
-          eval_batches: int, eval_split: str, log_period: int, progress_bar: bool,
-          model_dir: epath.Path) -> TrainResult:
+          config_text: str, settings: Mapping[str, Any], train_steps: int,
+          checkpoint_period: int, eval_period: int, eval_batches: int, eval_split: str,
+          log_period: int, progress_bar: bool, model_dir: epath.Path, max_loss: Optional[float],
+          divergence_factor: Optional[float]) -> TrainResult:
   start_step = int(jax.device_get(state.step))
   step = start_step
   last_train = last_eval = None
@@ -1334,27 +1920,45 @@ def _loop(*, trainer: Trainer, state: TrainState, position: Any, data: "InputPip
   def save():
     nonlocal saved_step
     checkpointer.save(state, data_position=batches.position(), hash_metadata=hash_meta,
-                      config_text=config_text)
+                      config_text=config_text, settings=settings)
     saved_step = step
 
   pending: list[tuple[int, dict]] = []
   window_start, window_tokens = time.perf_counter(), 0.0
 
+  def diverged(s: int, m: Mapping[str, Any]) -> Optional[str]:
+    loss, ce, aux = float(m["loss"]), float(m["ce_loss"]), float(m["aux_loss"])
+    if not math.isfinite(loss):
+      why = f"the training loss is {loss} (cross-entropy {ce}, aux loss {aux})"
+    elif max_loss is not None and ce > max_loss:
+      why = (f"the cross-entropy {ce:.6g} is above {max_loss:.4g} = train.divergence_factor "
+             f"{divergence_factor:g} x ln(vocab size {trainer.config.vocab_size}), far worse than "
+             "an untrained model's")
+    elif not (_finite(m["grad_norm"]) and _finite(m["update_norm"])):
+      why = (f"the update is not finite (gradient norm {float(m['grad_norm'])}, update norm "
+             f"{float(m['update_norm'])})")
+    else:
+      return None
+    if saved_step is None:
+      kept = "No checkpoint was written yet; nothing was saved."
+    else:
+      kept = (f"The last good checkpoint is step {saved_step} in {checkpointer.directory}: it is "
+              "kept, and nothing after it was saved.")
+    return (f"loss diverged at step {s}: {why}. {kept} Lower the learning rate (or raise its "
+            "warm-up), or check the data.")
+
   def flush(log: bool):
-    """Checks every pending step's loss (NaN/inf stop the run here, before any save) and logs the
-    newest one."""
+    """Checks every pending step for divergence (which stops the run here, before any save) and
+    logs the newest one."""
     nonlocal pending, window_start, window_tokens, last_train
     if not pending:
       return
     fetched = jax.device_get([m for _, m in pending])
     now = time.perf_counter()
     for (s, _), m in zip(pending, fetched):
-      if not _finite(m["loss"]):
-        raise NonFiniteLossError(
-            f"training loss is {float(m['loss'])} at step {s} (cross-entropy "
-            f"{float(m['ce_loss'])}, aux loss {float(m['aux_loss'])}); stopping. The last good "
-            f"checkpoint is step {saved_step} in {checkpointer.directory}; nothing after it was "
-            "saved. Lower the learning rate or check the data.")
+      message = diverged(s, m)
+      if message:
+        raise LossDivergedError(message)
       window_tokens += float(m["tokens"])
     s, m = pending[-1][0], fetched[-1]
     pending = []
@@ -1362,7 +1966,7 @@ def _loop(*, trainer: Trainer, state: TrainState, position: Any, data: "InputPip
       return
     elapsed = max(now - window_start, 1e-9)
     record = {"step": s, "loss": float(m["loss"]), "ce_loss": float(m["ce_loss"]),
-              "ppl": float(math.exp(min(float(m["ce_loss"]), 700.0))),
+              "ppl": _exp(float(m["ce_loss"])),
               "aux_loss": float(m["aux_loss"]), "grad_norm": float(m["grad_norm"]),
               "update_norm": float(m["update_norm"]), "tokens": float(m["tokens"]),
               "tokens_per_s": window_tokens / elapsed, "time": time.time(),
@@ -1376,8 +1980,8 @@ def _loop(*, trainer: Trainer, state: TrainState, position: Any, data: "InputPip
   from tqdm import auto as tqdm_auto  # pylint: disable=g-import-not-at-top
   bar = tqdm_auto.tqdm(total=train_steps, initial=start_step, unit="step", dynamic_ncols=True,
                        disable=not progress_bar or jax.process_index() != 0)
-  preempted = False
-  with _Preemption() as preemption, contextlib.closing(batches), contextlib.closing(bar):
+  stop_signal = 0
+  with _StopSignals() as stop_signals, contextlib.closing(batches), contextlib.closing(bar):
     while step < train_steps:
       local = next(batches)
       batch = trainer.global_batch(local)
@@ -1394,7 +1998,8 @@ def _loop(*, trainer: Trainer, state: TrainState, position: Any, data: "InputPip
       last = step == train_steps
       do_eval = eval_period > 0 and eval_batches > 0 and (step % eval_period == 0 or last)
       do_save = step % checkpoint_period == 0 or last
-      stop = preemption.any_host()
+      stop_signal = stop_signals.any_host()
+      stop = bool(stop_signal)
       log = step % log_period == 0 or last or stop
       if log or do_eval or do_save:
         # Losses are fetched (a host sync) only here, and always before a checkpoint is written.
@@ -1407,11 +2012,12 @@ def _loop(*, trainer: Trainer, state: TrainState, position: Any, data: "InputPip
       if do_eval or do_save:
         window_start, window_tokens = time.perf_counter(), 0.0
       if stop:
-        preempted = True
-        logger.warning("pre-empted: checkpoint written at step %d", step)
+        logger.warning("stopped by %s: checkpoint written at step %d; run the same command again "
+                       "to resume", signal.Signals(stop_signal).name, step)
         break
-  return TrainResult(step=step, start_step=start_step, preempted=preempted,
-                     last_train=last_train, last_eval=last_eval, model_dir=os.fspath(model_dir))
+  return TrainResult(step=step, start_step=start_step, preempted=bool(stop_signal),
+                     last_train=last_train, last_eval=last_eval, model_dir=os.fspath(model_dir),
+                     stop_signal=stop_signal or None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1424,7 +2030,14 @@ class Evaluator:
 
   Reports per-token perplexity exp(Σ NLL / Σ target tokens) and, when the task defines words,
   per-word perplexity exp(Σ NLL / number of whitespace words of the decoded targets) (the unit
-  the paper's Wikitext-103 word-dictionary results are in).
+  the paper's Wikitext-103 word-dictionary results are in), with `tokens_per_word` beside it.
+
+  word_ppl = ppl ** tokens_per_word: the per-token perplexity compounds over the pieces of a word,
+  so it is huge wherever the model is still poor and words are split finely. A small BPE spends
+  256 of its pieces on bytes (`hashmoe.data.vocab`): cpu_tiny.gin's 512-piece vocabulary of the
+  embedded corpus cuts its validation text into 3.6 pieces per word (measured on the first 4
+  batches), so an early evaluation at ppl 390 reads word_ppl 390^3.6 = 2.5e9. That is the
+  arithmetic, not a bug; word perplexities compare across vocabularies, token ones do not.
   """
 
   def __init__(self, trainer: Trainer, data: "InputPipeline", *, split: str, num_batches: int):
@@ -1457,11 +2070,12 @@ class Evaluator:
     record = {"step": int(jax.device_get(state.step)), "split": self.split,
               "batches": len(totals), "tokens": tokens, "nll_sum": nll,
               "loss": nll / max(tokens, 1.0),
-              "ppl": float(math.exp(min(nll / max(tokens, 1.0), 700.0))),
+              "ppl": _exp(nll / max(tokens, 1.0)),
               "aux_loss": float(np.mean([t["aux_loss"] for t in totals]))}
     if self._words:
       record["words"] = self._words
-      record["word_ppl"] = float(math.exp(min(nll / self._words, 700.0)))
+      record["tokens_per_word"] = tokens / self._words
+      record["word_ppl"] = _exp(nll / self._words)
     if not _finite(record["loss"]):
       warnings.warn(f"evaluation loss at step {record['step']} is {record['loss']}",
                     RuntimeWarning)
@@ -1496,8 +2110,9 @@ def evaluate(*,
     (the rest as in `train`)
 
   Returns:
-    The eval record: step, split, tokens, nll_sum, loss, ppl (and words, word_ppl), the checkpoint
-    and the mesh ({axis: size}) it was evaluated on.
+    The eval record: step, split, tokens, nll_sum, loss, ppl (and words, tokens_per_word,
+    word_ppl = ppl ** tokens_per_word; see `Evaluator`), the checkpoint and the mesh ({axis:
+    size}) it was evaluated on.
   """
   data = input_pipeline or TaskPipeline(task, batch_size=batch_size, seq_len=seq_len, seed=seed)
   mesh = sharding.make_mesh() if mesh is None else mesh

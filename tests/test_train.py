@@ -4,15 +4,19 @@ References are independent of the code under test: closed-form learning-rate sch
 AdamW step, a numpy log-softmax, a numpy checksum, and for the loop the run itself compared against
 an uninterrupted twin (a run killed with SIGKILL and restarted must reproduce every loss bit for
 bit). In-process runs use a tiny model and a seeded numpy input pipeline on the 8 CPU devices of
-conftest; the kill/pre-emption runs are real `hashmoe train` processes (one CPU device, a generated
-text folder, a 320-piece SentencePiece vocabulary) so that SIGKILL and SIGTERM hit a real process.
+conftest; the kill/pre-emption/Ctrl-C runs are real `hashmoe train` processes (one CPU device, a
+generated text folder, a 320-piece SentencePiece vocabulary) so that SIGKILL, SIGTERM, SIGINT and a
+second run on the same MODEL_DIR hit a real process.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -102,15 +106,26 @@ class NumpyPipeline:
 
 
 def run(model_dir, steps, *, config=None, lr=1e-2, freeze=None, checkpoint_period=2,
-        init_checkpoint=None, eval_period=0, input_pipeline=None, **kwargs):
+        init_checkpoint=None, eval_period=0, input_pipeline=None, seed=0, tensorboard=False,
+        **kwargs):
   optimizer = T.make_optimizer(T.learning_rate_schedule(lr, warmup_steps=0, decay="constant"),
                                freeze=freeze)
   return T.train(model_dir=str(model_dir), model_config=config or tiny_config(), task="numpy",
-                 train_steps=steps, batch_size=8, seq_len=16, seed=0, optimizer=optimizer,
+                 train_steps=steps, batch_size=8, seq_len=16, seed=seed, optimizer=optimizer,
                  mesh=sharding.make_mesh(), checkpoint_period=checkpoint_period,
                  eval_period=eval_period, eval_batches=2, log_period=1,
-                 init_checkpoint=init_checkpoint, progress_bar=False, tensorboard=False,
+                 init_checkpoint=init_checkpoint, progress_bar=False, tensorboard=tensorboard,
                  input_pipeline=input_pipeline or NanAtBatch(-1), **kwargs)
+
+
+def snapshot(model_dir):
+  """{relative path: (size, mtime_ns, sha256)} of every file under model_dir: a refused run must
+  leave it unchanged (a directory's own mtime is not compared: taking and releasing the lock
+  creates and deletes MODEL_DIR/hashmoe.lock)."""
+  import hashlib
+  return {str(p.relative_to(model_dir)): (p.stat().st_size, p.stat().st_mtime_ns,
+                                          hashlib.sha256(p.read_bytes()).hexdigest())
+          for p in sorted(Path(model_dir).rglob("*")) if p.is_file()}
 
 
 def losses(model_dir):
@@ -335,8 +350,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
   model_dir = tmp_path / "run"
   run(model_dir, 4, input_pipeline=NanAtBatch(-1))
   before = T.tree_checksums(saved_params(model_dir, 4)[0])
-  with pytest.raises(T.NonFiniteLossError, match=r"loss is nan at step 6\b.*last good "
-                     r"checkpoint is step 4"):
+  with pytest.raises(T.NonFiniteLossError, match=r"loss diverged at step 6: the training loss "
+                     r"is nan\b.*last good checkpoint is step 4"):
     run(model_dir, 8, input_pipeline=NanAtBatch(5))  # batch 5 feeds step 6
   checkpoints = sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir()
                        if p.name.isdigit())
@@ -492,6 +507,251 @@ def test_out_of_vocabulary_batch_is_a_clear_error(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# Resuming: what a checkpoint fixes is refused, what may change is logged.
+
+
+def test_resuming_with_another_model_is_refused_naming_each_change_and_writes_nothing(tmp_path):
+  model_dir = tmp_path / "run"
+  run(model_dir, 2)
+  assert not (model_dir / T.LOCK_FILE).exists()  # released when the run ended
+  before = snapshot(model_dir)
+  sparse = models.SparseConfig(router="hash", num_experts=4, layers=(1,), hash_key="prev_token")
+  # Same shapes (the checkpoint would load); dropout may change, the rest may not.
+  other = models.tiny_config(vocab_size=V, num_encoder_layers=0, sparse=sparse, max_len=16,
+                             activation="gelu", dropout_rate=0.1)
+  with pytest.raises(T.ChangedConfigError) as caught:
+    run(model_dir, 4, config=other, seed=1)
+  assert isinstance(caught.value, T.ConfigError)  # a usage error: the CLI exits 2
+  message = str(caught.value)
+  listed = [line.strip() for line in message.splitlines()
+            if line.startswith("  ") and " -> " in line]
+  assert listed == ["SparseConfig.hash_key: 'token' -> 'prev_token'",
+                    "TransformerConfig.activation: 'relu' -> 'gelu'",
+                    "train.seed: 0 -> 1"]
+  assert message.startswith(f"MODEL_DIR {model_dir} holds a checkpoint (step 2) of a run with "
+                            "other settings")
+  assert "Nothing was written" in message and "new MODEL_DIR" in message
+  assert f"INIT_CHECKPOINT='{model_dir}'" in message
+  assert snapshot(model_dir) == before
+
+
+def gin_run(model_dir, steps, checkpoint_period):
+  """A run configured in part through gin, as `hashmoe train` is, so that its operative config
+  (the checkpoint's "config" item, MODEL_DIR/config.gin) holds the macros a user changes."""
+  import gin
+  gin.clear_config()
+  gin.parse_config(f"""
+      TRAIN_STEPS = {steps}
+      CHECKPOINT_PERIOD = {checkpoint_period}
+      LEARNING_RATE = 0.01
+      hashmoe.train.train.train_steps = %TRAIN_STEPS
+      hashmoe.train.train.checkpoint_period = %CHECKPOINT_PERIOD
+      hashmoe.train.train.optimizer = @hashmoe.train.make_optimizer()
+      hashmoe.train.make_optimizer.learning_rate = @hashmoe.train.learning_rate_schedule()
+      hashmoe.train.learning_rate_schedule.peak = %LEARNING_RATE
+      hashmoe.train.learning_rate_schedule.warmup_steps = 0
+      hashmoe.train.learning_rate_schedule.decay = 'constant'
+  """)
+  try:
+    return T.train(model_dir=str(model_dir), model_config=tiny_config(), task="numpy",
+                   batch_size=8, seq_len=16, mesh=sharding.make_mesh(), eval_period=0,
+                   log_period=1, progress_bar=False, tensorboard=False,
+                   input_pipeline=NanAtBatch(-1))
+  finally:
+    gin.clear_config()
+
+
+def test_resuming_with_other_training_settings_logs_them_and_keeps_the_config_history(
+    tmp_path, caplog):
+  # (The learning rate may change too: the divergence test below resumes with another one. Here
+  # the change keeps the compiled step, which is most of a tiny run's cost.)
+  model_dir = tmp_path / "run"
+  gin_run(model_dir, 2, checkpoint_period=2)
+  first_config = (model_dir / T.CONFIG_FILE).read_text()
+  assert "TRAIN_STEPS = 2" in first_config and "CHECKPOINT_PERIOD = 2" in first_config
+  first = losses(model_dir)
+  with caplog.at_level("INFO", logger="hashmoe.train"):
+    result = gin_run(model_dir, 4, checkpoint_period=1)
+  assert result.start_step == 2 and result.step == 4
+  assert ("changed since the checkpoint at step 2: CHECKPOINT_PERIOD: 2 -> 1; "
+          "TRAIN_STEPS: 2 -> 4\n") in caplog.text
+  # config.gin holds the run's config; the checkpoint's is kept under its step.
+  assert (model_dir / f"{T.CONFIG_FILE}.2").read_text() == first_config
+  assert "TRAIN_STEPS = 4" in (model_dir / T.CONFIG_FILE).read_text()
+  logged = losses(model_dir)
+  assert sorted(logged) == [1, 2, 3, 4] and all(logged[s] == first[s] for s in (1, 2))
+
+
+def test_check_resume_names_macros_and_reads_checkpoints_that_recorded_only_gin_text():
+  """A setting is named by the macro the user changes. Checkpoints written before the settings
+  were recorded: their gin text decides, macros resolved, a moved table file being no change (it
+  is checked by content)."""
+  old = ("HASH_KEY = 'token'\nTRAIN_STEPS = 2\nSparseConfig.hash_key = %HASH_KEY\n"
+         "TransformerConfig.dropout_rate = 0.0\ntrain.hash_tables = 'balanced'\n"
+         "train.train_steps = %TRAIN_STEPS\n")
+  new = old.replace("TRAIN_STEPS = 2", "TRAIN_STEPS = 4").replace("0.0", "0.1")
+  check = lambda text: T.check_resume({"operative_config": old}, step=2, settings={},
+                                      config_text=text, model_dir="/runs/x")
+  assert [str(c) for c in check(new)] == ["TRAIN_STEPS: 2 -> 4",
+                                          "TransformerConfig.dropout_rate: 0.0 -> 0.1"]
+  moved = new.replace("'balanced'", "'/tables/balanced.npz'")
+  assert "train.hash_tables: 'balanced' -> '/tables/balanced.npz'" in map(str, check(moved))
+  # A binding the checkpoint's text lacks is unknown there, not changed.
+  assert "TransformerConfig.d_model: (not set) -> 64" in map(str, check(
+      new + "TransformerConfig.d_model = 64\n"))
+  with pytest.raises(T.ChangedConfigError, match=r"\(checkpoint -> this run\):\n  HASH_KEY: "
+                     r"'token' -> 'bigram'\n  train.hash_tables: 'balanced' -> 'random'\n"
+                     r"Nothing was written"):
+    check(new.replace("'token'", "'bigram'").replace("'balanced'", "'random'"))
+  # Recorded settings decide where a checkpoint has them; the macro names the change.
+  saved = {"operative_config": old, "settings": {"SparseConfig.hash_key": "token",
+                                                 "train.seq_len": 32}}
+  with pytest.raises(T.ChangedConfigError, match=r":\n  HASH_KEY \(SparseConfig.hash_key\): "
+                     r"'token' -> 'bigram'\nNothing"):
+    T.check_resume(saved, step=2, settings={"SparseConfig.hash_key": "bigram", "train.seq_len": 32},
+                   config_text=new.replace("'token'", "'bigram'"), model_dir="/runs/x")
+
+
+# --------------------------------------------------------------------------------------------------
+# One run per MODEL_DIR (a live second run is in the Ctrl-C test below).
+
+
+def test_a_stale_lock_of_this_host_is_taken_over_and_one_of_another_host_is_refused(tmp_path):
+  host = socket.gethostname()
+  finished = subprocess.Popen(["true"])
+  finished.wait()
+  dead_pid = finished.pid
+  lock_file = tmp_path / T.LOCK_FILE
+  lock_file.write_text(json.dumps({"pid": dead_pid, "host": host,
+                                   "started": "2024-05-01T10:00:00"}))
+  with pytest.warns(RuntimeWarning, match=rf"taking over the stale lock of MODEL_DIR {tmp_path}: "
+                    rf"pid {dead_pid} on host {re.escape(host)} \(started 2024-05-01T10:00:00\)"):
+    lock = T.ModelDirLock(tmp_path).acquire()
+  assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+  lock.release()
+  assert not lock_file.exists()
+  lock_file.write_text(json.dumps({"pid": 4242, "host": "elsewhere.example",
+                                   "started": "2024-05-01T10:00:00"}))
+  before = snapshot(tmp_path)
+  with pytest.raises(T.ModelDirInUseError) as caught:
+    run(tmp_path, 2)
+  assert str(caught.value).startswith(  # (gin adds the configurable it was raised in)
+      f"MODEL_DIR {tmp_path} is locked by pid 4242 on host elsewhere.example (started "
+      f"2024-05-01T10:00:00), and this host ({host}) cannot check whether that run is still "
+      f"going. If no run is using the directory, delete {lock_file} and run again.")
+  assert snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------------------------------
+# Divergence, and metrics writers that take any value.
+
+
+def test_a_huge_learning_rate_stops_with_loss_diverged_and_keeps_the_last_good_checkpoint(
+    tmp_path):
+  """A learning rate of 10 sends the loss to hundreds in one update: still finite, but its
+  perplexity (~1e200) is more than TensorBoard's float32 holds, which used to crash the writer."""
+  model_dir = tmp_path / "run"
+  run(model_dir, 2)
+  before = T.tree_checksums(saved_params(model_dir, 2)[0])
+  # Step 3 still starts from step 2's parameters; its update blows them up, and step 4 shows it.
+  with pytest.raises(T.LossDivergedError, match=(
+      r"^loss diverged at step 4: the cross-entropy \S+ is above 16.64 = "
+      r"train.divergence_factor 4 x ln\(vocab size 64\), far worse than an untrained model's\. "
+      rf"The last good checkpoint is step 2 in {model_dir}/checkpoints: it is kept, and nothing "
+      r"after it was saved\.")):
+    run(model_dir, 8, lr=10.0, tensorboard=True)
+  assert sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir()) == [2]
+  assert T.tree_checksums(saved_params(model_dir, 2)[0]) == before
+  assert sorted(losses(model_dir)) == [1, 2, 3]  # the diverged step was never logged
+  assert not (model_dir / T.LOCK_FILE).exists()  # released on the exception too
+
+
+def _strict_json(line):
+  def reject(constant):
+    raise ValueError(f"{constant} is not JSON")
+  return json.loads(line, parse_constant=reject)
+
+
+def test_metrics_writers_take_huge_and_non_finite_values(tmp_path):
+  from etils import epath
+  log = T.MetricsLogger(epath.Path(tmp_path), tensorboard=True)
+  record = {"step": 1, "loss": 700.0, "ppl": 1e304, "grad_norm": float("nan"),
+            "update_norm": float("inf"),
+            "moe": {"decoder_1": {"expert_load": [0.5, float("nan")], "dropped_fraction": 0.0}}}
+  log.write_train(record)
+  log.write_eval({"step": 1, "loss": float("inf"), "ppl": float("inf"), "split": "validation"})
+  log.close()
+  assert _strict_json((tmp_path / T.METRICS_FILE).read_text()) == {
+      **record, "grad_norm": "nan", "update_norm": "inf",
+      "moe": {"decoder_1": {"expert_load": [0.5, "nan"], "dropped_fraction": 0.0}}}
+  assert _strict_json((tmp_path / T.EVAL_FILE).read_text()) == {
+      "step": 1, "loss": "inf", "ppl": "inf", "split": "validation"}
+  assert list((tmp_path / T.TENSORBOARD_SUBDIR).rglob("events.out.tfevents.*"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Logs a fresh run would overwrite; what word perplexity is.
+
+
+def test_a_fresh_run_keeps_the_logs_of_an_earlier_run_before_starting_over(tmp_path):
+  model_dir = tmp_path / "run"
+  run(model_dir, 2)
+  first = (model_dir / T.METRICS_FILE).read_text()
+  shutil.rmtree(model_dir / "checkpoints")  # the user deletes the checkpoints, reruns
+  with pytest.warns(RuntimeWarning, match=r"no checkpoint but holds the logs of an earlier run "
+                    r"\(metrics.jsonl: 2 records\); they are kept as "
+                    r"metrics.jsonl.\d{8}-\d{6}.bak"):
+    run(model_dir, 1)
+  (kept,) = model_dir.glob(f"{T.METRICS_FILE}.*.bak")
+  assert kept.read_text() == first
+  assert len(list(model_dir.glob(f"{T.CONFIG_FILE}.*.bak"))) == 1
+  assert sorted(losses(model_dir)) == [1]
+
+
+class WordsPipeline(NanAtBatch):
+  """Every third target token ends a word (float weights, as NanAtBatch: the same train step)."""
+
+  def __init__(self):
+    super().__init__(-1)
+
+  def count_words(self, batch):
+    return int(np.sum(np.asarray(batch["decoder_loss_weights"]) > 0)) // 3
+
+
+def test_eval_records_tokens_per_word_which_word_perplexity_compounds_over(tmp_path):
+  result = run(tmp_path / "run", 1, eval_period=1, input_pipeline=WordsPipeline())
+  record = result.last_eval
+  assert record == json.loads((tmp_path / "run" / T.EVAL_FILE).read_text())
+  tokens, words = record["tokens"], record["words"]
+  assert words == sum(int(np.sum(WordsPipeline().batch(i, "validation")["decoder_loss_weights"]
+                                 > 0)) // 3 for i in range(2))
+  assert record["tokens_per_word"] == pytest.approx(tokens / words, rel=1e-12)
+  assert record["word_ppl"] == pytest.approx(record["ppl"] ** (tokens / words), rel=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ctrl-C in process: the first asks for a checkpoint, the second interrupts.
+
+
+def test_ctrl_c_requests_a_checkpointed_stop_and_a_second_one_interrupts_at_once():
+  previous = signal.getsignal(signal.SIGINT)
+  with T._StopSignals() as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    deadline = time.time() + 10
+    while not stop.signum and time.time() < deadline:
+      time.sleep(0.01)
+    assert stop.any_host() == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(10)
+  assert signal.getsignal(signal.SIGINT) is previous
+  result = lambda sig: T.TrainResult(step=3, start_step=0, preempted=sig is not None,
+                                     last_train=None, last_eval=None, model_dir="",
+                                     stop_signal=sig)
+  assert [result(s).exit_code for s in (None, signal.SIGTERM, signal.SIGINT)] == [0, 143, 130]
+
+
+# --------------------------------------------------------------------------------------------------
 # Real processes: SIGKILL at any moment, SIGTERM.
 
 
@@ -529,28 +789,28 @@ def wait_for_lines(path, count, proc, timeout=240):
   raise AssertionError(f"{path} did not reach {count} lines in {timeout}s")
 
 
-def sigterm_between_checkpoints(proc, path, after, timeout=240):
-  """Sends SIGTERM so that the run stops at a step that is not a checkpoint step; returns the
-  complete log lines n seen then (the run stops at step n + 1 or n + 2).
+def signal_between_checkpoints(proc, path, after, sig, timeout=240):
+  """Sends `sig` (SIGTERM or SIGINT) so that the run stops at a step that is not a checkpoint
+  step; returns the complete log lines n seen then (the run stops at step n + 1 or n + 2).
 
   Timing alone cannot promise that: on an idle machine a tiny step takes milliseconds, and the
   run can pass a checkpoint step (or its end) before the signal lands. So the process is frozen
-  (SIGSTOP) and its log read: the loop checks for SIGTERM after a step's train_step and before
-  writing that step's line, so with n complete lines the next check is at step n + 1, or n + 2 if
-  step n + 1 was already checked. When neither is a multiple of PERIOD, SIGTERM then SIGCONT;
-  otherwise SIGCONT and look again."""
+  (SIGSTOP) and its log read: the loop checks for a stop signal after a step's train_step and
+  before writing that step's line, so with n complete lines the next check is at step n + 1, or
+  n + 2 if step n + 1 was already checked. When neither is a multiple of PERIOD, `sig` then
+  SIGCONT; otherwise SIGCONT and look again."""
   deadline = time.time() + timeout
   while time.time() < deadline:
     wait_for_lines(path, after, proc)
     proc.send_signal(signal.SIGSTOP)
     n = path.read_text().count("\n")
     if (n + 1) % PERIOD and (n + 2) % PERIOD and n + 2 < STEPS:
-      proc.send_signal(signal.SIGTERM)
+      proc.send_signal(sig)
       proc.send_signal(signal.SIGCONT)
       return n
     proc.send_signal(signal.SIGCONT)
     time.sleep(0.002)
-  raise AssertionError(f"no moment between checkpoints to send SIGTERM within {timeout}s")
+  raise AssertionError(f"no moment between checkpoints to send {sig!r} within {timeout}s")
 
 
 def test_sigkill_and_sigterm_at_any_moment_then_restart_reproduce_every_loss(text_env):
@@ -580,6 +840,8 @@ def test_sigkill_and_sigterm_at_any_moment_then_restart_reproduce_every_loss(tex
     _, reference_err = reference_proc.communicate(timeout=300)
   assert reference_proc.returncode == 0, reference_err[-3000:]
   assert proc.returncode == -signal.SIGKILL
+  # The killed run could not release its lock; the restart takes it over (same host, lock free).
+  assert json.loads((twin / T.LOCK_FILE).read_text())["pid"] == proc.pid
   killed_at = max(losses(twin))
   reference = losses(base / "reference")
   assert sorted(reference) == list(range(1, STEPS + 1))
@@ -589,8 +851,8 @@ def test_sigkill_and_sigterm_at_any_moment_then_restart_reproduce_every_loss(tex
   try:
     # Past killed_at, the lines are the restarted run's own (it truncates the log to its
     # checkpoint first), so its SIGTERM handler is in place.
-    lines = sigterm_between_checkpoints(proc, twin / T.METRICS_FILE,
-                                        max(3 * PERIOD, killed_at + 1))
+    lines = signal_between_checkpoints(proc, twin / T.METRICS_FILE,
+                                       max(3 * PERIOD, killed_at + 1), signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
   finally:
     if proc.poll() is None:
@@ -609,3 +871,40 @@ def test_sigkill_and_sigterm_at_any_moment_then_restart_reproduce_every_loss(tex
 
   assert finish(twin)["start_step"] == stopped
   assert losses(twin) == reference  # bit-equal, step for step
+  assert not (twin / T.LOCK_FILE).exists()
+
+
+def test_a_running_model_dir_refuses_a_second_run_and_ctrl_c_checkpoints_and_exits_130(text_env):
+  """What a user does to a running `hashmoe train`: starts a second run on its MODEL_DIR (refused
+  at once, naming the first run's pid and host, and nothing written), then presses Ctrl-C (the
+  step finishes, a checkpoint of that step is written, exit code 130, the lock released)."""
+  base, texts, env = text_env
+  model_dir = base / "interrupted"
+  proc = subprocess.Popen(cli_train(model_dir, texts), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    wait_for_lines(model_dir / T.METRICS_FILE, 2, proc)
+    proc.send_signal(signal.SIGSTOP)  # so that it cannot finish (or write) meanwhile
+    try:
+      before = snapshot(model_dir)
+      with pytest.raises(T.ModelDirInUseError, match=(
+          rf"^MODEL_DIR {re.escape(str(model_dir))} is in use by pid {proc.pid} on host "
+          rf"{re.escape(socket.gethostname())} \(started [0-9T:+-]+\): one run at a time")):
+        run(model_dir, STEPS)
+      assert snapshot(model_dir) == before
+    finally:
+      proc.send_signal(signal.SIGCONT)
+    lines = signal_between_checkpoints(proc, model_dir / T.METRICS_FILE, PERIOD + 1,
+                                       signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == 130, err[-3000:]
+  summary = json.loads(out.strip().splitlines()[-1])
+  stopped = summary["step"]
+  assert summary["preempted"] and stopped in (lines + 1, lines + 2) and stopped % PERIOD
+  steps = sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == stopped == max(losses(model_dir))
+  assert not (model_dir / T.LOCK_FILE).exists()
