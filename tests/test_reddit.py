@@ -1,9 +1,5 @@
 """Tests for hashmoe.data.reddit on small dumps written in pushshift's real formats."""
-import bz2
 import collections
-import gzip
-import json
-import lzma
 import random
 import re
 
@@ -12,6 +8,10 @@ import zstandard
 
 from hashmoe.data import reddit
 from hashmoe.data.reddit import (Comment, CorruptDumpError, RedditFilterConfig, Submission, Thread)
+from textdata import compress as _compress
+from textdata import ndjson as _ndjson
+from textdata import reddit_comment as _comment
+from textdata import reddit_submission as _submission
 
 
 # ------------------------------------------------------------------------------------------------
@@ -19,42 +19,9 @@ from hashmoe.data.reddit import (Comment, CorruptDumpError, RedditFilterConfig, 
 # ------------------------------------------------------------------------------------------------
 
 
-def _ndjson(records, newline="\n"):
-  return "".join(json.dumps(r, ensure_ascii=False) + newline for r in records).encode("utf-8")
-
-
-def _compress(data, fmt):
-  if fmt == "zst":
-    return zstandard.ZstdCompressor().compress(data)
-  if fmt == "bz2":
-    return bz2.compress(data)
-  if fmt == "xz":
-    return lzma.compress(data)
-  if fmt == "gz":
-    return gzip.compress(data)
-  assert fmt == "plain"
-  return data
-
-
 def _write(path, data, fmt):
   path.write_bytes(_compress(data, fmt))
   return path
-
-
-def _comment(cid, parent, link, body, author="alice", created=1_400_000_000, **extra):
-  record = {"id": cid, "parent_id": parent, "link_id": link, "body": body, "author": author,
-            "created_utc": created, "subreddit": "test", "subreddit_id": "t5_2qh1i", "score": 1,
-            "edited": False}
-  record.update(extra)
-  return record
-
-
-def _submission(pid, title, selftext="", created=1_400_000_000, **extra):
-  record = {"id": pid, "title": title, "selftext": selftext, "url": "", "is_self": bool(selftext),
-            "author": "op", "subreddit": "test", "created_utc": created, "score": 5,
-            "num_comments": 0, "over_18": False}
-  record.update(extra)
-  return record
 
 
 def _thread(comments, submission=None, link="t3_p"):
