@@ -2,6 +2,7 @@
 import collections
 import random
 import re
+import threading
 
 import pytest
 import zstandard
@@ -232,6 +233,40 @@ def test_build_threads_groups_across_files_and_dedups(tmp_path):
   assert len(list(work.iterdir())) == 1
   it.close()
   assert list(work.iterdir()) == []  # ... and when it is abandoned.
+
+
+def _in_new_thread(fn):
+  """fn() on a thread of its own, joined; its exception is re-raised here."""
+  result = {}
+
+  def target():
+    try:
+      result["value"] = fn()
+    except BaseException as e:  # pylint: disable=broad-except
+      result["error"] = e
+
+  thread = threading.Thread(target=target)
+  thread.start()
+  thread.join()
+  if "error" in result:
+    raise result["error"]
+  return result.get("value")
+
+
+def test_build_threads_is_resumed_and_closed_from_other_threads(tmp_path):
+  # tf.data's from_generator resumes a reader from its own pool threads (and closes it from yet
+  # another): the thread index must not be tied to the thread that opened it.
+  comments = [_c("a1", "t3_a", "top of a", link="t3_a"), _c("b1", "t3_b", "top of b", link="t3_b"),
+              _c("c1", "t3_c", "top of c", link="t3_c")]
+  work = tmp_path / "work"
+  work.mkdir()
+  threads = reddit.build_threads(comments, work_dir=work)
+  first = _in_new_thread(lambda: next(threads))  # Builds the index on this thread.
+  second = _in_new_thread(lambda: next(threads))
+  assert [first.link_id, second.link_id] == ["t3_a", "t3_b"]
+  assert len(list(work.iterdir())) == 1
+  _in_new_thread(threads.close)
+  assert list(work.iterdir()) == []  # Closed from a third thread, the index is still deleted.
 
 
 # ------------------------------------------------------------------------------------------------
