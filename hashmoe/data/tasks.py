@@ -53,12 +53,19 @@ from __future__ import annotations
 
 import abc
 import atexit
+import collections
 import dataclasses
 import functools
 import itertools
+import logging
 import os
+import re
+import threading
+import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -67,6 +74,8 @@ import tensorflow as tf
 
 from hashmoe.data import cc100, embedded, reddit, text_files, vocab as vocab_lib, wikitext
 from hashmoe.data.text_files import SPLITS, PathLike
+
+logger = logging.getLogger(__name__)
 
 LM = "lm"
 SEQ2SEQ = "seq2seq"
@@ -449,6 +458,59 @@ def _blocks(examples: Iterator[Any], keys: tuple[str, ...]) -> Iterator[dict[str
       yield {k: np.array(column, dtype=object) for k, column in zip(keys, columns)}
 
 
+# A reader's exception inside tf.data reaches the consumer as a `tf.errors.OpError` (UnknownError,
+# or InvalidArgumentError for a ValueError) whose message is the formatted Python traceback: a
+# truncated dump or an undecodable file would end a run in pages of TensorFlow internals instead of
+# the reader's one-line message, and never be caught as the ValueError it is. The reader's
+# exception is therefore parked here under a token that travels in the message, and
+# `iterate_dataset` raises the parked exception itself. Consumers that read the dataset some other
+# way (t5x) still get the OpError, whose message names the original error; at most
+# `_MAX_PARKED_ERRORS` unclaimed ones are kept.
+_PARKED_ERRORS: collections.OrderedDict[str, BaseException] = collections.OrderedDict()
+_PARKED_ERRORS_LOCK = threading.Lock()
+_MAX_PARKED_ERRORS = 64
+_PARKED_TOKEN = re.compile(r"\[hashmoe reader error ([0-9a-f]{32})\]")
+
+
+class ReaderError(RuntimeError):
+  """What a reader's exception becomes inside tf.data; `iterate_dataset` raises the original."""
+
+
+def _parked(error: BaseException) -> ReaderError:
+  """Parks `error` and returns the ReaderError to raise inside tf.data in its place."""
+  token = uuid.uuid4().hex
+  with _PARKED_ERRORS_LOCK:
+    _PARKED_ERRORS[token] = error
+    while len(_PARKED_ERRORS) > _MAX_PARKED_ERRORS:
+      _PARKED_ERRORS.popitem(last=False)
+  return ReaderError(f"[hashmoe reader error {token}] {type(error).__name__}: {error}")
+
+
+def _park_errors(examples: Iterator[Any]) -> Iterator[Any]:
+  """`examples`, with any exception they raise parked for `iterate_dataset` (see above)."""
+  try:
+    yield from examples
+  except Exception as e:  # pylint: disable=broad-except  Every reader error must be relayed.
+    raise _parked(e) from None
+
+
+def _unwrap_error(error: tf.errors.OpError) -> BaseException:
+  """The reader exception parked under the token in `error`'s message, else `error` itself.
+
+  Either way the returned exception holds no reference to tf.data's iterator: the OpError's own
+  traceback and context (frames of TensorFlow's iterator, whose locals hold it) are dropped, so
+  that the iterator can be destroyed while the interpreter is whole (see `iterate_dataset`).
+  """
+  match = _PARKED_TOKEN.search(error.message or "")
+  if match:
+    with _PARKED_ERRORS_LOCK:
+      original = _PARKED_ERRORS.pop(match.group(1), None)
+    if original is not None:
+      return original
+  error.__context__ = error.__cause__ = None
+  return error.with_traceback(None)
+
+
 def _dataset_fn(corpus: Corpus, shape: str, vocabulary: seqio.Vocabulary
                 ) -> Callable[..., tf.data.Dataset]:
   keys = ("targets",) if shape == LM else ("inputs", "targets")
@@ -460,8 +522,8 @@ def _dataset_fn(corpus: Corpus, shape: str, vocabulary: seqio.Vocabulary
     examples = (functools.partial(corpus.texts, split) if shape == LM
                 else functools.partial(corpus.pairs, split, vocabulary))
     signature = {k: tf.TensorSpec([None], tf.string) for k in keys}
-    blocks = tf.data.Dataset.from_generator(lambda: _blocks(iter(examples()), keys),
-                                            output_signature=signature)
+    blocks = tf.data.Dataset.from_generator(
+        lambda: _park_errors(_blocks(iter(examples()), keys)), output_signature=signature)
     return blocks.unbatch()
 
   return dataset_fn
@@ -673,7 +735,7 @@ class BatchIterator:
                fingerprint: str | None):
     self._dataset = dataset
     self._element_spec = dataset.element_spec
-    self._iterator = dataset.as_numpy_iterator()
+    self._iterator = iterate_dataset(dataset)
     self._arguments = arguments
     self._next_batch = start_batch
     self._fingerprint = fingerprint
@@ -698,7 +760,9 @@ class BatchIterator:
 
   def close(self) -> None:
     """Releases the pipeline (its reader thread); further `next()` calls raise StopIteration."""
-    self._iterator = iter(())
+    # A closed generator raises StopIteration from then on; closing destroys tf.data's iterator
+    # now rather than whenever the last reference goes (see `iterate_dataset`).
+    self._iterator.close()
     self._dataset = None
 
   def __enter__(self) -> "BatchIterator":
@@ -711,6 +775,40 @@ class BatchIterator:
     """A JSON-serialisable state: `restore_batches(state)` continues from `next_batch`."""
     return {"format": _STATE_FORMAT, "arguments": dict(self._arguments),
             "next_batch": self._next_batch, "data_fingerprint": self._fingerprint}
+
+
+def iterate_dataset(dataset: tf.data.Dataset, *, numpy: bool = True) -> Iterator[Any]:
+  """The elements of `dataset`; a reader's error is raised as itself, the iterator released first.
+
+  A failing tf.data pipeline raises a `tf.errors.OpError` whose traceback runs through TensorFlow's
+  iterator, so that whoever holds the exception (a caller's `except`, the interpreter printing it
+  at exit) keeps the iterator and the Python generator feeding it alive. Destroyed only during
+  interpreter teardown, the generator's finaliser then runs with Python half gone: TensorFlow logs
+  "Error occurred when finalizing GeneratorDataset iterator" and the process can hang or abort
+  (rc 134, "terminate called without an active exception"). Here the iterator is dropped before
+  anything is raised, and what is raised is the reader's own exception (`CorruptDumpError`,
+  `ValueError`, ...), which the CLI reports in one line, or the OpError stripped of TensorFlow's
+  frames.
+
+  Args:
+    dataset: any tf.data dataset.
+    numpy: yield numpy values (`as_numpy_iterator`) rather than tensors.
+
+  Yields:
+    The dataset's elements. Closing the generator destroys the tf.data iterator at once.
+  """
+  iterator = dataset.as_numpy_iterator() if numpy else iter(dataset)
+  while True:
+    try:
+      element = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.OpError as e:
+      error = _unwrap_error(e)
+      break
+    yield element
+  del iterator
+  raise error
 
 
 # tf.data's generator-backed iterators can hang the interpreter at exit if they are still alive when

@@ -1,0 +1,85 @@
+"""How the data pipeline fails: a reader's error as the caller sees it, and the process exit after it.
+
+Readers run inside tf.data (`from_generator`), whose own error type and traceback would otherwise
+replace the reader's message; these tests fail a reader on purpose and check what reaches the
+caller, in-process and through a real interpreter exit.
+"""
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from hashmoe.data import reddit, stats, tasks, vocab as vocab_lib
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = "a b c d e f".split()
+
+
+@dataclasses.dataclass(frozen=True)
+class FailingCorpus(tasks.Corpus):
+  """`good` texts, then the error a reader raises on a truncated dump (or any other)."""
+  good: int = 300
+  corrupt: bool = True
+  name: ClassVar[str] = "failing"
+
+  def identity(self, split):
+    return {"source": self.name, "good": self.good, "corrupt": self.corrupt}
+
+  def texts(self, split):
+    for _ in range(self.good):
+      yield " ".join(WORDS)
+    if self.corrupt:
+      raise reddit.CorruptDumpError("RC_2019-01.zst: the zstd stream ends inside a frame after "
+                                    "4096 compressed bytes: the file is truncated.")
+    raise RuntimeError(f"reader failed after {self.good} texts")
+
+  def pairs(self, split, vocabulary=None):
+    raise NotImplementedError
+
+
+def test_a_readers_error_reaches_the_caller_as_itself(tmp_path):
+  # Before: a tf.errors.UnknownError / InvalidArgumentError carrying pages of traceback text, which
+  # the CLI (catching ValueError) let through as a raw traceback.
+  vocabulary = vocab_lib.WordVocabulary(WORDS)
+  tasks.register_task("errtest_corrupt_lm", FailingCorpus(), "lm", vocabulary)
+  tasks.register_task("errtest_runtime_lm", FailingCorpus(corrupt=False), "lm", vocabulary)
+  batches = tasks.get_batches("errtest_corrupt_lm", batch_size=4, seq_len=16, repeat=False)
+  with pytest.raises(reddit.CorruptDumpError, match=r"^RC_2019-01\.zst: the zstd stream ends"):
+    list(batches)
+  assert next(batches, None) is None  # The pipeline is gone, not wedged.
+  with pytest.raises(RuntimeError, match=r"^reader failed after 300 texts$"):
+    list(tasks.get_batches("errtest_runtime_lm", batch_size=4, seq_len=16, repeat=False))
+  # Token counting (balanced hash tables) reads the task through its own tf.data loop.
+  with pytest.raises(reddit.CorruptDumpError, match="truncated"):
+    stats.count_tokens("errtest_corrupt_lm", use_cache=False, cache_dir=tmp_path)
+
+
+_FAILING_RUN = """
+import dataclasses, sys
+sys.path.insert(0, {tests!r})
+from test_data_errors import FailingCorpus, WORDS
+from hashmoe.data import tasks, vocab as vocab_lib
+tasks.register_task("failing_lm", FailingCorpus(corrupt=False), "lm",
+                    vocab_lib.WordVocabulary(WORDS))
+for batch in tasks.get_batches("failing_lm", batch_size=4, seq_len=16):
+  pass
+"""
+
+
+def test_a_failed_pipeline_leaves_nothing_to_tear_down_at_exit():
+  # The error propagates out of the script uncaught, as it did out of `hashmoe train`. Before, its
+  # traceback kept tf.data's iterator alive into interpreter teardown, where TensorFlow finalised
+  # the reader's generator without a Python interpreter ("Error occurred when finalizing
+  # GeneratorDataset iterator: ... Python interpreter state is not initialized"): the Reddit run of
+  # issue 10 then hung or aborted (rc 134).
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, "-c", textwrap.dedent(_FAILING_RUN).format(
+      tests=str(REPO / "tests"))], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1, done.stderr[-3000:]
+  assert done.stderr.rstrip().splitlines()[-1] == "RuntimeError: reader failed after 300 texts"
+  assert "GeneratorDataset" not in done.stderr, done.stderr[-3000:]
