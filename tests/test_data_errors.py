@@ -6,6 +6,7 @@ caller, in-process and through a real interpreter exit.
 """
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+import seqio
+import tensorflow as tf
 
 from hashmoe.data import reddit, stats, tasks, vocab as vocab_lib
 
@@ -83,3 +86,54 @@ def test_a_failed_pipeline_leaves_nothing_to_tear_down_at_exit():
   assert done.returncode == 1, done.stderr[-3000:]
   assert done.stderr.rstrip().splitlines()[-1] == "RuntimeError: reader failed after 300 texts"
   assert "GeneratorDataset" not in done.stderr, done.stderr[-3000:]
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedCorpus(tasks.Corpus):
+  """An LM corpus of the given lines, in every split."""
+  lines: tuple[str, ...]
+  name: ClassVar[str] = "fixed"
+
+  def identity(self, split):
+    return {"source": self.name, "lines": list(self.lines)}
+
+  def texts(self, split):
+    return iter(self.lines)
+
+  def pairs(self, split, vocabulary=None):
+    raise NotImplementedError
+
+
+class ShortVocabulary(vocab_lib.WordVocabulary):
+  """Says it has one id fewer than its `encode` uses: its last word's id is out of range."""
+
+  @property
+  def _base_vocab_size(self):
+    return super()._base_vocab_size - 1
+
+
+def test_an_out_of_range_token_id_stops_the_pipeline_that_did_not_check():
+  vocabulary = ShortVocabulary(WORDS)
+  assert vocabulary.vocab_size == 8 and vocabulary.encode("a b f") == [3, 4, 8]
+  tasks.register_task("errtest_ids_lm", FixedCorpus(("a b c d", "a b f c")), "lm", vocabulary)
+  message = ("task 'errtest_ids_lm', feature 'targets': token id 8 at position 2 of an example is "
+             "outside the vocabulary's ids [0, 8)")
+  # What t5x does with a task: seqio.get_dataset, then its own jitted step, where nothing checks
+  # the ids (hashmoe's trainer checks each batch on the host, `models.validate_batch`). Before,
+  # id 8 went through to the model.
+  dataset = seqio.get_dataset(
+      "errtest_ids_lm", task_feature_lengths={"targets": 8}, dataset_split="train",
+      feature_converter=seqio.DecoderFeatureConverter(pack=False), shuffle=False)
+  with pytest.raises(tf.errors.OpError, match=re.escape(message)):
+    list(dataset.as_numpy_iterator())
+  # hashmoe's own reader of the task raises it as the ValueError it is.
+  with pytest.raises(ValueError, match="^" + re.escape(message)):
+    list(tasks.get_batches("errtest_ids_lm", batch_size=2, seq_len=8, shuffle=False,
+                           repeat=False))
+  # Valid ids pass unchanged.
+  tasks.register_task("errtest_ids_ok_lm", FixedCorpus(("a b c d", "a b e c")), "lm",
+                      vocab_lib.WordVocabulary(WORDS))
+  (batch,) = tasks.get_batches("errtest_ids_ok_lm", batch_size=2, seq_len=8, pack=False,
+                               shuffle=False, repeat=False)
+  assert batch["decoder_target_tokens"].tolist() == [[3, 4, 5, 6, 1, 0, 0, 0],
+                                                     [3, 4, 7, 5, 1, 0, 0, 0]]

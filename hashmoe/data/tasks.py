@@ -385,6 +385,60 @@ def split_tokens_to_length(dataset: tf.data.Dataset,
   return dataset.map(pieces, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 
+def check_token_ids(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature],
+                    sequence_length: Mapping[str, int] | None = None, *,
+                    task_name: str = "") -> tf.data.Dataset:
+  """Fails on a token id outside its feature's vocabulary, [0, vocab_size), naming it.
+
+  A model cannot check its ids under `jax.jit`: a traced gather does not raise, and an id past the
+  embedding table turns into NaN or garbage logits without a word. hashmoe's own loop checks every
+  batch on the host (`models.validate_batch`), but other readers of these tasks (t5x, user code)
+  feed the jitted step directly; checking here covers them all. The check is one vectorised
+  comparison per example; the message (Python) is only built when it fails. A vocabulary whose
+  `encode` can return ids >= its `vocab_size` (a custom vocabulary with a wrong size) is what it
+  catches.
+
+  Args:
+    dataset: tokenised examples, each feature int32[n].
+    output_features: the task's features (their vocabularies' sizes).
+    sequence_length: unused (seqio passes it to every preprocessor).
+    task_name: named in the error.
+
+  Returns:
+    The same examples.
+
+  Raises (when iterated):
+    ValueError: naming the task, the feature, the id, its position in the example and the
+      vocabulary size (through `iterate_dataset`; other readers get a `tf.errors.OpError` with
+      that message).
+  """
+  del sequence_length
+
+  def fail(key: str, size: int, ids: np.ndarray) -> np.ndarray:
+    position = int(np.flatnonzero((ids < 0) | (ids >= size))[0])
+    task = f"task {task_name!r}, " if task_name else ""
+    raise _parked(ValueError(
+        f"{task}feature {key!r}: token id {int(ids[position])} at position {position} of an "
+        f"example is outside the vocabulary's ids [0, {size}): the vocabulary's encode returned "
+        f"an id its vocab_size ({size}) does not cover. A model would read past its embedding "
+        "table (under jax.jit, silently: NaN logits). Fix the vocabulary's vocab_size."))
+
+  def check(example):
+    example = dict(example)
+    for key, feature in output_features.items():
+      if key not in example:
+        continue
+      ids, size = example[key], int(feature.vocabulary.vocab_size)
+      bad = tf.reduce_any((ids < 0) | (ids >= size))
+      raise_error = functools.partial(fail, key, size)
+      checked = tf.cond(bad, lambda: tf.numpy_function(raise_error, [ids], ids.dtype),
+                        lambda: ids)
+      example[key] = tf.ensure_shape(checked, ids.shape)
+    return example
+
+  return dataset.map(check, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def trim_and_append_eos(dataset: tf.data.Dataset,
                         output_features: Mapping[str, seqio.Feature],
                         sequence_length: Mapping[str, int] | None = None) -> tf.data.Dataset:
@@ -576,7 +630,8 @@ def register_task(name: str, corpus: Corpus, shape: str, vocabulary: seqio.Vocab
   features = {key: seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)
               for key in (("targets",) if shape == LM else ("inputs", "targets"))}
   # No '*_pretokenized' copies: hashmoe evaluates perplexity, and packing would drop them anyway.
-  preprocessors = [functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False)]
+  preprocessors = [functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
+                   functools.partial(check_token_ids, task_name=name)]
   if shape == LM:
     preprocessors += [seqio.preprocessors.append_eos, split_tokens_to_length]
   else:
