@@ -7,6 +7,7 @@ caller, in-process and through a real interpreter exit.
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -137,3 +138,36 @@ def test_an_out_of_range_token_id_stops_the_pipeline_that_did_not_check():
                                shuffle=False, repeat=False)
   assert batch["decoder_target_tokens"].tolist() == [[3, 4, 5, 6, 1, 0, 0, 0],
                                                      [3, 4, 7, 5, 1, 0, 0, 0]]
+
+
+def _bpe_failure(corpus, vocab_size, cache):
+  """The message of training a `vocab_size` BPE on `corpus`, or None if it trains."""
+  try:
+    tasks.train_vocabulary(corpus, settings=vocab_lib.SentencePieceSettings(vocab_size=vocab_size),
+                           cache_dir=cache)
+  except ValueError as e:
+    return str(e)
+  return None
+
+
+def test_a_refused_vocabulary_size_gets_one_instruction_with_the_bound_that_works(tmp_path):
+  # Before: SentencePiece's "Increase vocab_size ..." followed by our "Lower vocab_size ...".
+  folder = tmp_path / "wikitext"
+  folder.mkdir()
+  shutil.copy(REPO / "tests" / "fixtures" / "wikitext-2" / "wiki.test.tokens",
+              folder / "wiki.train.tokens")
+  corpus = tasks.WikitextCorpus(str(folder))
+  setting = "vocab_size (VOCAB_SIZE in the task's gin file; hashmoe compare: --vocab-size)"
+
+  small = _bpe_failure(corpus, 262, tmp_path)
+  need = int(re.search(re.escape(f"Raise {setting} to at least ") + r"(\d+)", small).group(1))
+  assert "Lower" not in small and "Increase" not in small, small
+  # The bound is the real one: one piece fewer fails the same way, that many trains.
+  assert f"to at least {need}," in _bpe_failure(corpus, need - 1, tmp_path)
+  assert _bpe_failure(corpus, need, tmp_path) is None
+
+  large = _bpe_failure(corpus, 5000, tmp_path)
+  most = int(re.search(re.escape(f"Lower {setting} to ") + r"(\d+) or less", large).group(1))
+  assert "Raise" not in large and "Increase" not in large, large
+  assert _bpe_failure(corpus, most, tmp_path) is None
+  assert f"to {most} or less" in _bpe_failure(corpus, most + 1, tmp_path)
