@@ -1,10 +1,16 @@
-"""How the data pipeline fails: a reader's error as the caller sees it, and the process exit after it.
+"""How the data pipeline fails, and what it tells the user.
 
 Readers run inside tf.data (`from_generator`), whose own error type and traceback would otherwise
 replace the reader's message; these tests fail a reader on purpose and check what reaches the
-caller, in-process and through a real interpreter exit.
+caller, in-process and through a real interpreter exit. Then the data mistakes a user makes:
+token ids a vocabulary cannot hold, a vocabulary size SentencePiece refuses, a folder of latin-1
+text, and splits that overlap or are tiny. Messages are checked word for word where they tell the
+user what to do, and the instruction is then followed to show that it works.
 """
+import argparse
 import dataclasses
+import itertools
+import json
 import os
 import re
 import shutil
@@ -18,7 +24,9 @@ import pytest
 import seqio
 import tensorflow as tf
 
+from hashmoe import cli, compare
 from hashmoe.data import reddit, stats, tasks, vocab as vocab_lib
+from textdata import write_text_folder
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = "a b c d e f".split()
@@ -171,3 +179,89 @@ def test_a_refused_vocabulary_size_gets_one_instruction_with_the_bound_that_work
   assert "Raise" not in large and "Increase" not in large, large
   assert _bpe_failure(corpus, most, tmp_path) is None
   assert f"to {most} or less" in _bpe_failure(corpus, most + 1, tmp_path)
+
+
+LATIN1_LINE = "La fa\u00e7ade du caf\u00e9, d\u00e9j\u00e0 vue."
+
+
+def write_latin1_folder(root):
+  """A text folder whose files are latin-1, each ending with an accented line."""
+  write_text_folder(root, files=5, paragraphs=20)
+  for path in sorted(root.glob("*.txt")):
+    path.write_bytes((path.read_text() + "\n" + LATIN1_LINE + "\n").encode("latin-1"))
+  return root
+
+
+def _decoded_validation_text(task):
+  vocabulary = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
+  batches = tasks.get_batches(task, "validation", batch_size=8, seq_len=64, pack=False,
+                              shuffle=False, repeat=False, drop_remainder=False)
+  return "\n".join(vocabulary.decode([int(t) for t in row if t > 1])
+                   for batch in batches for row in batch["decoder_target_tokens"])
+
+
+def test_a_latin1_text_dir_error_names_the_gin_settings_that_read_it(tmp_path, monkeypatch,
+                                                                      capsys):
+  # Before: "Pass errors='replace' ... or encoding='latin-1'", arguments no config could set.
+  monkeypatch.setenv("HASHMOE_CACHE", str(tmp_path / "cache"))
+  texts = write_latin1_folder(tmp_path / "texts")
+  model_dir = tmp_path / "run"
+  flags = ["--gin_file=configs/runs/cpu_tiny.gin", "--gin_file=configs/tasks/text_dir.gin",
+           f"--gin.TEXT_DIR='{texts}'", "--gin.VOCAB_SIZE=320", f"--gin.MODEL_DIR='{model_dir}'",
+           # A task name of its own: other test files register 'hashmoe_text_lm' on their folders.
+           "--gin.register_tasks.name_prefix='latin'", "--gin.task_name.name='latin_text_lm'",
+           "--compilation_cache_dir=none"]
+  assert cli.main(["train", *flags]) == 1
+  err = capsys.readouterr().err
+  assert "bytes that are not valid utf-8" in err
+  assert ("TEXT_ENCODING = 'latin-1'" in err and "--gin.TEXT_ENCODING=\"'latin-1'\"" in err
+          and "TEXT_ERRORS = 'replace'" in err and "Pass errors=" not in err)
+  assert tasks.TEXT_ENCODING_ADVICE in err
+  assert not model_dir.exists()  # Refused before anything was written.
+  # Following the advice: the balanced table counts every training token through the task's
+  # tf.data pipeline; the accented line reads back as written.
+  table = tmp_path / "table.npz"
+  assert cli.main(["build-hash", *flags, "--gin.TEXT_ENCODING='latin-1'", "--kind=balanced",
+                   f"--output={table}"]) == 0
+  assert table.is_file()
+  assert LATIN1_LINE in _decoded_validation_text("latin_text_lm")
+
+
+class _StopAtFirstRun:
+  def __call__(self, request):
+    raise compare.Stopped("SIGTERM")
+
+
+def _compare_args(argv):
+  parser = argparse.ArgumentParser()
+  compare.add_arguments(parser)
+  return parser.parse_args(argv)
+
+
+def test_compare_reads_a_latin1_text_dir_with_its_flags(tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv("HASHMOE_CACHE", str(tmp_path / "cache"))
+  texts = write_latin1_folder(tmp_path / "texts")
+  out = tmp_path / "out"
+  argv = ["--text-dir", str(texts), "--vocab-size", "320", "--models", "dense", "--seeds", "1",
+          "--out", str(out), "--no-progress"]
+  assert compare.run(_compare_args(argv), runner=_StopAtFirstRun()) == 1
+  err = capsys.readouterr().err
+  assert "bytes that are not valid utf-8" in err
+  assert "--text-encoding latin-1" in err and "--text-errors replace" in err
+  assert tasks.TEXT_ENCODING_ADVICE in err
+  assert not out.exists()
+  # With the flag the corpus is registered and read as latin-1 (the runner stops the comparison
+  # at its first run; results.json names the corpus and its task).
+  code = compare.run(_compare_args(argv + ["--text-encoding", "latin-1"]),
+                     runner=_StopAtFirstRun(), log=lambda line: None)
+  assert code == compare.EXIT_TERMINATED
+  results = json.loads((out / compare.RESULTS_FILE).read_text())
+  assert results["corpus"] == f"text folder {texts.resolve()} (latin-1, errors=strict)"
+  assert LATIN1_LINE in _decoded_validation_text(results["task"])
+  # The flags without --text-dir, or a codec Python lacks, are usage errors.
+  assert compare.run(_compare_args(["--text-encoding", "latin-1", "--out", str(out)])) == 2
+  assert "--text-encoding and --text-errors apply to the files of --text-dir" in (
+      capsys.readouterr().err)
+  assert compare.run(_compare_args(["--text-dir", str(texts), "--text-encoding", "latin-9x",
+                                    "--out", str(out)])) == 2
+  assert "encoding='latin-9x' is not a text encoding" in capsys.readouterr().err

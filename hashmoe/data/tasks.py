@@ -229,6 +229,15 @@ class CC100Corpus(Corpus):
                              context_size=self.context_size, **self._kwargs())
 
 
+# How to read a folder that is not UTF-8, in the terms a user can act on: the task files' gin
+# macros and `hashmoe compare`'s flags (the readers' own advice names Python arguments).
+TEXT_ENCODING_ADVICE = (
+    "Give the folder's real encoding, TEXT_ENCODING = 'latin-1' in gin (--gin.TEXT_ENCODING="
+    "\"'latin-1'\"; hashmoe compare: --text-encoding latin-1), or read such bytes as U+FFFD with "
+    "TEXT_ERRORS = 'replace' (--gin.TEXT_ERRORS=\"'replace'\"; hashmoe compare: --text-errors "
+    "replace).")
+
+
 @dataclasses.dataclass(frozen=True)
 class TextFolderCorpus(Corpus):
   """A folder of `*.txt` files split by whole file (`hashmoe.data.text_files`).
@@ -239,6 +248,9 @@ class TextFolderCorpus(Corpus):
     unit: LM units, 'paragraph' or 'line'.
     context_size: previous sentences in a seq2seq context.
     validation_fraction, test_fraction, seed: the split by file.
+    encoding: the files' text encoding.
+    errors: what to do with bytes that are not valid `encoding`: 'strict' stops with an error
+      naming the file, 'replace' reads them as U+FFFD, 'ignore' drops them.
   """
   root: str
   pattern: str = "*.txt"
@@ -247,26 +259,46 @@ class TextFolderCorpus(Corpus):
   validation_fraction: float = 0.1
   test_fraction: float = 0.1
   seed: int = 0
+  encoding: str = "utf-8"
+  errors: str = "strict"
   name: ClassVar[str] = "text"
+
+  def __post_init__(self):
+    text_files.check_text_codec(self.encoding, self.errors)
 
   def _kwargs(self) -> dict[str, Any]:
     return {"pattern": self.pattern, "validation_fraction": self.validation_fraction,
-            "test_fraction": self.test_fraction, "seed": self.seed}
+            "test_fraction": self.test_fraction, "seed": self.seed, "encoding": self.encoding,
+            "errors": self.errors}
 
   def identity(self, split: str) -> dict[str, Any]:
     # The split of a file depends on every file of the folder, so all of them identify it.
-    return {"source": self.name, "split": text_files.normalize_split(split),
-            "files": vocab_lib.file_identity(text_files.find_text_files(self.root,
-                                                                        pattern=self.pattern)),
-            "unit": self.unit, "context_size": self.context_size, **self._kwargs()}
+    identity = {"source": self.name, "split": text_files.normalize_split(split),
+                "files": vocab_lib.file_identity(text_files.find_text_files(
+                    self.root, pattern=self.pattern)),
+                "unit": self.unit, "context_size": self.context_size, **self._kwargs()}
+    # Left out at their defaults, so that vocabularies, token counts and checkpoints' data
+    # positions made before these settings existed still match.
+    for key, default in (("encoding", "utf-8"), ("errors", "strict")):
+      if identity[key] == default:
+        del identity[key]
+    return identity
 
   def texts(self, split: str) -> Iterator[str]:
-    return text_files.text_folder_paragraphs(self.root, split, unit=self.unit, **self._kwargs())
+    return _with_encoding_advice(text_files.text_folder_paragraphs(
+        self.root, split, unit=self.unit, **self._kwargs()))
 
   def pairs(self, split: str, vocabulary: seqio.Vocabulary | None = None
             ) -> Iterator[tuple[str, str]]:
-    return text_files.text_folder_sentence_pairs(self.root, split,
-                                                 context_size=self.context_size, **self._kwargs())
+    return _with_encoding_advice(text_files.text_folder_sentence_pairs(
+        self.root, split, context_size=self.context_size, **self._kwargs()))
+
+
+def _with_encoding_advice(examples: Iterator[Any]) -> Iterator[Any]:
+  try:
+    yield from examples
+  except text_files.TextDecodeError as e:
+    raise text_files.TextDecodeError(e.problem, TEXT_ENCODING_ADVICE) from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -659,6 +691,7 @@ def register_tasks(*, name_prefix: str = "hashmoe", embedded: bool = True,
                    reddit_split_fractions: Sequence[float] = reddit.DEFAULT_SPLIT_FRACTIONS,
                    reddit_work_dir: PathLike | None = None,
                    cc100_path: PathLike | None = None, text_dir: PathLike | None = None,
+                   text_encoding: str = "utf-8", text_errors: str = "strict",
                    vocabulary: seqio.Vocabulary | Mapping[str, seqio.Vocabulary] | None = None,
                    vocab_settings: vocab_lib.SentencePieceSettings =
                    vocab_lib.SentencePieceSettings(),
@@ -683,6 +716,7 @@ def register_tasks(*, name_prefix: str = "hashmoe", embedded: bool = True,
     reddit_config, reddit_split_fractions, reddit_work_dir: see `RedditCorpus`.
     cc100_path: CC100 `en.txt.xz` or its folder.
     text_dir: a folder of `*.txt` files.
+    text_encoding, text_errors: how its files are decoded (see `TextFolderCorpus`).
     vocabulary: None trains each corpus its own BPE (cached); one vocabulary is shared by all
       tasks; a mapping gives one per corpus name ('embedded', wikitext_name,
       f'{wikitext_name}_word', 'cc100', 'text', 'reddit'), missing names being trained. The paper
@@ -710,7 +744,8 @@ def register_tasks(*, name_prefix: str = "hashmoe", embedded: bool = True,
   if cc100_path is not None:
     corpora.append(("cc100", CC100Corpus(str(cc100_path), context_size=context_size), False))
   if text_dir is not None:
-    corpora.append(("text", TextFolderCorpus(str(text_dir), context_size=context_size), False))
+    corpora.append(("text", TextFolderCorpus(str(text_dir), context_size=context_size,
+                                             encoding=text_encoding, errors=text_errors), False))
   if reddit_comments is not None:
     corpora.append(("reddit", RedditCorpus(
         reddit_comments, reddit_submissions, config=reddit_config,
