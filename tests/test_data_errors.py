@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import ClassVar
 
@@ -25,7 +26,7 @@ import seqio
 import tensorflow as tf
 
 from hashmoe import cli, compare
-from hashmoe.data import reddit, stats, tasks, vocab as vocab_lib
+from hashmoe.data import reddit, stats, tasks, text_files, vocab as vocab_lib
 from textdata import write_text_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -265,3 +266,53 @@ def test_compare_reads_a_latin1_text_dir_with_its_flags(tmp_path, monkeypatch, c
   assert compare.run(_compare_args(["--text-dir", str(texts), "--text-encoding", "latin-9x",
                                     "--out", str(out)])) == 2
   assert "encoding='latin-9x' is not a text encoding" in capsys.readouterr().err
+
+
+def _split_warnings(**register):
+  """The SplitWarning messages `register_tasks(**register)` gives, and what it logged."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    tasks.register_tasks(embedded=False, **register)
+  return [str(w.message) for w in caught if issubclass(w.category, tasks.SplitWarning)]
+
+
+def test_overlapping_or_tiny_splits_are_warned_about(tmp_path, caplog):
+  # Before: three copies of one 10-word file trained to a validation perplexity of 1.03 in silence.
+  line = "one two three four five six seven eight nine ten\n"
+  vocabulary = vocab_lib.WordVocabulary(line.split())
+  same = tmp_path / "same"
+  same.mkdir()
+  for i in range(3):
+    (same / f"copy{i}.txt").write_text(line)
+  split = text_files.split_text_files(same)
+  (train,), (valid,), (test,) = split["train"], split["validation"], split["test"]
+  with caplog.at_level("WARNING", logger="hashmoe.data.tasks"):
+    messages = _split_warnings(name_prefix="splittest_same", text_dir=same, vocabulary=vocabulary)
+  assert messages == [
+      f"text corpus: 2 held-out file(s) are identical to training files (validation {valid} = "
+      f"train {train}; test {test} = train {train}). The model is evaluated on text it trained "
+      "on, so validation and test perplexities will be far better than the model is. Remove the "
+      "copies from the folder.",
+      f"text corpus: the training split is {len(line)} bytes (1 file(s)), under 500,000 bytes "
+      "(~100k words). A run reads it many times over and the model memorises it, so perplexities "
+      "measure memorisation, not language modelling. Fine for a smoke test; use more text for "
+      "numbers that mean something."]
+  assert [r.getMessage() for r in caplog.records if r.name == "hashmoe.data.tasks"] == messages
+  # Once per corpus and process: registering it again (hashmoe eval after train) is quiet.
+  assert _split_warnings(name_prefix="splittest_same", text_dir=same, vocabulary=vocabulary) == []
+
+  # Distinct files of the same size are compared by content, not flagged for their size.
+  distinct = tmp_path / "distinct"
+  distinct.mkdir()
+  for i, word in enumerate(("alpha", "bravo", "gamma")):
+    (distinct / f"doc{i}.txt").write_text(f"{word} " * 200_000)  # 1.2 MB each.
+  assert _split_warnings(name_prefix="splittest_big", text_dir=distinct,
+                         vocabulary=vocabulary) == []
+  # One Wikitext file given for every split is the same overlap.
+  fixture = REPO / "tests" / "fixtures" / "wikitext-2" / "wiki.test.tokens"
+  problems = tasks.check_splits(tasks.WikitextCorpus(str(fixture)))
+  assert problems[0].startswith("wikitext corpus: 2 held-out file(s) are identical to training "
+                                f"files (validation {fixture} = train {fixture}; test {fixture} = "
+                                f"train {fixture}).")
+  assert problems[1].startswith(f"wikitext corpus: the training split is "
+                                f"{fixture.stat().st_size} bytes (1 file(s)), under 500,000")

@@ -118,6 +118,10 @@ class Corpus(abc.ABC):
     """What a vocabulary for this corpus is trained on: the training split's text units."""
     return self.texts("train")
 
+  def split_files(self) -> dict[str, tuple[Path, ...]] | None:
+    """{split: its files} for corpora split by file (what `check_splits` inspects), else None."""
+    return None
+
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddedCorpus(Corpus):
@@ -190,6 +194,15 @@ class WikitextCorpus(Corpus):
     return wikitext.wikitext_sentence_pairs(self.path, split,
                                             context_sentences=self.context_sentences,
                                             detokenize=self.detokenize)
+
+  def split_files(self) -> dict[str, tuple[Path, ...]] | None:
+    files = {}
+    for split in SPLITS:
+      try:
+        files[split] = tuple(wikitext.find_wikitext(self.path, split).files)
+      except (FileNotFoundError, ValueError):
+        pass  # Reading that split reports it; nothing to compare here.
+    return files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +306,15 @@ class TextFolderCorpus(Corpus):
     return _with_encoding_advice(text_files.text_folder_sentence_pairs(
         self.root, split, context_size=self.context_size, **self._kwargs()))
 
+  def split_files(self) -> dict[str, tuple[Path, ...]] | None:
+    try:
+      split = text_files.split_text_files(
+          self.root, pattern=self.pattern, validation_fraction=self.validation_fraction,
+          test_fraction=self.test_fraction, seed=self.seed)
+    except (FileNotFoundError, ValueError):
+      return None  # Reading the folder reports it.
+    return {name: tuple(files) for name, files in split.items()}
+
 
 def _with_encoding_advice(examples: Iterator[Any]) -> Iterator[Any]:
   try:
@@ -380,6 +402,90 @@ def train_vocabulary(corpus: Corpus, *, word_level: bool = False,
                                            cache_dir=cache_dir, name=f"{corpus.name}_words")
   return vocab_lib.train_sentencepiece(corpus.vocab_texts, corpus_id=corpus_id,
                                        settings=settings, cache_dir=cache_dir, name=corpus.name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks of a corpus's splits.
+
+# A training split smaller than this (bytes on disk) is "tiny": about 100,000 words of English
+# text, which the 200-step CPU run of configs/runs/cpu_tiny.gin alone reads about once (200 steps x
+# 8 rows x 64 tokens ~ 100k tokens) and any longer run many times over. A model then memorises the
+# split, and its perplexities say how well it did that rather than how well it models language.
+TINY_TRAINING_BYTES = 500_000
+
+
+class SplitWarning(UserWarning):
+  """A corpus's splits make its validation/test numbers misleading (overlap, or a tiny split)."""
+
+
+_CHECKED_CORPORA: set[Corpus] = set()
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+  with open(a, "rb") as fa, open(b, "rb") as fb:
+    while True:
+      chunk = fa.read(1 << 20)
+      if chunk != fb.read(1 << 20):
+        return False
+      if not chunk:
+        return True
+
+
+def check_splits(corpus: Corpus) -> list[str]:
+  """Problems with a corpus's splits that make its validation and test perplexities misleading.
+
+  For corpora split by file (`Corpus.split_files`: text folders, Wikitext):
+
+  * **overlap**: a validation or test file byte-identical to a training file (the same document
+    copied into two splits, or one file given for all three). The model is then evaluated on text
+    it trained on: three copies of one 10-word file train to a validation perplexity of ~1.
+    Files are compared only when their sizes are equal, so this costs a `stat` per file and
+    reads nothing in the usual case.
+  * **tiny**: a training split under `TINY_TRAINING_BYTES` on disk (see there for why).
+
+  CC100 and Reddit carve their splits out of one dump by a hash of each document / thread, which
+  keeps one document in one split; catching duplicated text across documents would take a pass
+  over the whole dump, so they are not checked here. The embedded corpus is fixed (whole works).
+
+  Each problem is logged as a warning and raised as a `SplitWarning`, once per corpus and process.
+
+  Returns:
+    The problems found (messages), empty if none or not checked.
+  """
+  files = corpus.split_files()
+  if not files or not files.get("train"):
+    return []
+  problems = []
+  train = files["train"]
+  by_size: dict[int, list[Path]] = collections.defaultdict(list)
+  for path in train:
+    by_size[path.stat().st_size].append(path)
+  copies = []
+  for split in SPLITS[1:]:
+    for path in files.get(split, ()):
+      twin = next((t for t in by_size.get(path.stat().st_size, ())
+                   if t.resolve() == path.resolve() or _same_bytes(t, path)), None)
+      if twin is not None:
+        copies.append(f"{split} {path} = train {twin}")
+  if copies:
+    shown = "; ".join(copies[:3]) + (f"; and {len(copies) - 3} more" if len(copies) > 3 else "")
+    problems.append(
+        f"{corpus.name} corpus: {len(copies)} held-out file(s) are identical to training files "
+        f"({shown}). The model is evaluated on text it trained on, so validation and test "
+        "perplexities will be far better than the model is. Remove the copies from the folder.")
+  size = sum(path.stat().st_size for path in train)
+  if size < TINY_TRAINING_BYTES:
+    problems.append(
+        f"{corpus.name} corpus: the training split is {size:,} bytes ({len(train)} file(s)), "
+        f"under {TINY_TRAINING_BYTES:,} bytes (~100k words). A run reads it many times over and "
+        "the model memorises it, so perplexities measure memorisation, not language modelling. "
+        "Fine for a smoke test; use more text for numbers that mean something.")
+  if corpus not in _CHECKED_CORPORA:
+    _CHECKED_CORPORA.add(corpus)
+    for problem in problems:
+      logger.warning("%s", problem)
+      warnings.warn(problem, SplitWarning, stacklevel=2)
+  return problems
 
 
 # --------------------------------------------------------------------------------------------------
@@ -754,6 +860,7 @@ def register_tasks(*, name_prefix: str = "hashmoe", embedded: bool = True,
 
   names = []
   for corpus_name, corpus, word_level in corpora:
+    check_splits(corpus)
     if isinstance(vocabulary, seqio.Vocabulary):
       corpus_vocab = vocabulary
     elif isinstance(vocabulary, Mapping) and corpus_name in vocabulary:
