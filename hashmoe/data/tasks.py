@@ -790,7 +790,7 @@ def task_spec(task_name: str) -> TaskSpec | None:
 
 def register_tasks(*, name_prefix: str = "hashmoe", embedded: bool = True,
                    wikitext_dir: PathLike | None = None, wikitext_name: str = "wikitext103",
-                   wikitext_word_level: bool = False,
+                   wikitext_word_level: bool = False, wikitext_bpe: bool = True,
                    reddit_comments: PathLike | Sequence[PathLike] | None = None,
                    reddit_submissions: PathLike | Sequence[PathLike] = (),
                    reddit_config: reddit.RedditFilterConfig | None = None,
@@ -818,6 +818,8 @@ def register_tasks(*, name_prefix: str = "hashmoe", embedded: bool = True,
       `@-@` joiners; the word-level ones keep the tokens (use the `.tokens` files for those).
     wikitext_name: the corpus part of the Wikitext task names ('wikitext2' for Wikitext-2).
     wikitext_word_level: also register tasks with Wikitext's word-level dictionary.
+    wikitext_bpe: register the BPE tasks; False with `wikitext_word_level` registers only the
+      word-level ones (configs/tasks/wikitext103_word.gin), so no BPE is trained for nothing.
     reddit_comments, reddit_submissions: pushshift dumps (a path or a list of paths).
     reddit_config, reddit_split_fractions, reddit_work_dir: see `RedditCorpus`.
     cc100_path: CC100 `en.txt.xz` or its folder.
@@ -842,8 +844,12 @@ def register_tasks(*, name_prefix: str = "hashmoe", embedded: bool = True,
     corpora.append(("embedded", EmbeddedCorpus(cache_dir=cache, context_size=context_size),
                     False))
   if wikitext_dir is not None:
-    corpora.append((wikitext_name, WikitextCorpus(str(wikitext_dir), detokenize=True,
-                                                  context_sentences=context_size), False))
+    if not (wikitext_bpe or wikitext_word_level):
+      raise ValueError(f"wikitext_dir={os.fspath(wikitext_dir)!r} with wikitext_bpe=False and "
+                       "wikitext_word_level=False registers nothing; set one of them.")
+    if wikitext_bpe:
+      corpora.append((wikitext_name, WikitextCorpus(str(wikitext_dir), detokenize=True,
+                                                    context_sentences=context_size), False))
     if wikitext_word_level:
       corpora.append((f"{wikitext_name}_word", WikitextCorpus(
           str(wikitext_dir), detokenize=False, context_sentences=context_size), True))
