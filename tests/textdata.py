@@ -3,6 +3,7 @@ network): English-like text folders, Wikitext `.tokens` folders, CC100 `en.txt.x
 pushshift.io Reddit dumps (newline-delimited JSON, zstd / bz2 / xz / gzip / plain)."""
 import bz2
 import gzip
+import hashlib
 import json
 import lzma
 
@@ -80,10 +81,34 @@ def write_wikitext(folder, rng, articles=(6, 2, 2), train_word_types=None):
   return folder
 
 
-def write_cc100(path, rng, documents=25):
-  """A CC100 `en.txt.xz`: one paragraph per line, a blank line between documents."""
-  texts = ["\n".join(syllable_sentences(rng, rng.randint(1, 3)) for _ in range(rng.randint(1, 3)))
-           for _ in range(documents)]
+def _cc100_document_share(text):
+  """Where CC100's documented split puts a document: a uniform [0, 1) from BLAKE2b-64 of its text
+  (paragraphs joined by '\\n'); below 0.001 is test, below 0.002 validation (the defaults)."""
+  digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+  return int.from_bytes(digest, "big") / 2.0**64
+
+
+def write_cc100(path, rng, documents=25, held_out=0):
+  """A CC100 `en.txt.xz`: one paragraph per line, a blank line between documents.
+
+  Args:
+    documents: documents drawn at random (at the default 0.1% held-out fractions, nearly all of
+      them land in train).
+    held_out: then more documents are drawn until this many land in each of validation and test
+      (the rest of those draws are dropped), so a small file has every split.
+  """
+  def document():
+    return "\n".join(syllable_sentences(rng, rng.randint(1, 3)) for _ in range(rng.randint(1, 3)))
+
+  texts = [document() for _ in range(documents)]
+  found = {"validation": 0, "test": 0}
+  while min(found.values()) < held_out:
+    text = document()
+    share = _cc100_document_share(text)
+    split = "test" if share < 0.001 else "validation" if share < 0.002 else None
+    if split is not None and found[split] < held_out:
+      found[split] += 1
+      texts.append(text)
   path.write_bytes(lzma.compress(("\n\n".join(texts) + "\n").encode("utf-8")))
   return path
 
