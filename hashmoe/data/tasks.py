@@ -14,12 +14,20 @@ Every corpus is registered in the two shapes the paper trains (Roller et al. 202
 Pipeline of one task (all in tf.data, fed by the streaming readers of `hashmoe.data`):
 
   reader (Python generator, blocks of 256 examples: tf.data's per-element generator cost is
-  ~300 us, per block it vanishes) -> seqio.preprocessors.tokenize -> EOS
+  ~300 us, per block it vanishes) -> seqio.preprocessors.tokenize -> `check_token_ids` (every id
+  inside the vocabulary, for readers that feed a jitted model without checking) -> EOS
   -> lm: `split_tokens_to_length` cuts each example into pieces of at most `seq_len` tokens
   -> seq2seq: `trim_and_append_eos`: the context keeps its most recent end (as BlenderBot
      truncates contexts), the target its start
   -> seqio Task shuffle buffer (seeded) -> feature converter (DecoderFeatureConverter for lm,
      EncDecFeatureConverter for seq2seq; packing on by default) -> batches.
+
+Errors: tf.data runs the reader on its own threads and would report its exception as a
+`tf.errors.OpError` carrying a traceback's text. `get_batches` (and `iterate_dataset`, for any
+dataset of these tasks) raises the reader's exception itself (`CorruptDumpError`, a ValueError
+naming the file, ...), after releasing tf.data's iterator so that nothing of the pipeline is left
+for interpreter teardown. `register_tasks` also warns about splits that would make validation
+numbers misleading (`check_splits`).
 
 LM: split-then-pack rather than concatenate-and-chunk. Packing (seqio's converters) puts several
 examples in one row with segment ids and restarting positions, so attention never crosses a
