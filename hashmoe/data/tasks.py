@@ -1005,10 +1005,14 @@ def iterate_dataset(dataset: tf.data.Dataset, *, numpy: bool = True) -> Iterator
     dataset: any tf.data dataset.
     numpy: yield numpy values (`as_numpy_iterator`) rather than tensors.
 
-  Yields:
-    The dataset's elements. Closing the generator destroys the tf.data iterator at once.
+  Returns:
+    A generator of the dataset's elements. tf.data's iterator is created now (its prefetching
+    starts); closing the generator destroys it at once.
   """
-  iterator = dataset.as_numpy_iterator() if numpy else iter(dataset)
+  return _elements(dataset.as_numpy_iterator() if numpy else iter(dataset))
+
+
+def _elements(iterator: Iterator[Any]) -> Iterator[Any]:
   while True:
     try:
       element = next(iterator)
