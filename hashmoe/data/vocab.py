@@ -329,7 +329,8 @@ _TOO_FEW_PIECES = re.compile(r"Vocabulary size is smaller than required_chars\. 
 _TOO_MANY_PIECES = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value "
                               r"<= (\d+)")
 # Where the setting lives for someone running hashmoe rather than calling this module.
-_VOCAB_SIZE_SETTING = "vocab_size (VOCAB_SIZE in the task's gin file; hashmoe compare: --vocab-size)"
+_VOCAB_SIZE_SETTING = ("vocab_size (VOCAB_SIZE in the task's gin file; hashmoe compare: "
+                       "--vocab-size)")
 
 
 def _training_failure(error: str, settings: SentencePieceSettings, name: str,
