@@ -114,15 +114,22 @@ def test_every_task_config_is_tested():
   assert sorted(p.stem for p in (configs_dir() / "tasks").glob("*.gin")) == sorted(TASKS)
 
 
-@pytest.fixture
-def fresh_task_names():
-  """Task names are process-global: another test file may have registered 'hashmoe_text_lm' on
-  its own folder. Drop what the task files register, so each run registers its fixture."""
+def _forget_task_file_names():
   for corpus in ("embedded", "wikitext103", "wikitext103_word", "cc100", "text", "reddit"):
     for shape in ("lm", "seq2seq"):
       name = f"hashmoe_{corpus}_{shape}"
       if name in seqio.TaskRegistry.names():
         seqio.TaskRegistry.remove(name)
+
+
+@pytest.fixture
+def fresh_task_names():
+  """Task names are process-global: another test file may have registered 'hashmoe_text_lm' on
+  its own folder. The names the task files register are dropped before each run (which then
+  registers its fixture) and after it (so that later files may register theirs)."""
+  _forget_task_file_names()
+  yield
+  _forget_task_file_names()
 
 
 @pytest.mark.parametrize("task", TASKS)
