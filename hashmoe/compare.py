@@ -525,17 +525,20 @@ class Corpus:
   vocab_size: int
 
 
-_CORPORA: dict[tuple[Optional[str], int], Corpus] = {}
+_CORPORA: dict[tuple[Optional[str], int, str, str], Corpus] = {}
 
 
-def register_corpus(text_dir: Optional[PathLike], vocab_size: int) -> Corpus:
+def register_corpus(text_dir: Optional[PathLike], vocab_size: int, *, encoding: str = "utf-8",
+                    errors: str = "strict") -> Corpus:
   """Registers the decoder-only LM task of the embedded corpus or of a folder of .txt files (split
-  by file into train/validation/test) with a `vocab_size` BPE trained on its training split.
-  Registered once per process: later comparisons on the same data reuse the task."""
+  by file into train/validation/test, decoded with `encoding` and the codec handler `errors`) with
+  a `vocab_size` BPE trained on its training split. Registered once per process: later comparisons
+  on the same data reuse the task."""
   # pylint: disable=g-import-not-at-top
-  from hashmoe.data import tasks as tasks_lib, vocab as vocab_lib
+  from hashmoe.data import tasks as tasks_lib, text_files, vocab as vocab_lib
+  text_files.check_text_codec(encoding, errors)
   memo = (None if text_dir is None else os.fspath(Path(text_dir).expanduser().resolve()),
-          int(vocab_size))
+          int(vocab_size), encoding, errors)
   if memo in _CORPORA:
     return _CORPORA[memo]
   settings = vocab_lib.SentencePieceSettings(vocab_size=int(vocab_size))
@@ -546,17 +549,16 @@ def register_corpus(text_dir: Optional[PathLike], vocab_size: int) -> Corpus:
     root = Path(text_dir).expanduser().resolve()
     if not root.is_dir():
       raise ValueError(f"--text-dir {os.fspath(text_dir)!r} is not a directory")
-    digest = hashlib.sha256(os.fspath(root).encode()).hexdigest()[:10]
+    decoding = "" if (encoding, errors) == ("utf-8", "strict") else f"\0{encoding}\0{errors}"
+    digest = hashlib.sha256((os.fspath(root) + decoding).encode()).hexdigest()[:10]
     prefix = f"hashmoe_compare_v{vocab_size}_{digest}"
     corpus, description = "text", f"text folder {os.fspath(root)}"
+    if decoding:
+      description += f" ({encoding}, errors={errors})"
     text_dir = os.fspath(root)
-  try:
-    tasks_lib.register_tasks(name_prefix=prefix, embedded=text_dir is None, text_dir=text_dir,
-                             vocab_settings=settings)
-  except RuntimeError as e:
-    # SentencePiece refuses a vocabulary larger than the text supports.
-    raise ValueError(f"could not train a {vocab_size}-piece vocabulary on {description}: {e}; "
-                     "lower --vocab-size") from e
+  # A vocabulary that cannot be trained is a ValueError saying which way to move --vocab-size.
+  tasks_lib.register_tasks(name_prefix=prefix, embedded=text_dir is None, text_dir=text_dir,
+                           text_encoding=encoding, text_errors=errors, vocab_settings=settings)
   _CORPORA[memo] = Corpus(task=f"{prefix}_{corpus}_lm", description=description,
                           vocab_size=int(vocab_size))
   return _CORPORA[memo]
@@ -1539,6 +1541,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--text-dir", default=None,
                       help="train on this folder of .txt files (split by file into train/"
                       "validation/test) instead of the embedded Shakespeare corpus")
+  parser.add_argument("--text-encoding", default=None,
+                      help="the --text-dir files' encoding (default utf-8; e.g. latin-1, cp1252)")
+  parser.add_argument("--text-errors", default=None, choices=("strict", "replace", "ignore"),
+                      help="bytes of --text-dir files that are not valid in their encoding: "
+                      "strict (stop, naming the file; default), replace (read as U+FFFD) or "
+                      "ignore (drop them)")
   parser.add_argument("--experts", type=_positive_int, default=None,
                       help="experts per sparse layer (models that do not fix their own)")
   parser.add_argument("--steps", type=_positive_int, default=None, help="training steps per run")
@@ -1601,6 +1609,15 @@ def resolve(args: argparse.Namespace) -> tuple[Experiment, Settings]:
   settings = Settings(**values)
   if args.text_dir is not None and not Path(args.text_dir).expanduser().is_dir():
     raise ValueError(f"--text-dir {args.text_dir!r} is not a directory")
+  encoding, errors = _text_decoding(args)
+  if args.text_dir is None and (encoding, errors) != ("utf-8", "strict"):
+    raise ValueError("--text-encoding and --text-errors apply to the files of --text-dir; the "
+                     "embedded corpus has its own (give --text-dir, or drop them)")
+  from hashmoe.data import text_files  # pylint: disable=g-import-not-at-top
+  try:
+    text_files.check_text_codec(encoding, errors)
+  except ValueError as e:
+    raise ValueError(f"--text-encoding {encoding!r}: {e}") from None
   reserved = 260  # 3 special ids, 256 byte pieces and the newline piece of every BPE here.
   if settings.vocab_size <= reserved:
     raise ValueError(f"--vocab-size {settings.vocab_size}: the BPE needs more than {reserved} "
@@ -1612,6 +1629,12 @@ def resolve(args: argparse.Namespace) -> tuple[Experiment, Settings]:
                      "devices the batch is split over (see --devices)")
   validate_experiment(experiment, settings)
   return experiment, settings
+
+
+def _text_decoding(args: argparse.Namespace) -> tuple[str, str]:
+  """(encoding, errors) of the --text-dir files, defaults filled in."""
+  return (getattr(args, "text_encoding", None) or "utf-8",
+          getattr(args, "text_errors", None) or "strict")
 
 
 def _print_list(log: Callable[[str], None]) -> None:
@@ -1671,7 +1694,9 @@ def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
   comparison = None
   try:
     with _stop_on_signals():
-      corpus = register_corpus(args.text_dir, settings.vocab_size)
+      encoding, errors = _text_decoding(args)
+      corpus = register_corpus(args.text_dir, settings.vocab_size, encoding=encoding,
+                               errors=errors)
       if runner is None:
         runner = TrainRunner(corpus, settings, progress_bar=getattr(args, "progress", True),
                              tensorboard=getattr(args, "tensorboard", False), log=log)

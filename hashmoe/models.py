@@ -564,6 +564,12 @@ class DecoderLM(_Transformer):
     Returns:
       float32[batch, length, vocab_size]; position t depends only on inputs at positions <= t of
       its own segment.
+
+    Raises:
+      ValueError: an id outside [0, vocab_size) (or a position >= max_len) in a concrete batch.
+        Under `jax.jit` the batch is traced and cannot be checked: such an id then gives NaN or
+        garbage logits without an error. Check batches on the host first (`validate_batch`, as
+        hashmoe's trainer does; hashmoe's seqio tasks also check ids in their pipeline).
     """
     cfg = self.config
     _require(batch, ("decoder_input_tokens",), "DecoderLM")
@@ -650,7 +656,11 @@ class EncoderDecoder(_Transformer):
     return self._logits(self.decoder_norm(x))
 
   def __call__(self, batch: Mapping[str, Array], *, deterministic: bool = True) -> Array:
-    """float32[batch, length, vocab_size] logits; see the module docstring for `batch`."""
+    """float32[batch, length, vocab_size] logits; see the module docstring for `batch`.
+
+    Raises:
+      ValueError: as `DecoderLM.__call__`: checked in concrete batches only, never under `jit`.
+    """
     _require(batch, ("encoder_input_tokens", "decoder_input_tokens"), "EncoderDecoder")
     validate_batch(batch, self.config.vocab_size, self.config.max_len)
     encoded = self.encode(batch, deterministic=deterministic)

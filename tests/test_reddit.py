@@ -1,17 +1,18 @@
 """Tests for hashmoe.data.reddit on small dumps written in pushshift's real formats."""
-import bz2
 import collections
-import gzip
-import json
-import lzma
 import random
 import re
+import threading
 
 import pytest
 import zstandard
 
 from hashmoe.data import reddit
 from hashmoe.data.reddit import (Comment, CorruptDumpError, RedditFilterConfig, Submission, Thread)
+from textdata import compress as _compress
+from textdata import ndjson as _ndjson
+from textdata import reddit_comment as _comment
+from textdata import reddit_submission as _submission
 
 
 # ------------------------------------------------------------------------------------------------
@@ -19,42 +20,9 @@ from hashmoe.data.reddit import (Comment, CorruptDumpError, RedditFilterConfig, 
 # ------------------------------------------------------------------------------------------------
 
 
-def _ndjson(records, newline="\n"):
-  return "".join(json.dumps(r, ensure_ascii=False) + newline for r in records).encode("utf-8")
-
-
-def _compress(data, fmt):
-  if fmt == "zst":
-    return zstandard.ZstdCompressor().compress(data)
-  if fmt == "bz2":
-    return bz2.compress(data)
-  if fmt == "xz":
-    return lzma.compress(data)
-  if fmt == "gz":
-    return gzip.compress(data)
-  assert fmt == "plain"
-  return data
-
-
 def _write(path, data, fmt):
   path.write_bytes(_compress(data, fmt))
   return path
-
-
-def _comment(cid, parent, link, body, author="alice", created=1_400_000_000, **extra):
-  record = {"id": cid, "parent_id": parent, "link_id": link, "body": body, "author": author,
-            "created_utc": created, "subreddit": "test", "subreddit_id": "t5_2qh1i", "score": 1,
-            "edited": False}
-  record.update(extra)
-  return record
-
-
-def _submission(pid, title, selftext="", created=1_400_000_000, **extra):
-  record = {"id": pid, "title": title, "selftext": selftext, "url": "", "is_self": bool(selftext),
-            "author": "op", "subreddit": "test", "created_utc": created, "score": 5,
-            "num_comments": 0, "over_18": False}
-  record.update(extra)
-  return record
 
 
 def _thread(comments, submission=None, link="t3_p"):
@@ -265,6 +233,40 @@ def test_build_threads_groups_across_files_and_dedups(tmp_path):
   assert len(list(work.iterdir())) == 1
   it.close()
   assert list(work.iterdir()) == []  # ... and when it is abandoned.
+
+
+def _in_new_thread(fn):
+  """fn() on a thread of its own, joined; its exception is re-raised here."""
+  result = {}
+
+  def target():
+    try:
+      result["value"] = fn()
+    except BaseException as e:  # pylint: disable=broad-except
+      result["error"] = e
+
+  thread = threading.Thread(target=target)
+  thread.start()
+  thread.join()
+  if "error" in result:
+    raise result["error"]
+  return result.get("value")
+
+
+def test_build_threads_is_resumed_and_closed_from_other_threads(tmp_path):
+  # tf.data's from_generator resumes a reader from its own pool threads (and closes it from yet
+  # another): the thread index must not be tied to the thread that opened it.
+  comments = [_c("a1", "t3_a", "top of a", link="t3_a"), _c("b1", "t3_b", "top of b", link="t3_b"),
+              _c("c1", "t3_c", "top of c", link="t3_c")]
+  work = tmp_path / "work"
+  work.mkdir()
+  threads = reddit.build_threads(comments, work_dir=work)
+  first = _in_new_thread(lambda: next(threads))  # Builds the index on this thread.
+  second = _in_new_thread(lambda: next(threads))
+  assert [first.link_id, second.link_id] == ["t3_a", "t3_b"]
+  assert len(list(work.iterdir())) == 1
+  _in_new_thread(threads.close)
+  assert list(work.iterdir()) == []  # Closed from a third thread, the index is still deleted.
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ compared against a per-example Python reference.
 """
 
 import json
-import lzma
 import os
 import random
 import re
@@ -16,9 +15,9 @@ import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
-import zstandard
 
 from hashmoe.data import cc100, embedded, reddit, tasks, text_files, vocab as vocab_lib, wikitext
+from textdata import syllable_sentences, write_cc100, write_reddit, write_wikitext
 
 PREFIX = "tt"
 SMALL = vocab_lib.SentencePieceSettings(vocab_size=400, input_sentence_size=10_000,
@@ -26,82 +25,22 @@ SMALL = vocab_lib.SentencePieceSettings(vocab_size=400, input_sentence_size=10_0
 REDDIT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
-def _words(rng, n):
-  syllables = ["ka", "lo", "mi", "ter", "an", "sol", "ve", "ri", "nu", "pe", "ost", "ing"]
-  return ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(n)]
-
-
-def _write_wikitext(folder, rng):
-  """`wiki.{train,valid,test}.tokens` in the original layout (leading space, ' \\n' endings)."""
-  folder.mkdir()
-  for split, articles in (("train", 6), ("valid", 2), ("test", 2)):
-    lines = []
-    for a in range(articles):
-      lines += [" ", f" = {split.title()} Article {a} = ", " "]
-      for p in range(3):
-        if p == 1:
-          lines += [" = = Section = = ", " "]
-        sentences = []
-        for _ in range(rng.randint(1, 4)):
-          words = _words(rng, rng.randint(3, 14))
-          words.insert(1, "well @-@ known")
-          sentences.append(" ".join(words).capitalize() + " " + rng.choice([".", "!", "?"]))
-        lines += [" " + " ".join(sentences) + " ", " "]
-    (folder / f"wiki.{split}.tokens").write_text("\n".join(lines) + "\n", encoding="utf-8")
-  return folder
-
-
-def _sentences(rng, n):
-  return " ".join(" ".join(_words(rng, rng.randint(3, 10))).capitalize() + "." for _ in range(n))
-
-
-def _write_cc100(path, rng):
-  documents = ["\n".join(_sentences(rng, rng.randint(1, 3)) for _ in range(rng.randint(1, 3)))
-               for _ in range(25)]
-  path.write_bytes(lzma.compress(("\n\n".join(documents) + "\n").encode("utf-8")))
-  return path
-
-
 def _write_text_folder(folder, rng):
   folder.mkdir()
   for i in range(5):
-    paragraphs = [_sentences(rng, rng.randint(1, 4)) for _ in range(6)]
+    paragraphs = [syllable_sentences(rng, rng.randint(1, 4)) for _ in range(6)]
     (folder / f"book{i}.txt").write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
   return folder
-
-
-def _write_reddit(folder, rng):
-  comments, submissions = [], []
-  for n in range(40):
-    post = f"p{n:03d}"
-    submissions.append({"id": post, "title": f"{_sentences(rng, 1)} {post}",
-                        "selftext": _sentences(rng, 1), "author": "op", "subreddit": "test",
-                        "created_utc": 1_400_000_000, "score": 1, "is_self": True, "url": ""})
-    parent = f"t3_{post}"
-    for depth in range(3):
-      cid = f"{post}c{depth}"
-      comments.append({"id": cid, "parent_id": parent, "link_id": f"t3_{post}",
-                       "body": _sentences(rng, rng.randint(1, 2)), "author": f"user{depth}",
-                       "created_utc": 1_400_000_000 + rng.randint(0, 999), "subreddit": "test",
-                       "score": 1})
-      parent = f"t1_{cid}"
-  comments.sort(key=lambda c: c["created_utc"])
-  rc = folder / "RC_2016-01.zst"
-  rc.write_bytes(zstandard.ZstdCompressor().compress(
-      "".join(json.dumps(c) + "\n" for c in comments).encode()))
-  rs = folder / "RS_2016-01.xz"
-  rs.write_bytes(lzma.compress("".join(json.dumps(s) + "\n" for s in submissions).encode()))
-  return [rc], [rs]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   root = tmp_path_factory.mktemp("data")
   rng = random.Random(0)
-  wiki = _write_wikitext(root / "wikitext-2", rng)
-  cc = _write_cc100(root / "en.txt.xz", rng)
+  wiki = write_wikitext(root / "wikitext-2", rng)
+  cc = write_cc100(root / "en.txt.xz", rng)
   text = _write_text_folder(root / "books", rng)
-  rc, rs = _write_reddit(root, rng)
+  rc, rs = write_reddit(root, rng)
   train_text = (list(wikitext.wikitext_lines(wiki, "train", detokenize=True)) +
                 list(cc100.cc100_paragraphs(cc)) +
                 list(text_files.text_folder_paragraphs(text, "train")) +

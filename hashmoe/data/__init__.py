@@ -33,9 +33,10 @@ from hashmoe.data.reddit import (DEFAULT_SPLIT_FRACTIONS, FILTER_REASONS, Commen
                                  build_threads, filter_reason, iter_json_lines, keep_first_tokens,
                                  keep_last_tokens, read_comments, read_submissions, reddit_pairs,
                                  thread_pairs, thread_split, whitespace_token_count)
-from hashmoe.data.text_files import (SPLITS, context_target_pairs, detect_compression,
-                                     find_text_files, iter_blocks, iter_lines, normalize_split,
-                                     split_sentences, split_text_files, text_folder_paragraphs,
+from hashmoe.data.text_files import (SPLITS, TextDecodeError, check_text_codec,
+                                     context_target_pairs, detect_compression, find_text_files,
+                                     iter_blocks, iter_lines, normalize_split, split_sentences,
+                                     split_text_files, text_folder_paragraphs,
                                      text_folder_sentence_pairs)
 from hashmoe.data.wikitext import (WikitextArticle, WikitextFiles, detokenize_joiners,
                                    find_wikitext, iter_wikitext_file_lines, parse_heading,
@@ -48,8 +49,9 @@ _LAZY = {
               "build_word_vocabulary", "cache_key", "file_identity", "sample_texts",
               "split_words", "train_sentencepiece", "vocab_fingerprint", "vocab_pieces"),
     "tasks": ("LM", "SEQ2SEQ", "BatchIterator", "CC100Corpus", "Corpus", "EmbeddedCorpus",
-              "RedditCorpus", "TaskSpec", "TextFolderCorpus", "WikitextCorpus", "data_fingerprint",
-              "get_batches", "register_task", "register_tasks", "restore_batches",
+              "RedditCorpus", "SplitWarning", "TaskSpec", "TextFolderCorpus", "WikitextCorpus",
+              "check_splits", "check_token_ids", "data_fingerprint", "get_batches",
+              "iterate_dataset", "register_task", "register_tasks", "restore_batches",
               "split_tokens_to_length", "task_shape", "task_spec", "train_vocabulary",
               "trim_and_append_eos"),
     "stats": ("TokenCounts", "build_hash_table", "count_ids", "count_tokens", "example_keys",
@@ -73,8 +75,9 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "DEFAULT_SPLIT_FRACTIONS", "EmbeddedCorpusSpec", "FILTER_REASONS", "SHAKESPEARE", "SPLITS",
-    "SplitStats", "WikitextArticle", "WikitextFiles", "Comment", "CorruptDumpError",
-    "RedditFilterConfig", "Submission", "Thread", "build_threads", "cc100_documents",
+    "SplitStats", "TextDecodeError", "WikitextArticle", "WikitextFiles", "Comment",
+    "CorruptDumpError", "RedditFilterConfig", "Submission", "Thread", "build_threads",
+    "cc100_documents", "check_text_codec",
     "cc100_pairs", "cc100_paragraphs", "context_target_pairs", "corpus_stats",
     "default_cache_dir", "detect_compression", "detokenize_joiners", "embedded_corpus",
     "fetch_embedded_sdist", "filter_reason", "find_cc100", "find_text_files", "find_wikitext",

@@ -480,7 +480,9 @@ def build_threads(comments: Iterable[Comment],
   and only one thread is materialised at a time. SQLite is in the standard library, needs no
   server, and its sorter is well tested at this scale. Disk use is about the size of the
   decompressed text that passes `keep_link`; the sorter's spill files go to SQLite's temporary
-  directory (set `SQLITE_TMPDIR` to move them). The index is deleted when iteration ends.
+  directory (set `SQLITE_TMPDIR` to move them). The index is deleted when iteration ends, or when
+  the generator is closed. The generator may be advanced and closed from different threads, one at
+  a time, as tf.data's `from_generator` does.
 
   Duplicate comment ids (re-releases overlap the monthly dumps) keep their first occurrence and
   are counted as `duplicate_comment` (likewise `duplicate_submission`).
@@ -499,7 +501,15 @@ def build_threads(comments: Iterable[Comment],
     yielded before all of `comments` and `submissions` has been consumed.
   """
   tmp_dir = tempfile.mkdtemp(prefix="hashmoe-reddit-", dir=work_dir)
-  conn = sqlite3.connect(os.path.join(tmp_dir, "threads.sqlite"), isolation_level=None)
+  # check_same_thread=False: this generator is resumed by whichever thread asks for the next
+  # thread, and tf.data (`from_generator`) resumes it from its own pool threads, then closes it
+  # from yet another one. The sqlite3 module's default refuses any use outside the creating
+  # thread ("SQLite objects created in a thread can only be used in that same thread"). That is
+  # safe to lift here because a generator never runs in two threads at once (Python raises
+  # "generator already executing"), so the connection and its cursors are used strictly one call
+  # at a time, which is all SQLite asks of a connection that moves between threads.
+  conn = sqlite3.connect(os.path.join(tmp_dir, "threads.sqlite"), isolation_level=None,
+                         check_same_thread=False)
   try:
     # The index is scratch: no journal, no fsync; a crash just means starting over.
     conn.execute("PRAGMA journal_mode=OFF")

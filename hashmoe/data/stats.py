@@ -325,7 +325,7 @@ def count_tokens(task_name: str, *, split: str = "train", features: str | Sequen
   dataset = dataset.ragged_batch(_EXAMPLES_PER_READ)
 
   def batches():
-    for batch in dataset:
+    for batch in tasks_lib.iterate_dataset(dataset, numpy=False):
       for feature in features:
         ragged = batch[feature]
         if not isinstance(ragged, tf.RaggedTensor):  # A feature of static length is batched dense.
@@ -333,8 +333,12 @@ def count_tokens(task_name: str, *, split: str = "train", features: str | Sequen
         values, splits = ragged.flat_values.numpy(), ragged.row_splits.numpy()
         yield [values[a:b] for a, b in zip(splits[:-1], splits[1:])]
 
-  counts, examples = count_ids(batches(), key_space, key=key, chunk_tokens=chunk_tokens,
-                               decoder_inputs=decoder_inputs)
+  stream = batches()
+  try:
+    counts, examples = count_ids(stream, key_space, key=key, chunk_tokens=chunk_tokens,
+                                 decoder_inputs=decoder_inputs)
+  finally:
+    stream.close()  # Releases tf.data's iterator now, even when counting raised.
   result = TokenCounts(counts=counts, vocab_size=vocab_size, vocab_fingerprint=fingerprint,
                        key=key, task=task_name, split=split, features=features,
                        num_examples=examples // len(features), sequence_length=sequence_length,

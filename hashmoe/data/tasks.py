@@ -14,12 +14,20 @@ Every corpus is registered in the two shapes the paper trains (Roller et al. 202
 Pipeline of one task (all in tf.data, fed by the streaming readers of `hashmoe.data`):
 
   reader (Python generator, blocks of 256 examples: tf.data's per-element generator cost is
-  ~300 us, per block it vanishes) -> seqio.preprocessors.tokenize -> EOS
+  ~300 us, per block it vanishes) -> seqio.preprocessors.tokenize -> `check_token_ids` (every id
+  inside the vocabulary, for readers that feed a jitted model without checking) -> EOS
   -> lm: `split_tokens_to_length` cuts each example into pieces of at most `seq_len` tokens
   -> seq2seq: `trim_and_append_eos`: the context keeps its most recent end (as BlenderBot
      truncates contexts), the target its start
   -> seqio Task shuffle buffer (seeded) -> feature converter (DecoderFeatureConverter for lm,
      EncDecFeatureConverter for seq2seq; packing on by default) -> batches.
+
+Errors: tf.data runs the reader on its own threads and would report its exception as a
+`tf.errors.OpError` carrying a traceback's text. `get_batches` (and `iterate_dataset`, for any
+dataset of these tasks) raises the reader's exception itself (`CorruptDumpError`, a ValueError
+naming the file, ...), after releasing tf.data's iterator so that nothing of the pipeline is left
+for interpreter teardown. `register_tasks` also warns about splits that would make validation
+numbers misleading (`check_splits`).
 
 LM: split-then-pack rather than concatenate-and-chunk. Packing (seqio's converters) puts several
 examples in one row with segment ids and restarting positions, so attention never crosses a
@@ -53,12 +61,19 @@ from __future__ import annotations
 
 import abc
 import atexit
+import collections
 import dataclasses
 import functools
 import itertools
+import logging
 import os
+import re
+import threading
+import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -67,6 +82,8 @@ import tensorflow as tf
 
 from hashmoe.data import cc100, embedded, reddit, text_files, vocab as vocab_lib, wikitext
 from hashmoe.data.text_files import SPLITS, PathLike
+
+logger = logging.getLogger(__name__)
 
 LM = "lm"
 SEQ2SEQ = "seq2seq"
@@ -108,6 +125,10 @@ class Corpus(abc.ABC):
   def vocab_texts(self) -> Iterator[str]:
     """What a vocabulary for this corpus is trained on: the training split's text units."""
     return self.texts("train")
+
+  def split_files(self) -> dict[str, tuple[Path, ...]] | None:
+    """{split: its files} for corpora split by file (what `check_splits` inspects), else None."""
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +203,15 @@ class WikitextCorpus(Corpus):
                                             context_sentences=self.context_sentences,
                                             detokenize=self.detokenize)
 
+  def split_files(self) -> dict[str, tuple[Path, ...]] | None:
+    files = {}
+    for split in SPLITS:
+      try:
+        files[split] = tuple(wikitext.find_wikitext(self.path, split).files)
+      except (FileNotFoundError, ValueError):
+        pass  # Reading that split reports it; nothing to compare here.
+    return files
+
 
 @dataclasses.dataclass(frozen=True)
 class CC100Corpus(Corpus):
@@ -220,6 +250,15 @@ class CC100Corpus(Corpus):
                              context_size=self.context_size, **self._kwargs())
 
 
+# How to read a folder that is not UTF-8, in the terms a user can act on: the task files' gin
+# macros and `hashmoe compare`'s flags (the readers' own advice names Python arguments).
+TEXT_ENCODING_ADVICE = (
+    "Give the folder's real encoding, TEXT_ENCODING = 'latin-1' in gin (--gin.TEXT_ENCODING="
+    "\"'latin-1'\"; hashmoe compare: --text-encoding latin-1), or read such bytes as U+FFFD with "
+    "TEXT_ERRORS = 'replace' (--gin.TEXT_ERRORS=\"'replace'\"; hashmoe compare: --text-errors "
+    "replace).")
+
+
 @dataclasses.dataclass(frozen=True)
 class TextFolderCorpus(Corpus):
   """A folder of `*.txt` files split by whole file (`hashmoe.data.text_files`).
@@ -230,6 +269,9 @@ class TextFolderCorpus(Corpus):
     unit: LM units, 'paragraph' or 'line'.
     context_size: previous sentences in a seq2seq context.
     validation_fraction, test_fraction, seed: the split by file.
+    encoding: the files' text encoding.
+    errors: what to do with bytes that are not valid `encoding`: 'strict' stops with an error
+      naming the file, 'replace' reads them as U+FFFD, 'ignore' drops them.
   """
   root: str
   pattern: str = "*.txt"
@@ -238,26 +280,55 @@ class TextFolderCorpus(Corpus):
   validation_fraction: float = 0.1
   test_fraction: float = 0.1
   seed: int = 0
+  encoding: str = "utf-8"
+  errors: str = "strict"
   name: ClassVar[str] = "text"
+
+  def __post_init__(self):
+    text_files.check_text_codec(self.encoding, self.errors)
 
   def _kwargs(self) -> dict[str, Any]:
     return {"pattern": self.pattern, "validation_fraction": self.validation_fraction,
-            "test_fraction": self.test_fraction, "seed": self.seed}
+            "test_fraction": self.test_fraction, "seed": self.seed, "encoding": self.encoding,
+            "errors": self.errors}
 
   def identity(self, split: str) -> dict[str, Any]:
     # The split of a file depends on every file of the folder, so all of them identify it.
-    return {"source": self.name, "split": text_files.normalize_split(split),
-            "files": vocab_lib.file_identity(text_files.find_text_files(self.root,
-                                                                        pattern=self.pattern)),
-            "unit": self.unit, "context_size": self.context_size, **self._kwargs()}
+    identity = {"source": self.name, "split": text_files.normalize_split(split),
+                "files": vocab_lib.file_identity(text_files.find_text_files(
+                    self.root, pattern=self.pattern)),
+                "unit": self.unit, "context_size": self.context_size, **self._kwargs()}
+    # Left out at their defaults, so that vocabularies, token counts and checkpoints' data
+    # positions made before these settings existed still match.
+    for key, default in (("encoding", "utf-8"), ("errors", "strict")):
+      if identity[key] == default:
+        del identity[key]
+    return identity
 
   def texts(self, split: str) -> Iterator[str]:
-    return text_files.text_folder_paragraphs(self.root, split, unit=self.unit, **self._kwargs())
+    return _with_encoding_advice(text_files.text_folder_paragraphs(
+        self.root, split, unit=self.unit, **self._kwargs()))
 
   def pairs(self, split: str, vocabulary: seqio.Vocabulary | None = None
             ) -> Iterator[tuple[str, str]]:
-    return text_files.text_folder_sentence_pairs(self.root, split,
-                                                 context_size=self.context_size, **self._kwargs())
+    return _with_encoding_advice(text_files.text_folder_sentence_pairs(
+        self.root, split, context_size=self.context_size, **self._kwargs()))
+
+  def split_files(self) -> dict[str, tuple[Path, ...]] | None:
+    try:
+      split = text_files.split_text_files(
+          self.root, pattern=self.pattern, validation_fraction=self.validation_fraction,
+          test_fraction=self.test_fraction, seed=self.seed)
+    except (FileNotFoundError, ValueError):
+      return None  # Reading the folder reports it.
+    return {name: tuple(files) for name, files in split.items()}
+
+
+def _with_encoding_advice(examples: Iterator[Any]) -> Iterator[Any]:
+  try:
+    yield from examples
+  except text_files.TextDecodeError as e:
+    raise text_files.TextDecodeError(e.problem, TEXT_ENCODING_ADVICE) from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,6 +413,90 @@ def train_vocabulary(corpus: Corpus, *, word_level: bool = False,
 
 
 # --------------------------------------------------------------------------------------------------
+# Checks of a corpus's splits.
+
+# A training split smaller than this (bytes on disk) is "tiny": about 100,000 words of English
+# text, which the 200-step CPU run of configs/runs/cpu_tiny.gin alone reads about once (200 steps x
+# 8 rows x 64 tokens ~ 100k tokens) and any longer run many times over. A model then memorises the
+# split, and its perplexities say how well it did that rather than how well it models language.
+TINY_TRAINING_BYTES = 500_000
+
+
+class SplitWarning(UserWarning):
+  """A corpus's splits make its validation/test numbers misleading (overlap, or a tiny split)."""
+
+
+_CHECKED_CORPORA: set[Corpus] = set()
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+  with open(a, "rb") as fa, open(b, "rb") as fb:
+    while True:
+      chunk = fa.read(1 << 20)
+      if chunk != fb.read(1 << 20):
+        return False
+      if not chunk:
+        return True
+
+
+def check_splits(corpus: Corpus) -> list[str]:
+  """Problems with a corpus's splits that make its validation and test perplexities misleading.
+
+  For corpora split by file (`Corpus.split_files`: text folders, Wikitext):
+
+  * **overlap**: a validation or test file byte-identical to a training file (the same document
+    copied into two splits, or one file given for all three). The model is then evaluated on text
+    it trained on: three copies of one 10-word file train to a validation perplexity of ~1.
+    Files are compared only when their sizes are equal, so this costs a `stat` per file and
+    reads nothing in the usual case.
+  * **tiny**: a training split under `TINY_TRAINING_BYTES` on disk (see there for why).
+
+  CC100 and Reddit carve their splits out of one dump by a hash of each document / thread, which
+  keeps one document in one split; catching duplicated text across documents would take a pass
+  over the whole dump, so they are not checked here. The embedded corpus is fixed (whole works).
+
+  Each problem is logged as a warning and raised as a `SplitWarning`, once per corpus and process.
+
+  Returns:
+    The problems found (messages), empty if none or not checked.
+  """
+  files = corpus.split_files()
+  if not files or not files.get("train"):
+    return []
+  problems = []
+  train = files["train"]
+  by_size: dict[int, list[Path]] = collections.defaultdict(list)
+  for path in train:
+    by_size[path.stat().st_size].append(path)
+  copies = []
+  for split in SPLITS[1:]:
+    for path in files.get(split, ()):
+      twin = next((t for t in by_size.get(path.stat().st_size, ())
+                   if t.resolve() == path.resolve() or _same_bytes(t, path)), None)
+      if twin is not None:
+        copies.append(f"{split} {path} = train {twin}")
+  if copies:
+    shown = "; ".join(copies[:3]) + (f"; and {len(copies) - 3} more" if len(copies) > 3 else "")
+    problems.append(
+        f"{corpus.name} corpus: {len(copies)} held-out file(s) are identical to training files "
+        f"({shown}). The model is evaluated on text it trained on, so validation and test "
+        "perplexities will be far better than the model is. Remove the copies from the folder.")
+  size = sum(path.stat().st_size for path in train)
+  if size < TINY_TRAINING_BYTES:
+    problems.append(
+        f"{corpus.name} corpus: the training split is {size:,} bytes ({len(train)} file(s)), "
+        f"under {TINY_TRAINING_BYTES:,} bytes (~100k words). A run reads it many times over and "
+        "the model memorises it, so perplexities measure memorisation, not language modelling. "
+        "Fine for a smoke test; use more text for numbers that mean something.")
+  if corpus not in _CHECKED_CORPORA:
+    _CHECKED_CORPORA.add(corpus)
+    for problem in problems:
+      logger.warning("%s", problem)
+      warnings.warn(problem, SplitWarning, stacklevel=2)
+  return problems
+
+
+# --------------------------------------------------------------------------------------------------
 # Preprocessors.
 
 
@@ -374,6 +529,60 @@ def split_tokens_to_length(dataset: tf.data.Dataset,
     return {"targets": tf.RaggedTensor.from_row_starts(tokens, starts)}
 
   return dataset.map(pieces, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+
+
+def check_token_ids(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature],
+                    sequence_length: Mapping[str, int] | None = None, *,
+                    task_name: str = "") -> tf.data.Dataset:
+  """Fails on a token id outside its feature's vocabulary, [0, vocab_size), naming it.
+
+  A model cannot check its ids under `jax.jit`: a traced gather does not raise, and an id past the
+  embedding table turns into NaN or garbage logits without a word. hashmoe's own loop checks every
+  batch on the host (`models.validate_batch`), but other readers of these tasks (t5x, user code)
+  feed the jitted step directly; checking here covers them all. The check is one vectorised
+  comparison per example; the message (Python) is only built when it fails. A vocabulary whose
+  `encode` can return ids >= its `vocab_size` (a custom vocabulary with a wrong size) is what it
+  catches.
+
+  Args:
+    dataset: tokenised examples, each feature int32[n].
+    output_features: the task's features (their vocabularies' sizes).
+    sequence_length: unused (seqio passes it to every preprocessor).
+    task_name: named in the error.
+
+  Returns:
+    The same examples.
+
+  Raises (when iterated):
+    ValueError: naming the task, the feature, the id, its position in the example and the
+      vocabulary size (through `iterate_dataset`; other readers get a `tf.errors.OpError` with
+      that message).
+  """
+  del sequence_length
+
+  def fail(key: str, size: int, ids: np.ndarray) -> np.ndarray:
+    position = int(np.flatnonzero((ids < 0) | (ids >= size))[0])
+    task = f"task {task_name!r}, " if task_name else ""
+    raise _parked(ValueError(
+        f"{task}feature {key!r}: token id {int(ids[position])} at position {position} of an "
+        f"example is outside the vocabulary's ids [0, {size}): the vocabulary's encode returned "
+        f"an id its vocab_size ({size}) does not cover. A model would read past its embedding "
+        "table (under jax.jit, silently: NaN logits). Fix the vocabulary's vocab_size."))
+
+  def check(example):
+    example = dict(example)
+    for key, feature in output_features.items():
+      if key not in example:
+        continue
+      ids, size = example[key], int(feature.vocabulary.vocab_size)
+      bad = tf.reduce_any((ids < 0) | (ids >= size))
+      raise_error = functools.partial(fail, key, size)
+      checked = tf.cond(bad, lambda: tf.numpy_function(raise_error, [ids], ids.dtype),
+                        lambda: ids)
+      example[key] = tf.ensure_shape(checked, ids.shape)
+    return example
+
+  return dataset.map(check, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def trim_and_append_eos(dataset: tf.data.Dataset,
@@ -449,6 +658,59 @@ def _blocks(examples: Iterator[Any], keys: tuple[str, ...]) -> Iterator[dict[str
       yield {k: np.array(column, dtype=object) for k, column in zip(keys, columns)}
 
 
+# A reader's exception inside tf.data reaches the consumer as a `tf.errors.OpError` (UnknownError,
+# or InvalidArgumentError for a ValueError) whose message is the formatted Python traceback: a
+# truncated dump or an undecodable file would end a run in pages of TensorFlow internals instead of
+# the reader's one-line message, and never be caught as the ValueError it is. The reader's
+# exception is therefore parked here under a token that travels in the message, and
+# `iterate_dataset` raises the parked exception itself. Consumers that read the dataset some other
+# way (t5x) still get the OpError, whose message names the original error; at most
+# `_MAX_PARKED_ERRORS` unclaimed ones are kept.
+_PARKED_ERRORS: collections.OrderedDict[str, BaseException] = collections.OrderedDict()
+_PARKED_ERRORS_LOCK = threading.Lock()
+_MAX_PARKED_ERRORS = 64
+_PARKED_TOKEN = re.compile(r"\[hashmoe reader error ([0-9a-f]{32})\]")
+
+
+class ReaderError(RuntimeError):
+  """What a reader's exception becomes inside tf.data; `iterate_dataset` raises the original."""
+
+
+def _parked(error: BaseException) -> ReaderError:
+  """Parks `error` and returns the ReaderError to raise inside tf.data in its place."""
+  token = uuid.uuid4().hex
+  with _PARKED_ERRORS_LOCK:
+    _PARKED_ERRORS[token] = error
+    while len(_PARKED_ERRORS) > _MAX_PARKED_ERRORS:
+      _PARKED_ERRORS.popitem(last=False)
+  return ReaderError(f"[hashmoe reader error {token}] {type(error).__name__}: {error}")
+
+
+def _park_errors(examples: Iterator[Any]) -> Iterator[Any]:
+  """`examples`, with any exception they raise parked for `iterate_dataset` (see above)."""
+  try:
+    yield from examples
+  except Exception as e:  # pylint: disable=broad-except  Every reader error must be relayed.
+    raise _parked(e) from None
+
+
+def _unwrap_error(error: tf.errors.OpError) -> BaseException:
+  """The reader exception parked under the token in `error`'s message, else `error` itself.
+
+  Either way the returned exception holds no reference to tf.data's iterator: the OpError's own
+  traceback and context (frames of TensorFlow's iterator, whose locals hold it) are dropped, so
+  that the iterator can be destroyed while the interpreter is whole (see `iterate_dataset`).
+  """
+  match = _PARKED_TOKEN.search(error.message or "")
+  if match:
+    with _PARKED_ERRORS_LOCK:
+      original = _PARKED_ERRORS.pop(match.group(1), None)
+    if original is not None:
+      return original
+  error.__context__ = error.__cause__ = None
+  return error.with_traceback(None)
+
+
 def _dataset_fn(corpus: Corpus, shape: str, vocabulary: seqio.Vocabulary
                 ) -> Callable[..., tf.data.Dataset]:
   keys = ("targets",) if shape == LM else ("inputs", "targets")
@@ -460,8 +722,8 @@ def _dataset_fn(corpus: Corpus, shape: str, vocabulary: seqio.Vocabulary
     examples = (functools.partial(corpus.texts, split) if shape == LM
                 else functools.partial(corpus.pairs, split, vocabulary))
     signature = {k: tf.TensorSpec([None], tf.string) for k in keys}
-    blocks = tf.data.Dataset.from_generator(lambda: _blocks(iter(examples()), keys),
-                                            output_signature=signature)
+    blocks = tf.data.Dataset.from_generator(
+        lambda: _park_errors(_blocks(iter(examples()), keys)), output_signature=signature)
     return blocks.unbatch()
 
   return dataset_fn
@@ -514,7 +776,8 @@ def register_task(name: str, corpus: Corpus, shape: str, vocabulary: seqio.Vocab
   features = {key: seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)
               for key in (("targets",) if shape == LM else ("inputs", "targets"))}
   # No '*_pretokenized' copies: hashmoe evaluates perplexity, and packing would drop them anyway.
-  preprocessors = [functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False)]
+  preprocessors = [functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
+                   functools.partial(check_token_ids, task_name=name)]
   if shape == LM:
     preprocessors += [seqio.preprocessors.append_eos, split_tokens_to_length]
   else:
@@ -535,13 +798,14 @@ def task_spec(task_name: str) -> TaskSpec | None:
 
 def register_tasks(*, name_prefix: str = "hashmoe", embedded: bool = True,
                    wikitext_dir: PathLike | None = None, wikitext_name: str = "wikitext103",
-                   wikitext_word_level: bool = False,
+                   wikitext_word_level: bool = False, wikitext_bpe: bool = True,
                    reddit_comments: PathLike | Sequence[PathLike] | None = None,
                    reddit_submissions: PathLike | Sequence[PathLike] = (),
                    reddit_config: reddit.RedditFilterConfig | None = None,
                    reddit_split_fractions: Sequence[float] = reddit.DEFAULT_SPLIT_FRACTIONS,
                    reddit_work_dir: PathLike | None = None,
                    cc100_path: PathLike | None = None, text_dir: PathLike | None = None,
+                   text_encoding: str = "utf-8", text_errors: str = "strict",
                    vocabulary: seqio.Vocabulary | Mapping[str, seqio.Vocabulary] | None = None,
                    vocab_settings: vocab_lib.SentencePieceSettings =
                    vocab_lib.SentencePieceSettings(),
@@ -562,10 +826,13 @@ def register_tasks(*, name_prefix: str = "hashmoe", embedded: bool = True,
       `@-@` joiners; the word-level ones keep the tokens (use the `.tokens` files for those).
     wikitext_name: the corpus part of the Wikitext task names ('wikitext2' for Wikitext-2).
     wikitext_word_level: also register tasks with Wikitext's word-level dictionary.
+    wikitext_bpe: register the BPE tasks; False with `wikitext_word_level` registers only the
+      word-level ones (configs/tasks/wikitext103_word.gin), so no BPE is trained for nothing.
     reddit_comments, reddit_submissions: pushshift dumps (a path or a list of paths).
     reddit_config, reddit_split_fractions, reddit_work_dir: see `RedditCorpus`.
     cc100_path: CC100 `en.txt.xz` or its folder.
     text_dir: a folder of `*.txt` files.
+    text_encoding, text_errors: how its files are decoded (see `TextFolderCorpus`).
     vocabulary: None trains each corpus its own BPE (cached); one vocabulary is shared by all
       tasks; a mapping gives one per corpus name ('embedded', wikitext_name,
       f'{wikitext_name}_word', 'cc100', 'text', 'reddit'), missing names being trained. The paper
@@ -585,15 +852,20 @@ def register_tasks(*, name_prefix: str = "hashmoe", embedded: bool = True,
     corpora.append(("embedded", EmbeddedCorpus(cache_dir=cache, context_size=context_size),
                     False))
   if wikitext_dir is not None:
-    corpora.append((wikitext_name, WikitextCorpus(str(wikitext_dir), detokenize=True,
-                                                  context_sentences=context_size), False))
+    if not (wikitext_bpe or wikitext_word_level):
+      raise ValueError(f"wikitext_dir={os.fspath(wikitext_dir)!r} with wikitext_bpe=False and "
+                       "wikitext_word_level=False registers nothing; set one of them.")
+    if wikitext_bpe:
+      corpora.append((wikitext_name, WikitextCorpus(str(wikitext_dir), detokenize=True,
+                                                    context_sentences=context_size), False))
     if wikitext_word_level:
       corpora.append((f"{wikitext_name}_word", WikitextCorpus(
           str(wikitext_dir), detokenize=False, context_sentences=context_size), True))
   if cc100_path is not None:
     corpora.append(("cc100", CC100Corpus(str(cc100_path), context_size=context_size), False))
   if text_dir is not None:
-    corpora.append(("text", TextFolderCorpus(str(text_dir), context_size=context_size), False))
+    corpora.append(("text", TextFolderCorpus(str(text_dir), context_size=context_size,
+                                             encoding=text_encoding, errors=text_errors), False))
   if reddit_comments is not None:
     corpora.append(("reddit", RedditCorpus(
         reddit_comments, reddit_submissions, config=reddit_config,
@@ -602,6 +874,7 @@ def register_tasks(*, name_prefix: str = "hashmoe", embedded: bool = True,
 
   names = []
   for corpus_name, corpus, word_level in corpora:
+    check_splits(corpus)
     if isinstance(vocabulary, seqio.Vocabulary):
       corpus_vocab = vocabulary
     elif isinstance(vocabulary, Mapping) and corpus_name in vocabulary:
@@ -673,7 +946,7 @@ class BatchIterator:
                fingerprint: str | None):
     self._dataset = dataset
     self._element_spec = dataset.element_spec
-    self._iterator = dataset.as_numpy_iterator()
+    self._iterator = iterate_dataset(dataset)
     self._arguments = arguments
     self._next_batch = start_batch
     self._fingerprint = fingerprint
@@ -698,7 +971,9 @@ class BatchIterator:
 
   def close(self) -> None:
     """Releases the pipeline (its reader thread); further `next()` calls raise StopIteration."""
-    self._iterator = iter(())
+    # A closed generator raises StopIteration from then on; closing destroys tf.data's iterator
+    # now rather than whenever the last reference goes (see `iterate_dataset`).
+    self._iterator.close()
     self._dataset = None
 
   def __enter__(self) -> "BatchIterator":
@@ -711,6 +986,44 @@ class BatchIterator:
     """A JSON-serialisable state: `restore_batches(state)` continues from `next_batch`."""
     return {"format": _STATE_FORMAT, "arguments": dict(self._arguments),
             "next_batch": self._next_batch, "data_fingerprint": self._fingerprint}
+
+
+def iterate_dataset(dataset: tf.data.Dataset, *, numpy: bool = True) -> Iterator[Any]:
+  """The elements of `dataset`; a reader's error is raised as itself, the iterator released first.
+
+  A failing tf.data pipeline raises a `tf.errors.OpError` whose traceback runs through TensorFlow's
+  iterator, so that whoever holds the exception (a caller's `except`, the interpreter printing it
+  at exit) keeps the iterator and the Python generator feeding it alive. Destroyed only during
+  interpreter teardown, the generator's finaliser then runs with Python half gone: TensorFlow logs
+  "Error occurred when finalizing GeneratorDataset iterator" and the process can hang or abort
+  (rc 134, "terminate called without an active exception"). Here the iterator is dropped before
+  anything is raised, and what is raised is the reader's own exception (`CorruptDumpError`,
+  `ValueError`, ...), which the CLI reports in one line, or the OpError stripped of TensorFlow's
+  frames.
+
+  Args:
+    dataset: any tf.data dataset.
+    numpy: yield numpy values (`as_numpy_iterator`) rather than tensors.
+
+  Returns:
+    A generator of the dataset's elements. tf.data's iterator is created now (its prefetching
+    starts); closing the generator destroys it at once.
+  """
+  return _elements(dataset.as_numpy_iterator() if numpy else iter(dataset))
+
+
+def _elements(iterator: Iterator[Any]) -> Iterator[Any]:
+  while True:
+    try:
+      element = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.OpError as e:
+      error = _unwrap_error(e)
+      break
+    yield element
+  del iterator
+  raise error
 
 
 # tf.data's generator-backed iterators can hang the interpreter at exit if they are still alive when

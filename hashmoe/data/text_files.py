@@ -19,6 +19,7 @@ goes through these functions, so they all stream and segment text the same way:
 from __future__ import annotations
 
 import bz2
+import codecs
 import collections
 import gzip
 import hashlib
@@ -47,6 +48,34 @@ _OPENERS: dict[str, Callable[..., IO[str]]] = {
     "gzip": gzip.open,
     "bz2": bz2.open,
 }
+
+
+class TextDecodeError(ValueError):
+  """Bytes of a text file that are not valid in the encoding it was read with (names the file).
+
+  Attributes:
+    problem: what was wrong (file, line, bytes), without the advice on how to read it anyway, so
+      that a caller can give advice in its own terms (a gin macro, a command-line flag).
+  """
+
+  def __init__(self, problem: str, advice: str):
+    super().__init__(f"{problem} {advice}")
+    self.problem = problem
+
+
+def check_text_codec(encoding: str, errors: str) -> None:
+  """Raises ValueError unless `encoding` is a codec and `errors` a codec error handler."""
+  try:
+    codecs.lookup(encoding)
+  except (LookupError, TypeError):
+    raise ValueError(f"encoding={encoding!r} is not a text encoding Python knows; expected e.g. "
+                     "'utf-8', 'latin-1', 'cp1252'.") from None
+  try:
+    codecs.lookup_error(errors)
+  except (LookupError, TypeError):
+    raise ValueError(f"errors={errors!r} is not a codec error handler; expected 'strict' (stop "
+                     "at bytes that are not valid text), 'replace' (read them as U+FFFD) or "
+                     "'ignore' (drop them).") from None
 
 
 def normalize_split(split: str) -> str:
@@ -94,8 +123,9 @@ def iter_lines(path: PathLike, *, encoding: str = "utf-8", errors: str = "strict
 
   Raises:
     FileNotFoundError: `path` does not exist.
-    ValueError: a truncated or corrupt compressed stream, or (with errors='strict') bytes that are
-      not valid `encoding`, naming the file and the line reached.
+    ValueError: a truncated or corrupt compressed stream, naming the file and the line reached.
+    TextDecodeError: (a ValueError; with errors='strict') bytes that are not valid `encoding`,
+      naming the file and the line reached.
   """
   path = Path(path)
   if not path.is_file():
@@ -114,10 +144,11 @@ def iter_lines(path: PathLike, *, encoding: str = "utf-8", errors: str = "strict
         yield line.rstrip("\r\n")
   except UnicodeDecodeError as e:
     # Text files decode in chunks, so the exact line is unknown; the lines before it were fine.
-    raise ValueError(
+    raise TextDecodeError(
         f"{path}: bytes that are not valid {encoding} after line {line_number} ({e.reason}: "
-        f"{e.object[e.start:e.end]!r}). Pass errors='replace' to substitute U+FFFD, or the "
-        "file's real encoding (e.g. encoding='latin-1').") from e
+        f"{e.object[e.start:e.end]!r}).",
+        "Pass errors='replace' to substitute U+FFFD, or the file's real encoding (e.g. "
+        "encoding='latin-1').") from e
   except EOFError as e:
     raise ValueError(
         f"{path}: the {compression} stream ends before its end marker after {line_number} lines: "

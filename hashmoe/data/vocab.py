@@ -318,10 +318,36 @@ def _train_model(sample: list[str], settings: SentencePieceSettings, num_threads
         max_sentence_length=settings.max_sentence_length,
         num_threads=num_threads, minloglevel=2)
   except RuntimeError as e:
-    raise ValueError(
-        f"SentencePiece could not train {settings.vocab_size} pieces for {name!r} on "
-        f"{len(sample)} texts ({e}). Lower vocab_size or give it more text.") from e
+    raise ValueError(_training_failure(str(e), settings, name, len(sample))) from e
   return model.data
+
+
+# SentencePiece's two ways of refusing a vocabulary size (src/trainer_interface.cc), which call for
+# opposite fixes; its own text for the first ("Increase vocab_size or decrease
+# character_coverage") is right, but names its command-line flag.
+_TOO_FEW_PIECES = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+_TOO_MANY_PIECES = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value "
+                              r"<= (\d+)")
+# Where the setting lives for someone running hashmoe rather than calling this module.
+_VOCAB_SIZE_SETTING = ("vocab_size (VOCAB_SIZE in the task's gin file; hashmoe compare: "
+                       "--vocab-size)")
+
+
+def _training_failure(error: str, settings: SentencePieceSettings, name: str,
+                      num_texts: int) -> str:
+  """One instruction for a failed SentencePiece training: raise or lower vocab_size, never both."""
+  what = (f"SentencePiece could not train {settings.vocab_size} pieces for {name!r} on "
+          f"{num_texts} texts")
+  if match := _TOO_FEW_PIECES.search(error):
+    return (f"{what}: its characters alone need {match.group(2)} pieces (character_coverage="
+            f"{settings.character_coverage}, with the reserved, byte and user-defined pieces). "
+            f"Raise {_VOCAB_SIZE_SETTING} to at least {match.group(2)}, or lower "
+            "SentencePieceSettings.character_coverage so that rare characters are spelled with "
+            "byte pieces.")
+  if match := _TOO_MANY_PIECES.search(error):
+    return (f"{what}: the text supports at most {match.group(2)} pieces. Lower "
+            f"{_VOCAB_SIZE_SETTING} to {match.group(2)} or less, or give it more text.")
+  return f"{what}: {error}"
 
 
 class _BytesWriter:
