@@ -102,8 +102,11 @@ def test_a_failed_pipeline_leaves_nothing_to_tear_down_at_exit():
   assert done.returncode == 1, done.stderr[-3000:]
   assert "UNCAUGHT RuntimeError: reader failed after 300 texts\n" in done.stderr, (
       done.stderr[-3000:])
-  for symptom in ("Error occurred when finalizing GeneratorDataset iterator",
-                  "Python interpreter state is not initialized"):
+  # The teardown symptoms only: under load TensorFlow may also log "Error occurred when finalizing
+  # GeneratorDataset iterator: KeyError" while Python is fully alive (its finaliser races the
+  # iterator's deletion, seen once in a full-suite run), which is harmless.
+  for symptom in ("Python interpreter state is not initialized",
+                  "terminate called without an active exception"):
     assert symptom not in done.stderr, done.stderr[-3000:]
 
 

@@ -51,10 +51,13 @@ def clean_gin():
 
 
 def parse(files, bindings=(), values=()):
-  extra = ["test_gin_configs.probe.model_config = %MODEL_CONFIG"]
+  # The data-path placeholders are bound for every file, read or not, so they bypass the CLI's
+  # refusal of command-line macros nothing reads.
+  extra = [b for b in bindings if b in TASK_BINDINGS]
+  extra.append("test_gin_configs.probe.model_config = %MODEL_CONFIG")
   if values:
     extra.append(f"test_gin_configs.probe.values = [{', '.join('%' + v for v in values)}]")
-  cli.parse_gin(files, list(bindings) + extra)
+  cli.parse_gin(files, [b for b in bindings if b not in TASK_BINDINGS], extra="\n".join(extra))
   return probe()
 
 
