@@ -117,6 +117,11 @@ def _resolve_gin_file(name: str, search_paths: Sequence[Path]) -> str:
   for root in search_paths:
     if (root / name).is_file():
       return str(root / name)
+  # 'configs/runs/x.gin', as the docs write it from a checkout, also works from any other folder.
+  default = configs_dir()
+  if default is not None and path.parts[:1] == (default.name,) and (default.joinpath(
+      *path.parts[1:])).is_file():
+    return str(default.joinpath(*path.parts[1:]))
   roots = [p for p in search_paths if p.is_dir()]
   raise UsageError(f"gin file {name!r} not found as given nor under the search paths "
                    f"{[str(p) for p in search_paths]}"

@@ -278,3 +278,11 @@ def test_a_real_process_prints_only_its_error_line(tmp_path):
   assert done.stderr == error_line("train", "--gin.TRAIN_STEPZ=5 sets TRAIN_STEPZ, a macro nothing "
                                    "in the config reads (did you mean TRAIN_STEPS?)")
   assert not (tmp_path / "run").exists()
+
+
+def test_a_configs_prefixed_file_resolves_from_any_folder(tmp_path, monkeypatch):
+  # The docs write `--gin_file=configs/runs/cpu_tiny.gin` from a checkout; from another folder that
+  # name was refused with a "did you mean" naming the same string.
+  monkeypatch.chdir(tmp_path)
+  resolved = cli._resolve_gin_file("configs/runs/cpu_tiny.gin", [cli.configs_dir()])
+  assert resolved == str(cli.configs_dir() / "runs" / "cpu_tiny.gin")
