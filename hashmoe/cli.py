@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import difflib
 import errno
+import importlib.util
 import inspect
 import json
 import logging
@@ -87,13 +88,19 @@ class UsageError(Exception):
 
 
 def configs_dir() -> Optional[Path]:
-  """The gin configs folder: `$HASHMOE_CONFIGS`, else `configs/` beside the package (a source
-  checkout), else None."""
+  """The gin configs folder: `$HASHMOE_CONFIGS`; else `configs/` beside the package when the code
+  runs from a checkout (that checkout's own configs, also under PYTHONPATH); else the installed
+  package `hashmoe.configs` (setup.py maps configs/ onto it); else None."""
   env = os.environ.get(CONFIGS_ENV)
   if env:
     return Path(env)
-  candidate = Path(__file__).resolve().parent.parent / "configs"
-  return candidate if candidate.is_dir() else None
+  checkout = Path(__file__).resolve().parent.parent / "configs"
+  if (checkout / "runs").is_dir():
+    return checkout
+  spec = importlib.util.find_spec("hashmoe.configs")
+  if spec is not None and spec.submodule_search_locations:
+    return Path(next(iter(spec.submodule_search_locations)))
+  return None
 
 
 def _did_you_mean(name: str, candidates: Sequence[str]) -> str:
