@@ -56,7 +56,7 @@ _LAZY = {
               "iterate_dataset", "register_task", "register_tasks", "restore_batches",
               "split_tokens_to_length", "task_shape", "task_spec", "trim_and_append_eos"),
     "stats": ("TokenCounts", "build_hash_table", "count_ids", "count_tokens", "example_keys",
-              "hash_table_paths", "load_hash_tables"),
+              "hash_table_paths"),
 }
 _LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
 
