@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from hashmoe import compare, hashing, models, plots
+from hashmoe.data import cached
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -147,7 +148,7 @@ def test_unigram_perplexity_is_the_entropy_of_the_validation_targets(default_run
   out, results, _, _ = default_run
   # Independent recount from the run's own eval batches is not on disk; recompute from a fresh
   # pipeline read of the same fixed batches.
-  pipeline = compare.CachedPipeline(results["task"], batch_size=8, seq_len=32, seed=0)
+  pipeline = cached.CachedPipeline(results["task"], batch_size=8, seq_len=32, seed=0)
   batches = pipeline.eval_batches("validation", 2)
   tokens = np.concatenate([b["decoder_target_tokens"][b["decoder_loss_weights"] > 0]
                            for b in batches])
@@ -178,7 +179,7 @@ def test_hash_load_matches_the_table_applied_to_the_validation_tokens(default_ru
   out, results, _, _ = default_run
   entry = results["models"]["hash"]
   table = hashing.HashTable.load(next((out / "runs" / "hash" / "seed0" / "tables").glob("*.npz")))
-  pipeline = compare.CachedPipeline(results["task"], batch_size=8, seq_len=32, seed=0)
+  pipeline = cached.CachedPipeline(results["task"], batch_size=8, seq_len=32, seed=0)
   tokens = np.concatenate([b["decoder_input_tokens"][b["decoder_loss_weights"] > 0]
                            for b in pipeline.eval_batches("validation", 2)])
   expected = np.bincount(table.table[tokens], minlength=4) / tokens.size
@@ -256,7 +257,7 @@ def test_clustered_table_is_kmeans_over_the_baselines_embeddings(default_run):
 def test_predicted_future_keys_are_the_baselines_argmax(default_run, text_dir):
   out, results, _, _ = default_run
   settings = compare.Settings(**results["settings"])
-  corpus = compare.register_corpus(text_dir, settings.vocab_size)
+  corpus = cached.register_corpus(text_dir, settings.vocab_size)
   runner = compare.TrainRunner(corpus, settings, progress_bar=False, log=lambda _: None)
   baseline = compare.ModelSpec("dense")
   request = compare.RunRequest(
@@ -565,7 +566,7 @@ def test_unigram_perplexity_closed_form():
   batch = {"decoder_target_tokens": np.array([[5, 5, 6, 7, 0, 0]]),
            "decoder_loss_weights": np.array([[1, 1, 1, 1, 0, 0]])}
   p = np.array([0.5, 0.25, 0.25])
-  assert compare.unigram_perplexity([batch]) == pytest.approx(math.exp(-(p * np.log(p)).sum()))
+  assert cached.unigram_perplexity([batch]) == pytest.approx(math.exp(-(p * np.log(p)).sum()))
 
 
 def test_throughput_is_the_median_window_and_curve_reads_eval_records():
@@ -589,7 +590,7 @@ def test_predicted_pipeline_adds_predictions_and_counts_them():
     def eval_batches(self, split, n):
       return [self.train_batch(7)]
 
-  predicted = compare.PredictedPipeline(Base(), lambda b: b["decoder_input_tokens"] + 1, steps=3)
+  predicted = cached.PredictedPipeline(Base(), lambda b: b["decoder_input_tokens"] + 1, steps=3)
   batches = predicted.train_batches(None)
   assert [int(next(batches)["predicted_ids"][0, 0]) for _ in range(3)] == [1, 2, 3]
   assert batches.position() == {"cached_batch": 3}
