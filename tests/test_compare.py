@@ -427,6 +427,39 @@ def test_default_matrix_has_equal_active_params_up_to_the_switch_router():
   assert counts["hash"]["total"] == dense["total"] - ffn + experts * ffn
 
 
+def test_run_config_optimiser_is_pretrains_recipe_with_the_comparisons_rate():
+  # Reference: the optimiser the comparison built by hand before it read configs/runs/compare.gin
+  # (8 updates, warm-up and decay both, with gradients large enough to be clipped).
+  from hashmoe import train as train_lib
+  settings = fake_settings(steps=30, learning_rate=2e-3, warmup_steps=4)
+  reference = train_lib.make_optimizer(
+      train_lib.learning_rate_schedule(2e-3, warmup_steps=4, decay="rsqrt", total_steps=30,
+                                       end_fraction=0.0),
+      weight_decay=0.0, b1=0.9, b2=0.98, eps=1e-8, clip_norm=1.0, freeze=None)
+  optimizer = compare.make_optimizer(settings)
+  rng = np.random.default_rng(0)
+  params = {"dense": {"kernel": rng.normal(size=(3, 4)).astype(np.float32)}}
+  states = [tx.init(params) for tx in (optimizer, reference)]
+  for step in range(8):
+    grads = {"dense": {"kernel": rng.normal(size=(3, 4)).astype(np.float32) * (step + 1)}}
+    (updates, states[0]), (want, states[1]) = [
+        tx.update(grads, state, params) for tx, state in zip((optimizer, reference), states)]
+    np.testing.assert_array_equal(updates["dense"]["kernel"], want["dense"]["kernel"])
+
+
+def test_run_config_documents_the_default_comparison():
+  # configs/runs/compare.gin, given to `hashmoe train`, trains at the default preset's scale.
+  default = compare.PRESETS["default"]
+  text = (REPO / "configs" / compare.RUN_CONFIG).read_text()
+  values = dict(line.split(" = ") for line in text.splitlines()
+                if line and not line.startswith(("#", "include")))
+  assert {k: float(v) for k, v in values.items()} == {
+      "TRAIN_STEPS": default.steps, "BATCH_SIZE": default.batch_size, "SEQ_LEN": default.seq_len,
+      "LEARNING_RATE": default.learning_rate, "WARMUP_STEPS": default.warmup_steps,
+      "CHECKPOINT_PERIOD": default.steps, "EVAL_PERIOD": default.eval_period,
+      "EVAL_BATCHES": default.eval_batches, "LOG_PERIOD": default.log_period}
+
+
 def test_default_gin_file_is_the_default_experiment():
   from_file = compare.load_experiment("default")
   assert from_file.models == compare.default_experiment().models

@@ -10,7 +10,8 @@ replace one FFN of the same Baseline, with the same training recipe):
   * data: every model of seed s reads the very same training batches, materialised once
     (`hashmoe.data.cached.CachedPipeline`) from the seqio task, and is evaluated on the same fixed
     validation (and test) batches;
-  * steps, batch, sequence length, optimizer and schedule: one `Settings` for the whole comparison;
+  * steps, batch, sequence length, optimizer and schedule: one `Settings` for the whole comparison,
+    and `hashmoe train`'s optimiser as configs/runs/compare.gin binds it;
   * active compute: every sparse layer replaces the FFN of the same dense model by E experts the
     size of that FFN, one of which each token uses. Active parameters are equal to the dense
     model's (hash: exactly; Switch/BASE: plus the d_model x E router) — `param_counts` proves it
@@ -42,7 +43,7 @@ load_all.png/.json (the paper's Figure 4), and the printed table (also in table.
 
 The modules, in the order a comparison uses them:
   specs       Settings, ModelSpec, Experiment, the presets and the experiment files;
-  configs     a spec's model config and every run's mesh;
+  configs     a spec's model config, every run's optimiser (configs/runs/compare.gin) and mesh;
   runs        RunRequest and RunRecord, and reading a run's files;
   runner      TrainRunner: trains one run and measures it;
   comparison  Comparison: all runs, the Switch coefficient's tuning, results.json;
@@ -61,7 +62,8 @@ _EXPORTS = {
               "TABLE_KINDS", "Experiment", "ModelSpec", "Settings", "configs_dir",
               "default_experiment", "experiment_path", "list_experiments", "load_experiment",
               "model_preset"),
-    "configs": ("base_model", "mesh", "model_config", "param_counts", "validate_experiment"),
+    "configs": ("RUN_CONFIG", "base_model", "make_optimizer", "mesh", "model_config",
+                "param_counts", "validate_experiment"),
     "runs": ("RunRecord", "RunRequest", "Runner", "Stopped", "read_jsonl", "throughput",
              "validation_curve"),
     "runner": ("TrainRunner",),

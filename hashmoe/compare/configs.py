@@ -1,8 +1,10 @@
-"""What a comparison's specs and settings become for one run: its model config and mesh.
+"""What a comparison's specs and settings become for one run: its model config, optimiser and mesh.
 
 A `ModelSpec` is applied to a base model gin file of the comparison's scale
 (configs/models/<scale>/<base>.gin, decoder-only, with the task's vocabulary): `model_config`.
-Every run splits its batch over the same devices (`mesh`).
+Every run's optimiser is `hashmoe train`'s own, as configs/runs/compare.gin binds it
+(`make_optimizer`), with the comparison's learning rate, warm-up and steps; and every run splits
+its batch over the same devices (`mesh`).
 """
 from __future__ import annotations
 
@@ -12,11 +14,15 @@ from typing import Any, Optional
 
 import gin
 import jax
+import optax
 
-from hashmoe import models, sharding
-# The trainer registers the gin configurables the model files bind.
-from hashmoe import train  # noqa: F401  pylint: disable=unused-import
+from hashmoe import cli, models, sharding
+# The trainer registers the gin configurables the model and run files bind, and owns the optimiser.
+from hashmoe import train as train_lib
 from hashmoe.compare.specs import Experiment, ModelSpec, Settings, configs_dir, isolated_gin
+
+# The run config every run's optimiser comes from (relative to configs/).
+RUN_CONFIG = "runs/compare.gin"
 
 
 def mesh(settings: Settings):
@@ -26,6 +32,23 @@ def mesh(settings: Settings):
   if count > len(available):
     raise ValueError(f"devices={count}, but only {len(available)} are available")
   return sharding.make_mesh(devices=available[:count])
+
+
+def make_optimizer(settings: Settings) -> optax.GradientTransformation:
+  """Every run's optimiser: `hashmoe.train.make_optimizer` and its learning-rate schedule as
+  configs/runs/compare.gin binds them (pretrain.gin's AdamW, b2 = 0.98, linear warm-up then
+  inverse square root, clipping at global norm 1), with the settings' learning rate, warm-up and
+  steps in its LEARNING_RATE, WARMUP_STEPS and TRAIN_STEPS macros."""
+  with isolated_gin():
+    cli.parse_gin(
+        [RUN_CONFIG],
+        [f"LEARNING_RATE = {float(settings.learning_rate)!r}",
+         f"WARMUP_STEPS = {int(settings.warmup_steps)}",
+         f"TRAIN_STEPS = {int(settings.steps)}",
+         # The file's `train` bindings need these; a comparison passes every argument of `train`
+         # itself, so they are never read.
+         "MODEL_DIR = None", "MODEL_CONFIG = None", "TASK = None"])
+    return train_lib.make_optimizer()
 
 
 @gin.configurable(module="hashmoe.compare")

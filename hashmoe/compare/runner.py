@@ -179,16 +179,12 @@ class TrainRunner:
     tables, table_stats = None, None
     if config.sparse is not None and config.sparse.router in ("hash", "hash_topk"):
       tables, table_stats = self._tables(request, config, data)
-    schedule = train_lib.learning_rate_schedule(
-        s.learning_rate, warmup_steps=s.warmup_steps, decay="rsqrt", total_steps=s.steps,
-        end_fraction=0.0)
-    optimizer = train_lib.make_optimizer(schedule, weight_decay=0.0, b1=0.9, b2=0.98, eps=1e-8,
-                                         clip_norm=1.0, freeze=None)
-    # Every argument explicit: no gin binding of the surrounding process can change a run.
+    # Every argument explicit: no gin binding of the surrounding process can change a run (the
+    # optimiser is read from configs/runs/compare.gin in a gin config of its own).
     result = train_lib.train(
         model_dir=os.fspath(model_dir), model_config=config, task=self.corpus.task,
         train_steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len, seed=request.seed,
-        optimizer=optimizer, mesh=configs.mesh(s), checkpoint_period=s.steps,
+        optimizer=configs.make_optimizer(s), mesh=configs.mesh(s), checkpoint_period=s.steps,
         keep_checkpoints=2, async_checkpointing=True, eval_period=s.eval_period, eval_batches=s.eval_batches,
         eval_split="validation", log_period=s.log_period, init_checkpoint=None,
         hash_tables=tables, progress_bar=self.progress_bar, tensorboard=self.tensorboard,
