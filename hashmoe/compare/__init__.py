@@ -50,43 +50,24 @@ The modules, in the order a comparison uses them:
   report      the table and the figures;
   cli         the command line.
 
-Every `hashmoe` command builds compare's flags, and most never compare; so the names below are
-imported on first access (as `hashmoe.data` does), and `from hashmoe import compare` costs nothing.
+Every `hashmoe` command builds compare's flags, and most never compare: this package exports the
+names of the light modules (specs, runs, cli: no JAX, no TensorFlow); configs, runner, comparison
+and report, which import the trainer, JAX and matplotlib, are imported by name where they are used
+(`from hashmoe.compare import comparison`).
 """
-import importlib
-from typing import Any
+from hashmoe.compare.cli import (EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, add_arguments,
+                                 main, resolve, run)
+from hashmoe.compare.runs import (RunRecord, RunRequest, Runner, Stopped, read_jsonl, throughput,
+                                  validation_curve)
+from hashmoe.compare.specs import (BASES, DEFAULT_MODELS, EXPERIMENTS_SUBDIR, PRESET_NAMES,
+                                   PRESETS, SCALES, TABLE_KINDS, Experiment, ModelSpec, Settings,
+                                   configs_dir, default_experiment, experiment_path,
+                                   list_experiments, load_experiment, model_preset)
 
-# The public names, by the module that defines them.
-_EXPORTS = {
-    "specs": ("BASES", "DEFAULT_MODELS", "EXPERIMENTS_SUBDIR", "PRESETS", "PRESET_NAMES", "SCALES",
-              "TABLE_KINDS", "Experiment", "ModelSpec", "Settings", "configs_dir",
-              "default_experiment", "experiment_path", "list_experiments", "load_experiment",
-              "model_preset"),
-    "configs": ("RUN_CONFIG", "base_model", "make_optimizer", "mesh", "model_config",
-                "param_counts", "validate_experiment"),
-    "runs": ("RunRecord", "RunRequest", "Runner", "Stopped", "read_jsonl", "throughput",
-             "validation_curve"),
-    "runner": ("TrainRunner",),
-    "comparison": ("REQUEST_FILE", "RESULTS_FILE", "RUN_FILE", "Comparison", "ModelResult",
-                   "run_order", "select_balance_coef", "summarize"),
-    "report": ("format_table", "sweep_series", "write_figures"),
-    "cli": ("EXIT_INTERRUPTED", "EXIT_TERMINATED", "EXIT_USAGE", "add_arguments", "main",
-            "resolve", "run"),
-}
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-
-
-def __getattr__(name: str) -> Any:
-  module = _MODULE_OF.get(name)
-  if module is None:
-    raise AttributeError(f"module 'hashmoe.compare' has no attribute {name!r}")
-  value = getattr(importlib.import_module(f"hashmoe.compare.{module}"), name)
-  globals()[name] = value
-  return value
-
-
-def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(_MODULE_OF))
-
-
-__all__ = sorted(_MODULE_OF)
+__all__ = [
+    "BASES", "DEFAULT_MODELS", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "EXIT_USAGE",
+    "EXPERIMENTS_SUBDIR", "PRESETS", "PRESET_NAMES", "SCALES", "TABLE_KINDS", "Experiment",
+    "ModelSpec", "RunRecord", "RunRequest", "Runner", "Settings", "Stopped", "add_arguments",
+    "configs_dir", "default_experiment", "experiment_path", "list_experiments", "load_experiment",
+    "main", "model_preset", "read_jsonl", "resolve", "run", "throughput", "validation_curve",
+]
