@@ -48,7 +48,9 @@ class Settings:
       order and random hash tables, identically for every model.
     num_experts: experts of a sparse model whose ModelSpec does not fix its own.
     vocab_size: SentencePiece BPE pieces trained on the training split.
-    learning_rate, warmup_steps: AdamW peak rate after a linear warm-up, then inverse square root.
+    learning_rate, warmup_steps: the peak learning rate after a linear warm-up of that many
+      steps: LEARNING_RATE and WARMUP_STEPS of configs/runs/compare.gin, whose optimiser and
+      schedule (AdamW, then inverse square root) every run uses.
     evals: evaluations per run (the points of the perplexity curve; the last is at `steps`).
     eval_batches: fixed validation (and test) batches every evaluation uses.
     balance_coefs: the grid Switch's load-balancing coefficient is tuned over (Section 5.1).

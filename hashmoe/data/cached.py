@@ -106,7 +106,7 @@ class _CachedBatches:
 # Training-split passes and key counts do not depend on the seed (the pass is unshuffled) nor on
 # the batch size (rows are packed before batching): shared by every pipeline of a process.
 _SPLIT_BATCHES: dict[tuple[str, int], list[dict[str, np.ndarray]]] = {}
-_KEY_COUNTS: dict[tuple[str, int, str, int], np.ndarray] = {}
+_KEY_COUNTS: dict[tuple[str, int, str, int, bool], np.ndarray] = {}
 
 
 class CachedPipeline:
