@@ -549,12 +549,3 @@ def evaluate(*,
 
 
 # --------------------------------------------------------------------------------------------------
-# Transitional: hashmoe/compare.py still reads these here; removed when compare moves.
-# pylint: disable=g-import-not-at-top,g-bad-import-order,unused-import
-from hashmoe.data.pipeline import TaskPipeline  # noqa: E402,F401
-from hashmoe.tables import hash_key_space, make_hash_tables  # noqa: E402,F401
-from hashmoe.training.checkpoints import restore_params, token_embeddings  # noqa: E402,F401
-from hashmoe.training.optim import learning_rate_schedule, make_optimizer  # noqa: E402,F401
-from hashmoe.training.run_dir import EVAL_FILE, METRICS_FILE  # noqa: E402,F401
-from hashmoe.training.trainer import loss_weights, token_nll  # noqa: E402,F401
-# (Trainer and TrainState, which compare.py reads here too, are imported at the top.)
