@@ -1,5 +1,7 @@
-"""The `hashmoe` command: train, evaluate, and build hash tables, all configured with gin.
+"""The `hashmoe` command: prepare data, train, evaluate, and build hash tables, all configured
+with gin.
 
+    hashmoe prepare --gin_file=configs/runs/cpu_tiny.gin
     hashmoe train --gin_file=configs/runs/cpu_tiny.gin --gin.MODEL_DIR="'/tmp/tiny'" \
                   --gin.TRAIN_STEPS=200
     hashmoe eval  --gin_file=configs/runs/cpu_tiny.gin --gin_file=configs/runs/eval.gin \
@@ -9,7 +11,9 @@
                   --output=/tmp/tables/balanced.npz
     hashmoe compare --quick --models dense,hash --out /tmp/compare_quick
 
-(`eval` after the run's gin files: eval.gin's own BATCH_SIZE/SEQ_LEN/EVAL_BATCHES replace the run's,
+(`prepare` takes the run's gin files and writes its task's rows at SEQ_LEN under PREPARED_DIR,
+where `train` then reads them; `--num_shards`, `--workers`, `--shard_indices` (one host's share),
+`--verify`. `eval` after the run's gin files: eval.gin's own BATCH_SIZE/SEQ_LEN/EVAL_BATCHES replace the run's,
 so repeat the run's to reproduce its evaluation; `build-hash` needs no MODEL_DIR; `compare` takes
 `--text-dir DIR` for your own text and lists its experiments with `--list`.)
 
@@ -51,6 +55,10 @@ from hashmoe import gin_utils
 # The command line's own errors and the gin entry points other modules call through the CLI.
 from hashmoe.gin_utils import UsageError, configs_dir, parse_gin  # noqa: F401
 
+# `hashmoe prepare`'s defaults (hashmoe.data.prepared's, without importing it at start-up).
+_PREPARED_SPLITS = ("train", "validation")
+_PREPARED_SHARDS = 8
+
 EXIT_ERROR = 1  # a runtime failure
 EXIT_USAGE = 2  # a command line or config to change (argparse's own code for a bad command line)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
@@ -65,9 +73,18 @@ hashmoe.train.hash_table_inputs.seq_len = %SEQ_LEN
 hashmoe.train.hash_table_inputs.batch_size = %BATCH_SIZE
 """
 
+# What prepare reads of a run config: TASK, SEQ_LEN and PREPARED_DIR (a config without the last,
+# such as one that predates it, prepares under the default root).
+_PREPARE_BINDINGS = """
+hashmoe.data.prepared.prepare_inputs.task = %TASK
+hashmoe.data.prepared.prepare_inputs.seq_len = %SEQ_LEN
+"""
+_PREPARE_ROOT_BINDING = "hashmoe.data.prepared.prepare_inputs.root = %PREPARED_DIR\n"
+
 # The configurable each command calls: its gin.REQUIRED parameters must be bound before it starts.
 _ENTRY_POINTS = {"train": "hashmoe.train.train", "eval": "hashmoe.train.evaluate",
-                 "build-hash": "hashmoe.train.hash_table_inputs"}
+                 "build-hash": "hashmoe.train.hash_table_inputs",
+                 "prepare": "hashmoe.data.prepared.prepare_inputs"}
 # What to give when a command has no config at all.
 _CONFIG_EXAMPLES = {
     "train": "--gin_file=configs/runs/cpu_tiny.gin --gin.MODEL_DIR=\"'/tmp/tiny'\" (a run config "
@@ -78,13 +95,15 @@ _CONFIG_EXAMPLES = {
             "run config, then the model and task files the run was trained with)",
     "build-hash": "--gin_file=configs/runs/cpu_tiny.gin (the run config, model and task files "
                   "of the run the table is for)",
+    "prepare": "--gin_file=configs/runs/cpu_tiny.gin (the run config and task files of the runs "
+               "that will train on the data)",
 }
 
 
 def _check_command_config(command: str) -> None:
   """Refuses a config that leaves what `command` calls unbound (`gin_utils.check_config`)."""
   gin_utils.check_config(_ENTRY_POINTS[command], _CONFIG_EXAMPLES[command],
-                         unreachable_to_none=command == "build-hash")
+                         unreachable_to_none=command in ("build-hash", "prepare"))
 
 
 def _split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -160,6 +179,24 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="a trained run (MODEL_DIR or checkpoint) whose token embeddings "
                      "clustered/dispersed tables cluster")
   build.add_argument("--kmeans_iters", type=int, default=20)
+  prep = sub.add_parser(
+      "prepare", help="tokenize, split and pack the run's task once into shards under "
+      "PREPARED_DIR, which train then reads (fast, resumable in O(1) at any step)")
+  _add_gin_flags(prep)
+  prep.add_argument("--splits", default=",".join(_PREPARED_SPLITS),
+                    help="comma-separated splits to prepare (default: %(default)s)")
+  prep.add_argument("--num_shards", type=int, default=_PREPARED_SHARDS,
+                    help="shards per split: the unit of parallelism, resumption and of hosts' "
+                    "shares (default: %(default)s)")
+  prep.add_argument("--shard_indices", default=None,
+                    help="the shards this host prepares, e.g. 0,2,4 or 0-3 (default: all; with "
+                    "several processes, every process-count-th from this process's index)")
+  prep.add_argument("--workers", type=int, default=None,
+                    help="worker processes (default: the CPU count, at most the shards to do)")
+  prep.add_argument("--verify", action="store_true",
+                    help="prepare nothing: check every shard's sha256 (and write the manifest "
+                    "once hosts have prepared every shard)")
+  prep.add_argument("--no_progress", action="store_true", help="no progress bar")
   from hashmoe import compare  # pylint: disable=g-import-not-at-top
   comp = sub.add_parser(
       "compare", help="train dense, Switch and Hash models on the same data and compute, and "
@@ -303,13 +340,15 @@ def _describe(e: BaseException, command: str, model_dir: Any) -> tuple[int, str]
                         "does")
   chain = list(_exception_chain(e))
   paths = [p for x in chain if isinstance(x, OSError) for p in (x.filename, x.filename2) if p]
-  where = paths[0] if paths else (f"under MODEL_DIR {model_dir}" if model_dir else None)
+  folder = "PREPARED_DIR" if command == "prepare" else "MODEL_DIR"
+  where = paths[0] if paths else (f"under {folder} {model_dir}" if model_dir else None)
   if any((isinstance(x, OSError) and x.errno == errno.ENOSPC) or
          "No space left on device" in str(x) for x in chain):
-    again = (" and run the same command again: training resumes from the last checkpoint"
-             if command == "train" else " and run the command again")
+    again = {"train": " and run the same command again: training resumes from the last checkpoint",
+             "prepare": " and run the same command again: the finished shards are kept"
+             }.get(command, " and run the command again")
     return EXIT_ERROR, (f"no space left on device{' while writing ' + str(where) if where else ''}"
-                        f"; free some space (or point MODEL_DIR elsewhere){again}")
+                        f"; free some space (or point {folder} elsewhere){again}")
   oserror = next((x for x in chain if isinstance(x, OSError) and x.strerror), None)
   if oserror is not None:
     path = oserror.filename or where
@@ -317,7 +356,8 @@ def _describe(e: BaseException, command: str, model_dir: Any) -> tuple[int, str]
     hint = ("; choose a writable place or change its permissions"
             if oserror.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else "")
     return EXIT_ERROR, f"{reason}: {path}{hint}" if path else f"{reason}{hint}"
-  known = (errors.LossDivergedError, errors.CheckpointError) if errors is not None else ()
+  known = ((errors.LossDivergedError, errors.CheckpointError, errors.PreparedDataError)
+           if errors is not None else ())
   message = str(inner).strip()
   if isinstance(inner, known):
     return EXIT_ERROR, message
@@ -329,6 +369,69 @@ class _Context:
   """What an error message may need that only the run knows."""
   command = "?"
   model_dir: Any = None
+
+
+def _shard_indices(text: Optional[str], num_shards: int) -> Optional[list[int]]:
+  """--shard_indices ('0,2,4', '0-3', '1,4-6') as a list; None (all, or this process's share)
+  when not given."""
+  if text is None:
+    return None
+  indices = []
+  for part in text.split(","):
+    found = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+    if not found:
+      raise UsageError(f"--shard_indices={text!r}: {part!r} is not a shard index or a range "
+                       "such as 0-3")
+    first, last = int(found.group(1)), int(found.group(2) or found.group(1))
+    indices += range(first, last + 1)
+  bad = sorted({i for i in indices if i >= num_shards})
+  if bad or not indices or len(set(indices)) != len(indices):
+    raise UsageError(f"--shard_indices={text!r}: expected distinct shards in [0, {num_shards})"
+                     f"{f'; {bad} are not' if bad else ''}")
+  return indices
+
+
+def _prepare(args: argparse.Namespace, context: _Context) -> int:
+  """`hashmoe prepare`: the run's task at SEQ_LEN into its prepared folder (or --verify it)."""
+  import jax  # pylint: disable=g-import-not-at-top  Loaded with the trainer.
+  from hashmoe.data import prepared  # pylint: disable=g-import-not-at-top
+  task, seq_len, directory = prepared.prepare_inputs()
+  context.model_dir = directory
+  if _is_local(directory):
+    _check_writable_dir(Path(directory).absolute(), "the prepared folder")
+  flag = f"--gin.PREPARED_DIR=\"'{directory.parent.parent}'\""
+  if args.verify:
+    manifest = prepared.verify(directory)
+    print(json.dumps({"directory": os.fspath(directory), "task": task, "seq_len": seq_len,
+                      "verified": True, "manifest": manifest.fingerprint,
+                      "splits": {s: {k: manifest.split(s)[k] for k in ("rows", "tokens")}
+                                 for s in manifest.splits}}))
+    return 0
+  if args.num_shards < 1:
+    raise UsageError(f"--num_shards={args.num_shards}; expected >= 1")
+  splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+  if not splits:
+    raise UsageError(f"--splits={args.splits!r} names no split; e.g. --splits=train,validation")
+  indices = _shard_indices(args.shard_indices, args.num_shards)
+  if indices is None and jax.process_count() > 1:
+    # Every host runs the same command (as for train); each prepares its own shards.
+    indices = list(range(jax.process_index(), args.num_shards, jax.process_count()))
+  todo = args.num_shards if indices is None else len(indices)
+  workers = args.workers if args.workers is not None else min(os.cpu_count() or 1, todo)
+  if workers < 1:
+    raise UsageError(f"--workers={workers}; expected >= 1")
+  result = prepared.prepare(task, directory, seq_len=seq_len, splits=splits,
+                            num_shards=args.num_shards, shard_indices=indices,
+                            workers=max(1, min(workers, todo)), progress=not args.no_progress)
+  print(json.dumps({"directory": result.directory, "task": task, "seq_len": seq_len,
+                    "complete": result.manifest is not None,
+                    "manifest": result.manifest and result.manifest["fingerprint"],
+                    "prepared": len(result.prepared), "kept": len(result.kept),
+                    "redone": len(result.redone), "missing": len(result.missing),
+                    "rows": result.rows, "tokens": result.tokens,
+                    "seconds": round(result.seconds, 3),
+                    "tokens_per_s": round(result.tokens_per_s, 1), "gin_flag": flag}))
+  return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -383,10 +486,14 @@ def _run(argv: list[str], debug: bool, context: _Context) -> int:
     return compare.run(args)
   train_lib = _import_trainer(debug)
   import gin  # pylint: disable=g-import-not-at-top
+  extra = {"build-hash": _BUILD_HASH_BINDINGS,
+           "prepare": _PREPARE_BINDINGS + _PREPARE_ROOT_BINDING}.get(args.command, "")
   parse_gin(args.gin_file, bindings, args.gin_search_path, finalize=False, origins=origins,
-            extra=_BUILD_HASH_BINDINGS if args.command == "build-hash" else "")
+            extra=extra)
   _check_command_config(args.command)
   gin.finalize()
+  if args.command == "prepare":
+    return _prepare(args, context)
   if args.command == "train":
     model_dir = gin_utils.bound_value(_ENTRY_POINTS["train"], "model_dir")
     if _is_local(model_dir):

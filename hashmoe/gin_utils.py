@@ -32,11 +32,12 @@ from gin import config_parser
 
 CONFIGS_ENV = "HASHMOE_CONFIGS"
 # Every module that registers gin names a config may bind, each its own when imported: the models'
-# configs, the mesh, the tasks and vocabularies, the input pipeline's task name, the optimizer, the
-# tables' inputs for build-hash, and the run's entry points.
+# configs, the mesh, the tasks and vocabularies, the input pipeline's task name and data source,
+# the optimizer, the tables' inputs for build-hash, and the run's entry points.
 CONFIGURABLE_MODULES = ("hashmoe.models", "hashmoe.sharding", "hashmoe.data.tasks",
-                        "hashmoe.data.vocab", "hashmoe.data.pipeline", "hashmoe.training.optim",
-                        "hashmoe.tables", "hashmoe.train")
+                        "hashmoe.data.vocab", "hashmoe.data.pipeline", "hashmoe.data.prepared",
+                        "hashmoe.data.loader",
+                        "hashmoe.training.optim", "hashmoe.tables", "hashmoe.train")
 # What a gin value can be, for the message when one cannot be parsed.
 _GIN_VALUES = "a number, a 'quoted string', True/False/None, a [list], @configurable() or %MACRO"
 

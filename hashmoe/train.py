@@ -68,6 +68,7 @@ from jax.sharding import Mesh
 from tqdm import auto as tqdm_auto
 
 from hashmoe import models, sharding, tables
+from hashmoe.data import loader
 from hashmoe.data import pipeline as pipeline_lib
 from hashmoe.training import checkpoints, optim, resume, run_dir
 from hashmoe.training import metrics as metrics_lib
@@ -221,7 +222,9 @@ def train(*,
       size), so a loss several times that means the run blew up, even while it is still finite
       (its perplexity would overflow what the logs can hold). None disables the bound; a NaN or
       infinite loss or update always stops the run.
-    input_pipeline: the data (default: `TaskPipeline(task, ...)`); tests pass their own.
+    input_pipeline: the data (default: `hashmoe.data.loader.make_input_pipeline`: the task's
+      prepared rows where `hashmoe prepare` wrote them, else the streaming `TaskPipeline`; gin's
+      PREPARED_DIR and DATA_SOURCE choose); tests pass their own.
 
   Returns:
     TrainResult.
@@ -253,8 +256,8 @@ def train(*,
   lock = run_dir.lock_model_dir(model_dir)
   checkpointer = metrics_logger = None
   try:
-    data = input_pipeline or pipeline_lib.TaskPipeline(task, batch_size=batch_size,
-                                                       seq_len=seq_len, seed=seed)
+    data = input_pipeline or loader.make_input_pipeline(task, batch_size=batch_size,
+                                                        seq_len=seq_len, seed=seed)
     logger.info("task %s: vocabulary of %d pieces", task, data.vocab_size)
     if model_config.vocab_size != data.vocab_size:
       raise ValueError(f"the model has vocab_size={model_config.vocab_size} but task {task!r} has "
@@ -526,8 +529,8 @@ def evaluate(*,
     word_ppl = ppl ** tokens_per_word; see `Evaluator`), the checkpoint and the mesh ({axis:
     size}) it was evaluated on.
   """
-  data = input_pipeline or pipeline_lib.TaskPipeline(task, batch_size=batch_size, seq_len=seq_len,
-                                                     seed=seed)
+  data = input_pipeline or loader.make_input_pipeline(task, batch_size=batch_size, seq_len=seq_len,
+                                                      seed=seed)
   mesh = sharding.make_mesh() if mesh is None else mesh
   trainer = Trainer(model_config, models.build_model(model_config), optax.identity(), mesh,
                     seed=seed)

@@ -106,10 +106,7 @@ class TaskPipeline:
     self._seqio_task = seqio.get_mixture_or_task(task)
     self.vocabulary = self._seqio_task.output_features["targets"].vocabulary
     self.vocab_size = int(self.vocabulary.vocab_size)
-    try:
-      self.vocab_fingerprint = vocab_lib.vocab_fingerprint(self.vocabulary)
-    except TypeError:
-      self.vocab_fingerprint = ""
+    self.vocab_fingerprint = vocab_lib.vocab_fingerprint_or_empty(self.vocabulary)
     self.shape = tasks_lib.task_shape(self._seqio_task)
 
   def _shard(self) -> dict[str, int]:
@@ -137,25 +134,31 @@ class TaskPipeline:
       return list(itertools.islice(iterator, num_batches))
 
   def count_words(self, batch: Mapping[str, np.ndarray]) -> Optional[int]:
-    targets = np.asarray(batch["decoder_target_tokens"])
-    weights = np.asarray(batch.get("decoder_loss_weights", targets > 0)) > 0
-    segments = batch.get("decoder_segment_ids")
-    special = {0, self.vocabulary.eos_id}
-    words = 0
-    for row in range(targets.shape[0]):
-      ids, keep = targets[row], weights[row]
-      seg = np.asarray(segments[row]) if segments is not None else np.where(keep, 1, 0)
-      for s in np.unique(seg[keep]):
-        piece = [int(t) for t in ids[(seg == s) & keep] if int(t) not in special]
-        if piece:
-          words += len(self.vocabulary.decode(piece).split())
-    return words
+    return count_words(self.vocabulary, batch)
 
   def key_counts(self, key: str, key_space: int, *, decoder_inputs: bool = True) -> np.ndarray:
     # Every host reads the whole split here (counting is cheap next to training), so all hosts
     # build the same table.
     return train_key_counts(self.task, key, key_space, sequence_length=self.seq_len,
                             decoder_inputs=decoder_inputs)
+
+
+def count_words(vocabulary: seqio.Vocabulary, batch: Mapping[str, np.ndarray]) -> int:
+  """Whitespace words of a batch's decoded targets, segment by segment (`InputPipeline.
+  count_words`), padding, EOS and loss-free positions left out."""
+  targets = np.asarray(batch["decoder_target_tokens"])
+  weights = np.asarray(batch.get("decoder_loss_weights", targets > 0)) > 0
+  segments = batch.get("decoder_segment_ids")
+  special = {0, vocabulary.eos_id}
+  words = 0
+  for row in range(targets.shape[0]):
+    ids, keep = targets[row], weights[row]
+    seg = np.asarray(segments[row]) if segments is not None else np.where(keep, 1, 0)
+    for s in np.unique(seg[keep]):
+      piece = [int(t) for t in ids[(seg == s) & keep] if int(t) not in special]
+      if piece:
+        words += len(vocabulary.decode(piece).split())
+  return words
 
 
 def train_key_counts(task: str, key: str, key_space: int, *, sequence_length: Optional[int],

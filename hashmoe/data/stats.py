@@ -252,13 +252,6 @@ def _task_vocabulary(task: seqio.Task, features: Sequence[str]) -> seqio.Vocabul
   return vocabulary
 
 
-def _fingerprint_or_empty(vocabulary: seqio.Vocabulary) -> str:
-  try:
-    return vocab_lib.vocab_fingerprint(vocabulary)
-  except TypeError:
-    return ""
-
-
 def count_tokens(task_name: str, *, split: str = "train", features: str | Sequence[str] =
                  "targets", key: str = "token", key_space: int | None = None,
                  max_examples: int | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
@@ -300,7 +293,7 @@ def count_tokens(task_name: str, *, split: str = "train", features: str | Sequen
   if key != "bigram" and key_space != vocab_size:
     raise ValueError(f"key_space={key_space} for key {key!r}; token keys use the vocabulary size "
                      f"{vocab_size} (only 'bigram' folds into another key space).")
-  fingerprint = _fingerprint_or_empty(vocabulary)
+  fingerprint = vocab_lib.vocab_fingerprint_or_empty(vocabulary)
 
   data_id = tasks_lib.data_fingerprint(task_name, split)
   cache_path = None

@@ -498,7 +498,9 @@ def task_shape(task: seqio.Task) -> str:
   return SEQ2SEQ if "inputs" in task.output_features else LM
 
 
-def _feature_lengths(shape: str, seq_len: int | Mapping[str, int]) -> dict[str, int]:
+def feature_lengths(shape: str, seq_len: int | Mapping[str, int]) -> dict[str, int]:
+  """{feature: length} of a task of `shape` at `seq_len` (an int for every feature, or a mapping),
+  checked: the task feature lengths seqio's converter is given."""
   keys = ("targets",) if shape == LM else ("inputs", "targets")
   if isinstance(seq_len, Mapping):
     lengths = {k: seq_len[k] for k in keys if k in seq_len}
@@ -635,6 +637,33 @@ def _close_live_iterators() -> None:
     iterator.close()
 
 
+def feature_converter(shape: str, pack: bool = True) -> seqio.FeatureConverter:
+  """The training feature converter of a task shape: DecoderFeatureConverter for lm,
+  EncDecFeatureConverter for seq2seq."""
+  return (seqio.DecoderFeatureConverter(pack=pack) if shape == LM
+          else seqio.EncDecFeatureConverter(pack=pack))
+
+
+def converted_dataset(task_name: str, split: str, *, seq_len: int | Mapping[str, int],
+                      pack: bool = True, shuffle: bool = True, seed: int = 0,
+                      shard_index: int = 0, num_shards: int = 1,
+                      repeat: bool = True) -> tf.data.Dataset:
+  """A registered task's feature-converted rows, unbatched: what `get_batches` batches and
+  `hashmoe prepare` writes (`hashmoe.data.prepared`), so both see one pipeline.
+
+  Returns:
+    A dataset of {feature: int32[L]} rows (the features `BatchIterator` lists).
+  """
+  task = seqio.get_mixture_or_task(task_name)
+  shape = task_shape(task)
+  return seqio.get_dataset(
+      task, task_feature_lengths=feature_lengths(shape, seq_len),
+      feature_converter=feature_converter(shape, pack), dataset_split=split, shuffle=shuffle,
+      seed=seed, num_epochs=None if repeat else 1,
+      shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None,
+      verbose=False)
+
+
 def get_batches(task_name: str, split: str = "train", *, batch_size: int,
                 seq_len: int | Mapping[str, int], pack: bool = True, shuffle: bool = True,
                 seed: int = 0, shard_index: int = 0, num_shards: int = 1, repeat: bool = True,
@@ -673,17 +702,9 @@ def get_batches(task_name: str, split: str = "train", *, batch_size: int,
     raise ValueError(f"start_batch={start_batch!r}; expected an int >= 0.")
   if not isinstance(seed, int):
     raise ValueError(f"seed={seed!r}; expected an int (the order must be reproducible).")
-  task = seqio.get_mixture_or_task(task_name)
-  shape = task_shape(task)
-  lengths = _feature_lengths(shape, seq_len)
-  converter = (seqio.DecoderFeatureConverter(pack=pack) if shape == LM
-               else seqio.EncDecFeatureConverter(pack=pack))
-  dataset = seqio.get_dataset(
-      task, task_feature_lengths=lengths, feature_converter=converter,
-      dataset_split=arguments["split"], shuffle=shuffle, seed=seed,
-      num_epochs=None if repeat else 1,
-      shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None,
-      verbose=False)
+  dataset = converted_dataset(task_name, arguments["split"], seq_len=seq_len, pack=pack,
+                              shuffle=shuffle, seed=seed, shard_index=shard_index,
+                              num_shards=num_shards, repeat=repeat)
   dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
   if not drop_remainder:
     dataset = dataset.map(functools.partial(_pad_rows, batch_size=batch_size))

@@ -583,6 +583,15 @@ def vocab_fingerprint(vocab: seqio.Vocabulary) -> str:
   return hashing.vocabulary_fingerprint(vocab_pieces(vocab))
 
 
+def vocab_fingerprint_or_empty(vocab: seqio.Vocabulary) -> str:
+  """`vocab_fingerprint`, or '' for a vocabulary whose pieces cannot be listed (what hash tables
+  and prepared data then record: no fingerprint to check)."""
+  try:
+    return vocab_fingerprint(vocab)
+  except TypeError:
+    return ""
+
+
 # gin: task files configure the BPE vocabulary (`register_tasks.vocab_settings =
 # @hashmoe.data.vocab.SentencePieceSettings()`); the class itself stays unwrapped.
 gin.external_configurable(SentencePieceSettings, module="hashmoe.data.vocab")

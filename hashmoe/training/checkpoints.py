@@ -100,6 +100,23 @@ def _check_layout(saved: Sequence[str], wanted: Sequence[str], step: int, direct
       "parameters).")
 
 
+def _own_position(positions: Sequence[Any], step: int) -> Any:
+  """This process's data position among those every process saved. A position that names a
+  global batch (the prepared-data loader's: the same on every process, marked
+  `any_process_count`) serves any number of processes, so a run may resume on another host
+  count; per-host positions (the streaming pipeline's shards) need the same count."""
+  if len(positions) == jax.process_count():
+    return positions[jax.process_index()]
+  first = positions[0] if positions else None
+  if (isinstance(first, Mapping) and first.get("any_process_count") and
+      all(p == first for p in positions)):
+    return first
+  raise CheckpointError(
+      f"step {step}: the data position was saved by {len(positions)} processes, this run has "
+      f"{jax.process_count()}; the streaming input pipeline cannot resume exactly across a change "
+      "of host count (prepared data can: `hashmoe prepare`, then train from it)")
+
+
 @dataclasses.dataclass
 class Restored:
   """What `Checkpointer.restore_latest` gives back."""
@@ -188,13 +205,7 @@ class Checkpointer:
                             f"checksums (first: {bad[:3]})")
     if int(jax.device_get(state.step)) != step:
       raise CheckpointError(f"step {step}: the saved state says step {int(state.step)}")
-    positions = data["positions"]
-    if len(positions) != jax.process_count():
-      raise CheckpointError(
-          f"step {step}: the data position was saved by {len(positions)} processes, this run has "
-          f"{jax.process_count()}; the input pipeline cannot resume exactly across a change of "
-          "host count")
-    return Restored(step=step, state=state, data_position=positions[jax.process_index()],
+    return Restored(step=step, state=state, data_position=_own_position(data["positions"], step),
                     hash_metadata=dict(restored.hash_tables))
 
   def restore_latest(self, abstract_state: TrainState) -> Optional[Restored]:

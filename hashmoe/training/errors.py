@@ -38,3 +38,14 @@ class IncompatibleCheckpointError(CheckpointError):
 
   Not a corruption: older checkpoints of the directory would not fit either, so the run stops
   instead of falling back (and nothing is moved aside)."""
+
+
+class PreparedMismatchError(ConfigError):
+  """A prepared-data folder (`hashmoe.data.prepared`) was made for another run: another task,
+  vocabulary, SEQ_LEN or feature converter, or a checkpoint's loader position names other data,
+  seed or batch size. Never used silently: the user re-prepares, or streams."""
+
+
+class PreparedDataError(RuntimeError):
+  """Prepared data that cannot be read as its manifest describes: a missing, truncated or corrupt
+  shard, or an unfinished folder. `hashmoe prepare` redoes such shards."""
