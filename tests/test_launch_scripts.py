@@ -177,7 +177,8 @@ def test_named_configs_exist(script):
 def test_help(sandbox):
   text = run(TPU_POD, "--help", env=sandbox.env)
   assert text.returncode == 0 and text.stdout.startswith("tpu_pod.sh: ")
-  for word in ("create", "setup", "data", "launch", "status", "logs", "stop", "delete", "exec",
+  for word in ("create", "setup", "data", "prepare", "launch", "status", "logs", "stop", "delete",
+               "exec", "--prepared-dir", "PREPARED_DIR",
                "--project", "--zone", "--tpu-name", "--internal-ip", "--dry-run",
                "--accelerator-type", "--runtime-version", "--queued", "--no-wait", "--spot",
                "--preemptible", "--reserved", "--ref", "--python", "--jax-spec", "--t5x",
@@ -200,7 +201,7 @@ def test_help(sandbox):
   assert not re.search(r"^#?SBATCH --", sbatch.stdout, re.M)  # the directives are not help
   worker = run(TPU_WORKER, "--help", env=sandbox.env)
   assert worker.returncode == 0
-  for word in ("setup", "start", "stop", "status", "logs", "--grace", "--follow"):
+  for word in ("setup", "start", "run", "stop", "status", "logs", "--grace", "--follow"):
     assert word in worker.stdout, word
   assert not list(sandbox.calls.iterdir())
 
@@ -305,9 +306,37 @@ def test_launch_dry_run_quotes_model_dir_and_bindings(sandbox):
       "--repo=hashmoe --venv=hashmoe_venv --logs=hashmoe_logs --run=hash64 "
       "--env=LIBTPU_INIT_ARGS=--xla_tpu_enable_data_parallel_all_reduce_opt=true --force -- "
       "hashmoe train --distributed=on --gin_file=configs/runs/tpu_pod.gin "
-      "\\\"--gin.MODEL_DIR='gs://my-bucket/runs/hash64'\\\"\"",
+      "\\\"--gin.MODEL_DIR='gs://my-bucket/runs/hash64'\\\" "
+      "\\\"--gin.PREPARED_DIR='gs://my-bucket/prepared'\\\"\"",
       f"{SSH} --worker=0 '--command=bash hashmoe/tpu_scripts/tpu_worker.sh logs "
       "--logs=hashmoe_logs --lines=100 --run=hash64 --follow'"]
+
+
+def test_prepare_dry_run_writes_into_the_bucket_and_launch_reads_from_it(sandbox):
+  """`prepare` runs `hashmoe prepare` in the foreground on every worker (each its own shards,
+  --distributed=on) into gs://BUCKET/prepared, or --prepared-dir; `launch` passes the same
+  PREPARED_DIR to the trainer."""
+  flags = ["--gin_file=configs/tasks/reddit.gin",
+           "--gin.REDDIT_COMMENTS=['/tmp/hashmoe_data/RC 2019-01.zst']", "--num_shards=32"]
+  lines = dry(TPU_POD, "prepare", *SLICE, "--bucket=my-bucket", "--", *flags, env=sandbox.env)
+  assert lines == [
+      f'{SSH} --worker=all "--command=bash hashmoe/tpu_scripts/tpu_worker.sh run '
+      "--repo=hashmoe --venv=hashmoe_venv -- hashmoe prepare --distributed=on "
+      "--gin_file=configs/runs/tpu_pod.gin \\\"--gin.PREPARED_DIR='gs://my-bucket/prepared'\\\" "
+      "--gin_file=configs/tasks/reddit.gin "
+      "\\\"--gin.REDDIT_COMMENTS=['/tmp/hashmoe_data/RC 2019-01.zst']\\\" --num_shards=32\""]
+  remote = bash_words(lines[0])[-1].removeprefix("--command=")
+  words = bash_words(remote)
+  assert words[words.index("--") + 1:] == [
+      "hashmoe", "prepare", "--distributed=on", "--gin_file=configs/runs/tpu_pod.gin",
+      "--gin.PREPARED_DIR='gs://my-bucket/prepared'", *flags]
+  lines = dry(TPU_POD, "launch", *SLICE, "--model-dir=/mnt/runs/x",
+              "--prepared-dir=gs://data/prepared", env=sandbox.env)
+  assert bash_words(bash_words(lines[0])[-1].removeprefix("--command="))[-2:] == [
+      "--gin.MODEL_DIR='/mnt/runs/x'", "--gin.PREPARED_DIR='gs://data/prepared'"]
+  # Without a bucket or --prepared-dir, launch adds nothing (the run's own PREPARED_DIR).
+  lines = dry(TPU_POD, "launch", *SLICE, "--model-dir=/mnt/runs/x", env=sandbox.env)
+  assert "PREPARED_DIR" not in lines[0]
 
 
 def test_launch_t5x_dry_run(sandbox):
@@ -379,6 +408,10 @@ def test_status_logs_stop_delete_exec_dry_run(sandbox):
     (["launch", *SLICE, "--model-dir=gs://b/it's"], "must not hold quotes"),
     (["launch", *SLICE, "--model-dir=gs://b/r", "--env=1X=2"], "--env takes KEY=VALUE"),
     (["data", *SLICE], "data needs --copy"),
+    (["prepare", *SLICE], "prepare needs --prepared-dir (or PREPARED_DIR), or --bucket"),
+    (["prepare", *SLICE, "--bucket=b", "--gin-file=configs/runs/none.gin"], "does not exist"),
+    (["prepare", *SLICE, "--prepared-dir=gs://b/it's"], "must not hold quotes"),
+    (["prepare", *SLICE, "--model-dir=gs://b/r"], "--model-dir applies to: launch"),
     (["data", *SLICE, "--copy=reddit/x.zst"], "give --bucket"),
     (["data", *SLICE, "--copy=gs://b/x", "--data-dir=data"], "must be absolute"),
     (["logs", *SLICE, "--worker=first"], "must be a worker number or all"),
@@ -571,12 +604,36 @@ def test_worker_refuses_setup_and_start_while_a_run_is_active(sandbox):
   assert "exit code 143" in stop.stdout
 
 
+def test_worker_run_runs_the_command_in_the_foreground_and_returns_its_exit_code(sandbox):
+  """`run` (what `tpu_pod.sh prepare` calls): the command runs in REPO with VENV/bin first on
+  PATH, attached, and its exit status is run's."""
+  venv_bin = sandbox.home / "venv" / "bin"
+  venv_bin.mkdir(parents=True)
+  shutil.copy(sandbox.shims / "hashmoe", venv_bin / "hashmoe")
+  (sandbox.home / "repo").mkdir()
+  env = dict(sandbox.env, FAKE_TRAIN_FOREVER="0")
+  out = run(TPU_WORKER, "run", "--repo=repo", "--venv=venv", "--", "hashmoe", "prepare",
+            "--gin.PREPARED_DIR='gs://b/p q'", env=env)
+  assert out.returncode == 0, out.stderr
+  assert "step 1 loss 4.2" in out.stdout  # its output, in the foreground
+  assert (sandbox.tmp / "trainer.0.argv").read_text().split("\0")[:-1] == [
+      "prepare", "--gin.PREPARED_DIR='gs://b/p q'"]
+  assert (sandbox.tmp / "trainer.0.cwd").read_text().strip() == str(sandbox.home / "repo")
+  _write_exe(venv_bin / "hashmoe", "#!/bin/sh\necho failing >&2\nexit 3\n")
+  failed = run(TPU_WORKER, "run", "--repo=repo", "--venv=venv", "--", "hashmoe", "prepare",
+               env=env)
+  assert failed.returncode == 3 and "failing" in failed.stderr
+  assert not (sandbox.home / "logs").exists()  # no run record: nothing for stop or status
+
+
 @pytest.mark.parametrize("args,message", [
     (["start", "--repo=repo", "--venv=venv", "--logs=logs", "--run=r"], "trainer command after --"),
     (["start", "--repo=../x", "--venv=v", "--logs=l", "--run=r", "--", "x"], "not a plain path"),
     (["start", "--repo=r", "--venv=v", "--logs=l", "--run=a/b", "--", "x"], "plain name"),
     (["setup", "--from=n", "--repo=r", "--venv=v", "--python=p"], "setup needs --jax-spec"),
     (["stop", "--logs=l", "--grace=-1"], "whole seconds"),
+    (["run", "--repo=r", "--venv=v"], "run needs the command after --"),
+    (["run", "--repo=../r", "--venv=v", "--", "x"], "not a plain path"),
     (["reboot"], "unknown command"),
 ])
 def test_worker_usage_errors(sandbox, args, message):

@@ -9,7 +9,11 @@
 #            at setup.cfg's pin and hashmoe (and t5x with --t5x) in a virtualenv; check the slice
 #   data     copy training data from Cloud Storage to a local folder on every worker (hashmoe's
 #            readers take local files; the model dir can be gs://)
-#   launch   start the same training command on every worker, detached, one log per worker
+#   prepare  `hashmoe prepare` on every worker, in the foreground: the workers split the shards
+#            among them (--distributed=on) and write the packed rows once to PREPARED_DIR (default
+#            gs://BUCKET/prepared); run it again after an interruption: finished shards are kept
+#   launch   start the same training command on every worker, detached, one log per worker; it
+#            reads the prepared rows from PREPARED_DIR where they exist (else streams the task)
 #   status   the slice's state, and each worker's run (running, or its exit code)
 #   logs     stream worker 0's training log (--worker=all: every worker's, prefixed by host)
 #   stop     SIGTERM the run on every worker and wait: hashmoe finishes its step, writes a
@@ -45,12 +49,20 @@
 #   --copy=SRC            (repeatable) gs://BUCKET/PATH, or PATH in --bucket; wildcards and folders
 #   --bucket=NAME         [BUCKET]
 #   --data-dir=DIR        [DATA_DIR] the local folder on every worker (/tmp/hashmoe_data)
+# prepare:
+#   --prepared-dir=URL    [PREPARED_DIR] where the rows go (default gs://BUCKET/prepared)
+#   --bucket=NAME         [BUCKET]
+#   --gin-file=FILE       hashmoe's run config (configs/runs/tpu_pod.gin), as for launch
+#   -- FLAGS              `hashmoe prepare` flags, verbatim: the run's --gin_file=... and
+#                         --gin.KEY=VALUE, --num_shards=N (8; at least the number of workers)
 # launch:
 #   --trainer=NAME        [TRAINER] hashmoe (default) or t5x
 #   --model-dir=DIR       [MODEL_DIR] checkpoints and logs; default gs://BUCKET/runs/RUN_NAME
 #   --bucket=NAME         [BUCKET]
 #   --run-name=NAME       [RUN_NAME] names the worker logs (default: the model dir's last part)
 #   --gin-file=FILE       hashmoe's run config (configs/runs/tpu_pod.gin)
+#   --prepared-dir=URL    [PREPARED_DIR] prepared rows to read (default gs://BUCKET/prepared when
+#                         --bucket is given; hashmoe trainer only)
 #   --t5x-gin-file=FILE   [T5X_GIN_FILE] the t5x gin file (required with --trainer=t5x)
 #   --env=KEY=VALUE       (repeatable) environment for the trainer (LIBTPU_INIT_ARGS=..., ...)
 #   --force               SIGKILL a run still active, and whatever holds the TPU, first
@@ -69,6 +81,8 @@
 #   tpu_scripts/tpu_pod.sh create --accelerator-type=v4-32
 #   tpu_scripts/tpu_pod.sh setup
 #   tpu_scripts/tpu_pod.sh data --copy=reddit/RC_2019-01.zst
+#   tpu_scripts/tpu_pod.sh prepare -- --gin_file=configs/tasks/reddit.gin \
+#     --gin.REDDIT_COMMENTS="['/tmp/hashmoe_data/RC_2019-01.zst']"
 #   tpu_scripts/tpu_pod.sh launch --run-name=hash64 -- \
 #     --gin_file=configs/models/paper/hash_64.gin --gin_file=configs/tasks/reddit.gin \
 #     --gin.REDDIT_COMMENTS="['/tmp/hashmoe_data/RC_2019-01.zst']"
@@ -98,13 +112,14 @@ declare -A TAKES=(
   [accelerator-type]=create [runtime-version]=create [no-wait]=create [spot]=create
   [preemptible]=create [reserved]=create [queued]="create status delete"
   [ref]=setup [python]=setup [jax-spec]=setup [t5x]=setup [no-verify]=setup
-  [force]="setup launch" [copy]=data [data-dir]=data [bucket]="data launch"
-  [trainer]=launch [model-dir]=launch [run-name]="launch logs" [gin-file]=launch
+  [force]="setup launch" [copy]=data [data-dir]=data [bucket]="data prepare launch"
+  [prepared-dir]="prepare launch"
+  [trainer]=launch [model-dir]=launch [run-name]="launch logs" [gin-file]="prepare launch"
   [t5x-gin-file]=launch [env]=launch [follow]=launch
   [worker]="logs exec" [lines]=logs [no-follow]=logs
   [grace]=stop [kill]=stop [no-stop]=delete
 )
-COMMANDS="create setup data launch status logs stop delete exec"
+COMMANDS="create setup data prepare launch status logs stop delete exec"
 
 # Settings: environment first, flags override below.
 PROJECT=${PROJECT:-}
@@ -117,6 +132,7 @@ TPU_PYTHON=${TPU_PYTHON:-python3.11}
 JAX_TPU_SPEC=${JAX_TPU_SPEC:-}
 BUCKET=${BUCKET:-}
 DATA_DIR=${DATA_DIR:-/tmp/hashmoe_data}
+PREPARED_DIR=${PREPARED_DIR:-}
 TRAINER=${TRAINER:-hashmoe}
 MODEL_DIR=${MODEL_DIR:-}
 RUN_NAME=${RUN_NAME:-}
@@ -162,8 +178,8 @@ parse_args() {
     case $name in
       # Options with a value, given as --name=value or --name value.
       project | zone | tpu-name | accelerator-type | runtime-version | ref | python | jax-spec | \
-        copy | bucket | data-dir | trainer | model-dir | run-name | gin-file | t5x-gin-file | \
-        env | worker | lines | grace)
+        copy | bucket | data-dir | prepared-dir | trainer | model-dir | run-name | gin-file | \
+        t5x-gin-file | env | worker | lines | grace)
         if ((!has_value)); then
           (($#)) || usage_error "--$name needs a value"
           value=$1
@@ -182,6 +198,7 @@ parse_args() {
           copy) COPIES+=("$value") ;;
           bucket) BUCKET=$value ;;
           data-dir) DATA_DIR=$value ;;
+          prepared-dir) PREPARED_DIR=$value ;;
           trainer) TRAINER=$value ;;
           model-dir) MODEL_DIR=$value ;;
           run-name) RUN_NAME=$value ;;
@@ -216,7 +233,7 @@ parse_args() {
         ;;
     esac
   done
-  if ((${#PASSTHROUGH[@]})) && [[ " create launch exec " != *" $COMMAND "* ]]; then
+  if ((${#PASSTHROUGH[@]})) && [[ " create prepare launch exec " != *" $COMMAND "* ]]; then
     usage_error "$COMMAND takes no arguments after --"
   fi
 }
@@ -387,6 +404,29 @@ cmd_data() {
   fi
 }
 
+# prepared_dir: PREPARED_DIR, else gs://BUCKET/prepared, else empty; checked as a gin string.
+prepared_dir() {
+  local dir=$PREPARED_DIR
+  if [[ -z $dir && -n $BUCKET ]]; then dir=gs://${BUCKET%/}/prepared; fi
+  [[ $dir != *[\'\"\\]* && $dir != *$'\n'* ]] ||
+    usage_error "--prepared-dir=$(hm_quote "$dir") must not hold quotes, backslashes or newlines"
+  printf '%s' "$dir"
+}
+
+cmd_prepare() {
+  local dir
+  dir=$(prepared_dir)
+  [[ -n $dir ]] || usage_error "prepare needs --prepared-dir (or PREPARED_DIR), or --bucket (or BUCKET)"
+  [[ -f $ROOT/$RUN_GIN ]] || usage_error "--gin-file=$RUN_GIN does not exist in $ROOT"
+  # Every worker runs the same command; each prepares its own shards, the last writes the manifest.
+  local prepare=(hashmoe prepare --distributed=on --gin_file="$RUN_GIN" "--gin.PREPARED_DIR='$dir'")
+  on_workers all "$(worker_cmd run --repo="$REMOTE_REPO" --venv="$REMOTE_VENV" -- \
+    "${prepare[@]}" "${PASSTHROUGH[@]}")"
+  if ((!HM_DRY_RUN)); then
+    printf 'prepared rows in %s; launch reads them with the same task flags\n' "$dir" >&2
+  fi
+}
+
 cmd_launch() {
   local model_dir=$MODEL_DIR
   if [[ -z $model_dir ]]; then
@@ -410,6 +450,9 @@ cmd_launch() {
     hashmoe)
       [[ -f $ROOT/$RUN_GIN ]] || usage_error "--gin-file=$RUN_GIN does not exist in $ROOT"
       trainer=(hashmoe train --distributed=on --gin_file="$RUN_GIN" "--gin.MODEL_DIR='$model_dir'")
+      local prepared
+      prepared=$(prepared_dir)
+      if [[ -n $prepared ]]; then trainer+=("--gin.PREPARED_DIR='$prepared'"); fi
       ;;
     t5x)
       [[ -n $T5X_GIN_FILE ]] ||

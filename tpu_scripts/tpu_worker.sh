@@ -18,6 +18,10 @@
 #       output in LOGS/NAME/train.log; LOGS/NAME keeps `pid`, `command` and, once CMD ends,
 #       `exit_code`; LOGS/current points at the run. Refused while a run is active; --force
 #       kills it (SIGKILL) and any process holding the TPU, and removes libtpu's lock file.
+#   run    --repo=DIR --venv=DIR -- CMD...
+#       Runs CMD in REPO with VENV/bin first on PATH, in the foreground (its output goes to the
+#       ssh session; its exit status is this command's): `hashmoe prepare`, which is resumable, so
+#       a dropped session loses nothing but the shards then being written.
 #   stop   --logs=DIR [--grace=SECONDS] [--kill]
 #       SIGTERM to the active run, then waits up to SECONDS (600) for it to end: hashmoe finishes
 #       its step, writes a checkpoint and exits 143. Still running after that: exit 1, or SIGKILL
@@ -28,7 +32,8 @@
 #       The last N (100) lines of the run's log (default: the current run); --follow keeps
 #       streaming; --prefix starts each line with [hostname].
 #
-# --dry-run (setup, start) prints the commands, one per line, and runs nothing. --help: this text.
+# --dry-run (setup, start, run) prints the commands, one per line, and runs nothing. --help: this
+# text.
 # Exit codes: 0 done, 1 failure, 2 usage error.
 # shellcheck source-path=SCRIPTDIR
 set -euo pipefail
@@ -237,6 +242,33 @@ cmd_start() {
     "$run_dir/train.log"
 }
 
+cmd_run() {
+  local repo="" venv=""
+  while (($#)); do
+    case $1 in
+      --repo=*) repo=${1#*=} ;;
+      --venv=*) venv=${1#*=} ;;
+      --) shift; break ;;
+      *) hm_die "run: unknown option $(hm_quote "$1") (the command goes after --)" ;;
+    esac
+    shift
+  done
+  (($#)) || hm_die "run needs the command after --"
+  local name
+  for name in repo venv; do
+    [[ -n ${!name} ]] || hm_die "run needs --$name=..."
+  done
+  hm_check_remote_path --repo "$repo"
+  hm_check_remote_path --venv "$venv"
+  cd "$HOME"
+  if ((!HM_DRY_RUN)); then
+    [[ -d $repo ]] || hm_die "run: $HOME/$repo does not exist; run tpu_pod.sh setup first" 1
+    [[ -d $venv/bin ]] || hm_die "run: $HOME/$venv/bin does not exist; run tpu_pod.sh setup first" 1
+  fi
+  hm_run cd "$(abs_path "$repo")"
+  hm_run env "PATH=$(abs_path "$venv")/bin:$PATH" PYTHONUNBUFFERED=1 "$@"
+}
+
 # _supervise RUN_DIR -- CMD...: runs CMD with its output appended to RUN_DIR/train.log, keeps its
 # pid (stop signals CMD itself, so hashmoe's SIGTERM handler sees it) and its exit status.
 cmd_supervise() {
@@ -375,10 +407,11 @@ main() {
   case $command in
     setup) cmd_setup "${args[@]}" ;;
     start) cmd_start "${args[@]}" ;;
+    run) cmd_run "${args[@]}" ;;
     stop) cmd_stop "${args[@]}" ;;
     status) cmd_status "${args[@]}" ;;
     logs) cmd_logs "${args[@]}" ;;
-    *) hm_die "unknown command $(hm_quote "$command"); one of setup, start, stop, status, logs" ;;
+    *) hm_die "unknown command $(hm_quote "$command"); one of setup, start, run, stop, status, logs" ;;
   esac
 }
 

@@ -74,6 +74,7 @@ Public API (what the loader, the CLI, benchmarks and t5x's file-backed task buil
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import errno
 import hashlib
@@ -82,8 +83,8 @@ import logging
 import multiprocessing
 import os
 import queue
-import re
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -522,10 +523,24 @@ def _remove_shard(directory: epath.Path, split: str, index: int, num_shards: int
 # Worker processes (spawned: a forked TensorFlow is unsafe) register the task from its pickled
 # spec and report progress through a queue.
 _WORKER_QUEUE: Any = None
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+  """Asks Linux to SIGKILL this worker when the prepare that started it dies: a SIGKILLed
+  prepare must not leave workers finishing shards behind the back of the next prepare."""
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+  except (OSError, AttributeError):  # Not Linux: orphaned workers finish their shard and exit.
+    return
+  if os.getppid() == 1:  # The parent died before the request took effect.
+    os._exit(1)  # pylint: disable=protected-access
 
 
 def _init_worker(spec: tasks_lib.TaskSpec, progress: Any) -> None:
   global _WORKER_QUEUE
+  _die_with_parent()
   logging.basicConfig(level=logging.WARNING)
   tasks_lib.register_task(spec.name, spec.corpus, spec.shape, spec.vocabulary,
                           shuffle_buffer_size=spec.shuffle_buffer_size)
@@ -817,7 +832,7 @@ def check_shards(manifest: Manifest, split: str, *, full_check_bytes: int = FULL
       raise PreparedDataError(f"prepared shard {path} holds {records} rows, its manifest says "
                               f"{shard['rows']}{fix}")
     if full and _sha256(path) != shard["sha256"]:
-      raise PreparedDataError(f"prepared shard {path}: its sha256 differs from the manifest's "
+      raise PreparedDataError(f"prepared shard {path} does not match its manifest's sha256 "
                               f"(damaged){fix}")
 
 
