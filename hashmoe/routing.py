@@ -37,6 +37,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from hashmoe import hash_functions
 from hashmoe import hashing
 
 Array = jax.Array
@@ -558,9 +559,9 @@ class HashRouter(Router):
 
   The tables are data: they live in the non-trainable "hash_tables" collection (variable "table",
   int32[num_hashes, key_space]) so that they are saved and restored with the checkpoint. They are
-  initialised from `tables` (built offline with `hashing.build_table`/`build_multihash` from corpus
-  statistics), or, when `tables` is None, as random tables from `seed`
-  (`hashing.build_multihash("random", ...)`), so a model can be initialised without corpus
+  initialised from `tables` (built offline with `hash_functions.build_table`/`build_multihash` from
+  corpus statistics), or, when `tables` is None, as random tables from `seed`
+  (`hash_functions.build_multihash("random", ...)`), so a model can be initialised without corpus
   statistics. Routing is a static gather: combine weight 1.0, aux_loss 0.
 
   Attributes:
@@ -616,7 +617,7 @@ class HashRouter(Router):
     if self.tables is not None:
       stacked = np.stack([t.table for t in self.tables])
     else:
-      stacked = np.stack([t.table for t in hashing.build_multihash(
+      stacked = np.stack([t.table for t in hash_functions.build_multihash(
           "random", self.num_hashes, num_experts=self.num_experts, vocab_size=self.key_space,
           seed=self.seed)])
     _check_expert_range("hash table", stacked, self.num_experts)
@@ -626,7 +627,7 @@ class HashRouter(Router):
     """The tables this router is built with (the random ones when `tables` is None)."""
     if self.tables is not None:
       return tuple(self.tables)
-    return hashing.build_multihash("random", self.num_hashes, num_experts=self.num_experts,
+    return hash_functions.build_multihash("random", self.num_hashes, num_experts=self.num_experts,
                                    vocab_size=self.key_space, seed=self.seed)
 
   def routing_signature(self) -> str:
@@ -658,8 +659,8 @@ class HashRouter(Router):
 class HashTopKRouter(Router):
   """Hash-selected top-k with a learned gate (the hash-routed first layers of DeepSeek-V4).
 
-  A fixed table (`hashing.build_topk_table`: k distinct experts per key, greedily balanced on token
-  frequency) picks the experts; a learned gate decides how much each contributes:
+  A fixed table (`hash_functions.build_topk_table`: k distinct experts per key, greedily balanced on
+  token frequency) picks the experts; a learned gate decides how much each contributes:
   combine_weight[t] = softmax over the k selected experts of (h_t W_gate)[selected], in float32.
   Which experts run never depends on the hidden state, so the dispatch keeps every property of hash
   routing (no capacity, nothing dropped, no balance loss); only the mixture weights are learned.
@@ -696,7 +697,8 @@ class HashTopKRouter(Router):
         raise TypeError(f"{name}: table must be a hashing.HashTable, got {type(table).__name__}")
       if table.table.ndim != 2 or table.k != self.k:
         raise ValueError(f"{name}: table ({table.kind}) has shape {table.table.shape}; expected a "
-                         f"top-k table [vocab_size, k={self.k}] from hashing.build_topk_table")
+                         f"top-k table [vocab_size, k={self.k}] from "
+                         "hash_functions.build_topk_table")
       if table.num_experts != self.num_experts:
         raise ValueError(f"{name}: table was built for num_experts={table.num_experts}, but the "
                          f"router has num_experts={self.num_experts}")
