@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from hashmoe import hash_functions
+from hashmoe import assignment, hash_functions
 from hashmoe import hashing
 from hashmoe import routing
 from hashmoe.routing import RouterFeatures
@@ -141,18 +141,18 @@ def test_balanced_assignment_degenerate_inputs():
   # All-equal scores and duplicated rows: any balanced assignment is optimal; it must stay balanced.
   for scores in (np.zeros((16, 4), np.float32),
                  np.tile(np.array([[3.0, 1.0, 0.0, -1.0]], np.float32), (16, 1))):
-    a = np.asarray(routing.balanced_assignment(jnp.asarray(scores)).assignment)
+    a = np.asarray(assignment.balanced_assignment(jnp.asarray(scores)).assignment)
     np.testing.assert_array_equal(np.bincount(a, minlength=4), 4)
   # One expert: everything goes there.
   np.testing.assert_array_equal(
-      routing.balanced_assignment(jnp.ones((5, 1))).assignment, np.zeros(5))
+      assignment.balanced_assignment(jnp.ones((5, 1))).assignment, np.zeros(5))
   # A round budget too small to finish: the fallback still balances, and says it was needed.
   scores = np.tile(np.arange(4, dtype=np.float32)[None], (16, 1))
-  result = routing.balanced_assignment(jnp.asarray(scores), max_rounds=1)
+  result = assignment.balanced_assignment(jnp.asarray(scores), max_rounds=1)
   np.testing.assert_array_equal(np.bincount(np.asarray(result.assignment), minlength=4), 4)
   assert float(result.unassigned_fraction) > 0
   with pytest.raises(ValueError, match="divisible"):
-    routing.balanced_assignment(jnp.ones((10, 4)))
+    assignment.balanced_assignment(jnp.ones((10, 4)))
 
 
 # --------------------------------------------------------------------------------------------------
