@@ -56,7 +56,7 @@ from hashmoe import gin_utils
 from hashmoe.gin_utils import UsageError, configs_dir, parse_gin  # noqa: F401
 
 # `hashmoe prepare`'s defaults (hashmoe.data.prepared's, without importing it at start-up).
-_PREPARED_SPLITS = ("train", "validation")
+_PREPARED_SPLITS = ("train", "validation", "test")
 _PREPARED_SHARDS = 8
 
 EXIT_ERROR = 1  # a runtime failure

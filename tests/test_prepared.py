@@ -60,7 +60,7 @@ def ref_dir(world, task):
 def manifest_of(world, task):
   return prepared.open_prepared(ref_dir(world, task), task=task, shape=task.rsplit("_", 1)[1],
                                 vocab_fingerprint=fingerprint(task), seq_len=SEQ_LEN,
-                                splits=("train", "validation"))
+                                splits=("train", "validation", "test"))
 
 
 def fingerprint(task):
@@ -114,7 +114,7 @@ def test_every_shard_holds_the_streaming_pipelines_rows_of_its_examples(world, t
   with index % N == k (unshuffled, packed by the training converter); together the shards hold
   every example of the split exactly once; the manifest counts them."""
   manifest = manifest_of(world, task)
-  for split in ("train", "validation"):
+  for split in ("train", "validation", "test"):
     info = manifest.split(split)
     assert [s["file"] for s in info["shards"]] == [
         prepared.shard_file(split, k, NUM_SHARDS) for k in range(NUM_SHARDS)]
@@ -214,15 +214,15 @@ def test_a_prepare_killed_mid_shard_resumes_keeping_finished_shards(world, tmp_p
   assert done.returncode == 0, done.stderr[-3000:]
   summary = json.loads(done.stdout.strip().splitlines()[-1])
   assert summary["complete"] and summary["kept"] == len(done_before) >= 1
-  assert summary["kept"] + summary["prepared"] == 2 * NUM_SHARDS
+  assert summary["kept"] + summary["prepared"] == 3 * NUM_SHARDS
   assert f"{len(done_before)} finished shard(s) verified (sha256) and kept" in done.stderr
   assert not list(folder.glob(f"*/.*{prepared._TMP_MARK}*"))  # pylint: disable=protected-access
   # The same rows as the uninterrupted prepare of the same texts and vocabulary settings.
   manifest = prepared.verify(folder)
   uninterrupted = json.loads((ref_dir(world, LM) / prepared.MANIFEST_FILE).read_text())
-  assert [s["sha256"] for split in ("train", "validation")
+  assert [s["sha256"] for split in ("train", "validation", "test")
           for s in manifest.data["split_info"][split]["shards"]] == [
-              s["sha256"] for split in ("train", "validation")
+              s["sha256"] for split in ("train", "validation", "test")
               for s in uninterrupted["split_info"][split]["shards"]]
 
 
@@ -237,7 +237,7 @@ def test_a_damaged_finished_shard_is_redone_not_trusted(world, tmp_path, caplog)
   with caplog.at_level(logging.WARNING, logger="hashmoe.data.prepared"):
     result = prepared.prepare(LM, folder, seq_len=SEQ_LEN, num_shards=NUM_SHARDS, progress=False)
   assert result.redone == result.prepared == [("train", 1)]
-  assert len(result.kept) == 2 * NUM_SHARDS - 1
+  assert len(result.kept) == 3 * NUM_SHARDS - 1
   assert "shard 1 of train is damaged or unfinished (its file's sha256 differs from its done " \
          "record's); preparing it again" in caplog.text
   assert result.manifest["fingerprint"] == world["results"][LM].manifest["fingerprint"]
@@ -291,23 +291,25 @@ def test_hosts_prepare_disjoint_shards_and_the_last_writes_the_manifest(world, t
   folder = tmp_path / "hosts"
   first = prepared.prepare(LM, folder, seq_len=SEQ_LEN, num_shards=NUM_SHARDS,
                            shard_indices=[0, 2], progress=False)
-  assert first.manifest is None and first.missing == [("train", 1), ("validation", 1)]
+  assert first.manifest is None and first.missing == [("train", 1), ("validation", 1),
+                                                      ("test", 1)]
   assert not (folder / prepared.MANIFEST_FILE).exists()
-  assert prepared.status(folder) == {"state": "partial", "done": 4, "total": 6}
-  with pytest.raises(errors.PreparedDataError, match=r"2 shard\(s\) unusable \(train/rows-00001-"
+  assert prepared.status(folder) == {"state": "partial", "done": 6, "total": 9}
+  with pytest.raises(errors.PreparedDataError, match=r"3 shard\(s\) unusable \(train/rows-00001-"
                      r"of-00003.arrayrecord: missing; validation/rows-00001-of-00003.arrayrecord: "
-                     r"missing\)"):
+                     r"missing; test/rows-00001-of-00003.arrayrecord: missing\)"):
     prepared.verify(folder)
   second = prepared.prepare(LM, folder, seq_len=SEQ_LEN, num_shards=NUM_SHARDS,
                             shard_indices=[1], progress=False)
-  assert second.kept == [] and second.prepared == [("train", 1), ("validation", 1)]
+  assert second.kept == [] and second.prepared == [("train", 1), ("validation", 1), ("test", 1)]
   assert second.manifest["fingerprint"] == world["results"][LM].manifest["fingerprint"]
 
 
 @pytest.mark.parametrize("change, message", [
     ({"num_shards": 4}, r'num_shards: 3 there, 4 here'),
     ({"seq_len": 64}, r'feature_lengths: \{"targets": 32\} there, \{"targets": 64\} here'),
-    ({"splits": ("train",)}, r'splits: \["train", "validation"\] there, \["train"\] here'),
+    ({"splits": ("train",)},
+     r'splits: \["train", "validation", "test"\] there, \["train"\] here'),
 ])
 def test_preparing_into_a_folder_begun_for_another_plan_is_refused(world, tmp_path, change,
                                                                    message):
@@ -528,7 +530,7 @@ def test_a_run_reads_prepared_data_where_it_exists_and_streams_otherwise(world, 
   caplog.clear()
   with caplog.at_level(logging.INFO, logger="hashmoe.data.loader"):
     assert isinstance(make(prepared_dir=str(partial)), pipeline.TaskPipeline)
-  assert "its prepare is unfinished (2 of 6 shards)" in caplog.text
+  assert "its prepare is unfinished (3 of 9 shards)" in caplog.text
   # A folder of another SEQ_LEN under this run's name is refused, not used.
   moved = tmp_path / "moved"
   shutil.copytree(root / LM, moved / LM / "len64")
@@ -596,12 +598,12 @@ def test_prepare_command_errors(world, tmp_path, capsys, monkeypatch):
                                "prepared folder\n")
   code, (out, _) = run("--num_shards=2", "--shard_indices=1", "--workers=1")
   summary = json.loads(out.strip().splitlines()[-1])
-  assert code == 0 and not summary["complete"] and summary["missing"] == 2
+  assert code == 0 and not summary["complete"] and summary["missing"] == 3
   code, (_, err) = run("--num_shards=3")
   assert code == 2 and "is being prepared for another plan (num_shards: 2 there, 3 here)" in err
   code, (out, _) = run("--num_shards=2", "--workers=1")
   summary = json.loads(out.strip().splitlines()[-1])
-  assert code == 0 and summary["complete"] and (summary["kept"], summary["prepared"]) == (2, 2)
+  assert code == 0 and summary["complete"] and (summary["kept"], summary["prepared"]) == (3, 3)
   assert summary["gin_flag"] == f"--gin.PREPARED_DIR=\"'{tmp_path / 'root'}'\""
   code, (out, _) = run("--num_shards=2", "--verify")
   assert code == 0 and json.loads(out)["verified"]
@@ -678,3 +680,27 @@ def test_train_on_prepared_data_killed_at_a_random_step_restarts_with_every_loss
   (position,) = meta["positions"]
   assert (position["format"], position["next_batch"], position["any_process_count"]) == (
       loader.POSITION_FORMAT, STEPS, True)
+
+
+def test_compare_reads_the_prepared_rows_of_its_corpus_once_prepare_wrote_them(world, tmp_path,
+                                                                              monkeypatch):
+  """`hashmoe compare --prepare` prepares its corpus where its pipelines then find it; without
+  prepared rows they stream as before."""
+  from hashmoe.compare import cli as compare_cli
+  from hashmoe.data import cached
+  monkeypatch.setenv("HASHMOE_CACHE", str(tmp_path / "cache"))
+  corpus = cached.register_corpus(world["texts"], 320)
+  streaming = cached.CachedPipeline(corpus.task, batch_size=8, seq_len=SEQ_LEN, seed=1)
+  assert isinstance(streaming._source, pipeline.TaskPipeline)  # pylint: disable=protected-access
+  said = []
+  compare_cli._prepare(corpus.task, SEQ_LEN, said.append)  # pylint: disable=protected-access
+  folder = prepared.prepared_dir(None, corpus.task, SEQ_LEN)
+  assert said == [f"hashmoe compare: prepared data in {folder} (3 shard(s) written, 0 kept)"]
+  data = cached.CachedPipeline(corpus.task, batch_size=8, seq_len=SEQ_LEN, seed=1)
+  assert isinstance(data._source, loader.PreparedPipeline)  # pylint: disable=protected-access
+  reference = loader.batches(prepared.read_manifest(folder), batch_size=8, seed=1)
+  for index in range(3):
+    want = next(reference)
+    for name, values in data.train_batch(index).items():
+      np.testing.assert_array_equal(values, want[name])
+  assert data.eval_batches("test", 1)[0]["decoder_target_tokens"].shape == (8, SEQ_LEN)

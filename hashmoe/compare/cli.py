@@ -121,6 +121,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="also write TensorBoard summaries in every run folder")
   parser.add_argument("--no-progress", dest="progress", action="store_false",
                       help="no progress bars")
+  parser.add_argument("--prepare", action="store_true",
+                      help="prepare the corpus once (hashmoe prepare: tokenised, packed rows in "
+                      "<hashmoe cache>/prepared) and train from it; without it the comparison "
+                      "reads rows prepared earlier where they exist, else streams the corpus")
   parser.add_argument("--list", action="store_true",
                       help="list the experiments and model names, then exit")
 
@@ -249,6 +253,8 @@ def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
       encoding, errors = _text_decoding(args)
       corpus = register_corpus(args.text_dir, settings.vocab_size, encoding=encoding,
                                errors=errors)
+      if getattr(args, "prepare", False):
+        _prepare(corpus.task, settings.seq_len, log)
       if runner is None:
         runner = TrainRunner(corpus, settings, progress_bar=getattr(args, "progress", True),
                              tensorboard=getattr(args, "tensorboard", False), log=log)
@@ -286,6 +292,16 @@ def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
   log(f"\nwall {time.perf_counter() - wall0:.0f} s, process CPU {time.process_time() - cpu0:.0f} "
       f"s; results in {out_dir / RESULTS_FILE}, figures valid_ppl.png and load_*.png beside it")
   return 0
+
+
+def _prepare(task: str, seq_len: int, log: Callable[[str], None]) -> None:
+  """`--prepare`: the task's rows at SEQ_LEN, once, where `CachedPipeline` looks for them (an
+  earlier, finished prepare is verified and kept)."""
+  from hashmoe.data import prepared  # pylint: disable=g-import-not-at-top  With the trainer.
+  directory = prepared.prepared_dir(None, task, seq_len)
+  result = prepared.prepare(task, directory, seq_len=seq_len, num_shards=1, progress=False)
+  log(f"hashmoe compare: prepared data in {directory} ({len(result.prepared)} shard(s) written, "
+      f"{len(result.kept)} kept)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -2,7 +2,8 @@
 
 `hashmoe compare` trains several models per seed; each of them must see the same training batches
 in the same order and be evaluated on the same fixed validation and test batches. A
-`CachedPipeline` reads one seed's batches from the seqio task once (the tf.data pipeline, its
+`CachedPipeline` reads one seed's batches once, from the task's prepared rows where they exist
+(`hashmoe compare --prepare`, `hashmoe.data.loader`) or else from the seqio task (the tf.data pipeline, its
 shuffle buffer and tokenisation run once per seed, not once per run) and hands every run the same
 objects; a `PredictedPipeline` adds a frozen dense baseline's next-token predictions to them (the
 predicted-future hash key). Both are `hashmoe.data.pipeline.InputPipeline`s, and record their position in
@@ -21,9 +22,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-# TaskPipeline is the trainer's seqio input pipeline; it moves to hashmoe.data (issue 11), and
-# then this import follows it.
-from hashmoe.data import pipeline
+from hashmoe.data import loader
 from hashmoe.data import stats as stats_lib
 from hashmoe.data import tasks as tasks_lib
 from hashmoe.data import text_files
@@ -122,7 +121,10 @@ class CachedPipeline:
   """
 
   def __init__(self, task: str, *, batch_size: int, seq_len: int, seed: int):
-    self._source = pipeline.TaskPipeline(task, batch_size=batch_size, seq_len=seq_len, seed=seed)
+    # The task's prepared rows where `hashmoe compare --prepare` (or `hashmoe prepare`) wrote
+    # them under the default root, else the streaming task; the choice is logged.
+    self._source = loader.make_input_pipeline(task, batch_size=batch_size, seq_len=seq_len,
+                                              seed=seed, prepared_dir=None, data_source="auto")
     self.task, self.batch_size, self.seq_len, self.seed = task, batch_size, seq_len, seed
     self.vocab_size = self._source.vocab_size
     self.vocab_fingerprint = self._source.vocab_fingerprint

@@ -102,7 +102,7 @@ from tqdm import auto as tqdm_auto
 from hashmoe.data import tasks as tasks_lib
 from hashmoe.data import vocab as vocab_lib
 from hashmoe.data.embedded import default_cache_dir
-from hashmoe.data.text_files import normalize_split
+from hashmoe.data.text_files import SPLITS, normalize_split
 from hashmoe.training.errors import PreparedDataError, PreparedMismatchError
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ PLAN_FILE = "prepare.json"
 MANIFEST_FILE = "manifest.json"
 SHARD_SUFFIX = ".arrayrecord"
 DONE_SUFFIX = ".done.json"
-DEFAULT_SPLITS = ("train", "validation")
+DEFAULT_SPLITS = SPLITS  # train, validation, test: what runs train and evaluate on
 DEFAULT_NUM_SHARDS = 8
 # A split's shards are checked against their sha256 when a pipeline opens them up to this size
 # (~2 s at the ~500 MB/s sha256 runs here); above it, size and record count (a restart must not
