@@ -288,6 +288,11 @@ def train(*,
     primary = jax.process_index() == 0
     if restored is not None:
       state, position = restored.state, restored.data_position
+      # A position these batches cannot continue (the run switched between streamed and prepared
+      # data, or the prepared data changed) is refused before anything is written.
+      check_position = getattr(data, "check_position", None)
+      if check_position is not None and position is not None:
+        check_position(position)
       hash_meta = restored.hash_metadata
       tables.verify_hash_tables(state.constants, hash_meta, vocab_size=data.vocab_size,
                                 vocab_fingerprint=data.vocab_fingerprint,

@@ -704,3 +704,45 @@ def test_compare_reads_the_prepared_rows_of_its_corpus_once_prepare_wrote_them(w
     for name, values in data.train_batch(index).items():
       np.testing.assert_array_equal(values, want[name])
   assert data.eval_batches("test", 1)[0]["decoder_target_tokens"].shape == (8, SEQ_LEN)
+
+
+def _files(folder):
+  import hashlib
+  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.usefixtures("compilation_cache")
+def test_a_run_that_switches_between_streamed_and_prepared_data_is_refused_before_writing(
+    world, tmp_path):
+  """A checkpoint written while streaming, resumed where prepared rows now exist (or the
+  reverse), would continue another batch sequence: refused (a usage error naming the fix), and
+  MODEL_DIR left as it was."""
+  from hashmoe import models, sharding
+  from hashmoe import train as train_lib
+  from hashmoe.training import optim
+  config = models.tiny_config(vocab_size=320, num_encoder_layers=0, max_len=SEQ_LEN)
+  sources = {"streaming": pipeline.TaskPipeline(LM, batch_size=8, seq_len=SEQ_LEN, seed=0),
+             "prepared": loader.PreparedPipeline(LM, batch_size=8, seq_len=SEQ_LEN, seed=0,
+                                                 manifest=manifest_of(world, LM))}
+
+  def train(model_dir, source, steps):
+    schedule = optim.learning_rate_schedule(1e-3, warmup_steps=0, decay="constant")
+    return train_lib.train(
+        model_dir=str(model_dir), model_config=config, task=LM, train_steps=steps, batch_size=8,
+        seq_len=SEQ_LEN, seed=0, optimizer=optim.make_optimizer(schedule),
+        mesh=sharding.make_mesh(), checkpoint_period=2, eval_period=0, log_period=1,
+        progress_bar=False, tensorboard=False, async_checkpointing=False,
+        input_pipeline=sources[source])
+
+  for first, then, message in (
+      ("streaming", "prepared", "written by the streaming pipeline"),
+      ("prepared", "streaming", "written by the prepared-data loader")):
+    model_dir = tmp_path / first
+    assert train(model_dir, first, 2).step == 2
+    before = _files(model_dir)
+    with pytest.raises(errors.PreparedMismatchError, match=message) as raised:
+      train(model_dir, then, 4)
+    assert isinstance(raised.value, errors.ConfigError)  # exit 2
+    assert _files(model_dir) == before
+    assert train(model_dir, first, 4).start_step == 2  # the original data resumes

@@ -63,7 +63,7 @@ from hashmoe.training.errors import PreparedDataError, PreparedMismatchError
 
 logger = logging.getLogger(__name__)
 
-POSITION_FORMAT = "hashmoe.PreparedPosition/1"
+POSITION_FORMAT = prepared_lib.POSITION_FORMAT
 DATA_SOURCES = ("auto", "prepared", "streaming")
 # grain's read-ahead: threads reading records and batches buffered per process. Two threads fill
 # a 2-core host; more only contend for the GIL (docs/PERFORMANCE.md).
@@ -122,7 +122,7 @@ class _BatchReader:
     return self._layout.decode(self._source.read(self.row_indices(batch)))
 
 
-class PreparedBatches:
+class PreparedBatches(tasks_lib.CountedBatches):
   """This process's training batches from prepared data (`batches`), with the position to resume
   from saved in checkpoints.
 
@@ -155,19 +155,6 @@ class PreparedBatches:
     if worker_count > 0:
       iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     self._iterator = iter(iterable)
-
-  def __iter__(self) -> "PreparedBatches":
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._iterator)
-    self._next_batch += 1
-    return batch
-
-  @property
-  def next_batch(self) -> int:
-    """The global batch the next `next()` returns part of."""
-    return self._next_batch
 
   def position(self) -> dict[str, Any]:
     """The JSON position to resume from: the same on every process (it names a global batch),
@@ -279,14 +266,19 @@ class PreparedPipeline:
   def _share(self) -> dict[str, int]:
     return {"process_index": jax.process_index(), "process_count": jax.process_count()}
 
+  def check_position(self, position: Any) -> None:
+    """Refuses a checkpoint's data position that these batches cannot continue (another dataset,
+    seed or batch size, or the streaming pipeline's), naming the difference and the fix."""
+    expected = {"dataset": self.manifest.fingerprint, "task": self.task, "split": "train",
+                "seed": self.seed, "batch_size": self.batch_size}
+    why = _position_mismatch(position, expected, self.manifest.directory)
+    if why:
+      raise PreparedMismatchError(why)
+
   def train_batches(self, position: Any) -> PreparedBatches:
     start = 0
     if position is not None:
-      expected = {"dataset": self.manifest.fingerprint, "task": self.task, "split": "train",
-                  "seed": self.seed, "batch_size": self.batch_size}
-      why = _position_mismatch(position, expected, self.manifest.directory)
-      if why:
-        raise PreparedMismatchError(why)
+      self.check_position(position)
       start = int(position["next_batch"])
     return batches(self.manifest, "train", batch_size=self.batch_size, seed=self.seed,
                    start_batch=start, **self._share(), **self._options)

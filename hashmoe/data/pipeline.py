@@ -17,10 +17,11 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from hashmoe.data import prepared as prepared_lib
 from hashmoe.data import stats as stats_lib
 from hashmoe.data import tasks as tasks_lib
 from hashmoe.data import vocab as vocab_lib
-from hashmoe.training.errors import CheckpointError
+from hashmoe.training.errors import CheckpointError, PreparedMismatchError
 
 # The gin name `hashmoe.train.task_name` is public API (every task file binds it); it keeps the
 # module it had before the input pipeline left the trainer.
@@ -112,7 +113,20 @@ class TaskPipeline:
   def _shard(self) -> dict[str, int]:
     return {"shard_index": jax.process_index(), "num_shards": jax.process_count()}
 
+  def check_position(self, position: Any) -> None:
+    """Refuses a checkpoint's data position written by the prepared-data loader: this pipeline's
+    batches are another sequence (a run that switched from prepared to streamed data)."""
+    if isinstance(position, Mapping) and position.get("format") == prepared_lib.POSITION_FORMAT:
+      raise PreparedMismatchError(
+          f"the checkpoint's data position was written by the prepared-data loader (manifest "
+          f"{str(position.get('dataset'))[:12]}), and this run streams task {self.task}, whose "
+          "batch order differs. Resume from the prepared rows (the PREPARED_DIR that `hashmoe "
+          "prepare` wrote them to, DATA_SOURCE 'auto' or 'prepared'), or start a new MODEL_DIR "
+          "to stream")
+
   def train_batches(self, position: Any) -> _Batches:
+    if position is not None:
+      self.check_position(position)
     if position is None:
       iterator = self._tasks.get_batches(self.task, "train", batch_size=self.local_batch_size,
                                          seq_len=self.seq_len, seed=self.seed, **self._shard())

@@ -109,6 +109,9 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 FORMAT = f"hashmoe.prepared/{FORMAT_VERSION}"
+# The format of the loader's position in checkpoints (`hashmoe.data.loader`), here so that the
+# streaming pipeline can recognise one and refuse it.
+POSITION_FORMAT = "hashmoe.PreparedPosition/1"
 PLAN_FILE = "prepare.json"
 MANIFEST_FILE = "manifest.json"
 SHARD_SUFFIX = ".arrayrecord"

@@ -532,7 +532,28 @@ def data_fingerprint(task_name: str, split: str) -> str | None:
                               "vocabulary": vocab_id})
 
 
-class BatchIterator:
+class CountedBatches:
+  """An iterator over `self._iterator` that counts the batches it hands out: the streaming
+  `BatchIterator` and the prepared-data loader's batches (`hashmoe.data.loader`) both resume
+  from `next_batch`."""
+  _iterator: Iterator[dict[str, np.ndarray]]
+  _next_batch: int
+
+  def __iter__(self) -> "CountedBatches":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._iterator)
+    self._next_batch += 1
+    return batch
+
+  @property
+  def next_batch(self) -> int:
+    """Index (from the start of the run) of the batch the next `next()` returns."""
+    return self._next_batch
+
+
+class BatchIterator(CountedBatches):
   """A numpy iterator of feature-converted batches that knows its position.
 
   Each batch is a dict of int32[batch_size, length] arrays: for lm `decoder_target_tokens`,
@@ -550,19 +571,6 @@ class BatchIterator:
     self._next_batch = start_batch
     self._fingerprint = fingerprint
     _LIVE_ITERATORS.add(self)
-
-  def __iter__(self) -> "BatchIterator":
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._iterator)
-    self._next_batch += 1
-    return batch
-
-  @property
-  def next_batch(self) -> int:
-    """Index (from the start of the run) of the batch the next `next()` returns."""
-    return self._next_batch
 
   @property
   def element_spec(self) -> dict[str, tf.TensorSpec]:
