@@ -746,3 +746,37 @@ def test_a_run_that_switches_between_streamed_and_prepared_data_is_refused_befor
     assert isinstance(raised.value, errors.ConfigError)  # exit 2
     assert _files(model_dir) == before
     assert train(model_dir, first, 4).start_step == 2  # the original data resumes
+
+
+def test_a_remote_folder_is_staged_locally_once_and_checked_by_sha256(world, tmp_path,
+                                                                      monkeypatch):
+  """ArrayRecord reads local files: a bucket's shards are copied once into the local cache (keyed
+  by the manifest's fingerprint), checked there against the manifest's sha256; a damaged copy in
+  the bucket is an error, never read. (The "bucket" is a folder that `is_local` calls remote.)"""
+  bucket = tmp_path / "remote"
+  shutil.copytree(ref_dir(world, LM), bucket)
+  monkeypatch.setenv("HASHMOE_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setattr(prepared, "is_local", lambda path: "/remote" not in os.fspath(path))
+  open_it = lambda: prepared.open_prepared(bucket, task=LM, shape="lm",
+                                           vocab_fingerprint=fingerprint(LM), seq_len=SEQ_LEN)
+  manifest = open_it()
+  staged = tmp_path / "cache" / "prepared_staged" / manifest.fingerprint
+  assert manifest.local_directory == staged and manifest.directory == bucket
+  assert manifest.shard_paths("train") == [str(staged / prepared.shard_file("train", k, NUM_SHARDS))
+                                           for k in range(NUM_SHARDS)]
+  first = next(loader.batches(manifest, batch_size=8, seed=0))
+  want = next(loader.batches(manifest_of(world, LM), batch_size=8, seed=0))
+  for name in want:
+    np.testing.assert_array_equal(first[name], want[name])
+  mtimes = {p: p.stat().st_mtime_ns for p in staged.rglob("*.arrayrecord")}
+  assert len(mtimes) == NUM_SHARDS
+  open_it()  # staged already: nothing copied again
+  assert {p: p.stat().st_mtime_ns for p in staged.rglob("*.arrayrecord")} == mtimes
+  shutil.rmtree(staged)
+  shard = bucket / prepared.shard_file("train", 0, NUM_SHARDS)
+  data = shard.read_bytes()
+  shard.write_bytes(data[:50] + bytes([data[50] ^ 1]) + data[51:])
+  with pytest.raises(errors.PreparedDataError, match=f"prepared shard {shard}: the copy's sha256 "
+                     r"differs from the manifest's \(damaged in the bucket\)"):
+    open_it()
+  assert not list(staged.rglob("*.arrayrecord*"))

@@ -49,8 +49,9 @@ without handing them to Python. Guarantee: the batches it yields are exactly bat
 of an uninterrupted run; `restore_batches` checks that the data files and the vocabulary are
 unchanged. Cost: the skipped data is re-read and re-tokenised (replaying the embedded corpus ran
 at ~128k tokens/s on a 2-core machine), so resuming far into a large corpus takes minutes to
-hours; runs that need instant resume should cache the task (seqio's offline cache) and checkpoint
-the tf.data iterator instead.
+hours; runs that need instant resume prepare the task once (`hashmoe prepare`,
+`hashmoe.data.prepared`) and read it with the grain loader (`hashmoe.data.loader`), which resumes
+at any step in O(1).
 
 Multi-host: `shard_index` / `num_shards` keep every `num_shards`-th example (seqio's example-level
 sharding, before shuffling and packing): shards are disjoint and together cover the split. Each
