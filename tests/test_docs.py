@@ -6,9 +6,9 @@ Commands are fenced shell blocks, header lines and docstring lines that start wi
 one plan (`plan`); one that no plan knows fails `test_every_doc_command_has_a_plan`, so a new
 command cannot rot unnoticed:
 
-- hashmoe: `hashmoe prepare/train/eval/build-hash`. Every one is parsed as printed: its flags through the
-  CLI's own argparse, its gin files and bindings through `cli.parse_gin` (finalised, so a missing
-  required macro fails), and its model initialised abstractly (`jax.eval_shape`) on the features
+- hashmoe: `hashmoe prepare/train/eval/build-hash`. Every one is parsed as printed: its flags
+  through the CLI's own argparse, its gin files and bindings through `cli.parse_gin` (finalised,
+  so a missing required macro fails), and its model initialised abstractly (`jax.eval_shape`) on the features
   its task provides (an LM task gives no encoder input). Those that can run here also run for
   real, in this process through `hashmoe.cli.main` with the printed flags plus `SHRINK` (size
   overrides only): train/eval whose model and task are configs/runs/cpu_tiny.gin's (one model

@@ -1,4 +1,5 @@
-"""Prepared data (`hashmoe prepare`, hashmoe.data.prepared) and its grain loader (hashmoe.data.loader).
+"""Prepared data (`hashmoe prepare`, hashmoe.data.prepared) and its grain loader
+(hashmoe.data.loader).
 
 References are independent of the code under test: the rows of every shard against the streaming
 pipeline's own batches (`tasks.get_batches`, unshuffled, the same example shard); the loader's
@@ -387,12 +388,12 @@ def test_a_manifest_of_another_task_vocabulary_or_length_is_refused_naming_each(
 def reference_stream(world, task, seed, rows_needed):
   """Stream row indices of the epochs as numpy arranges them: epoch e is the permutation of
   grain's index shuffle seeded seed + e (checked to be a permutation), epochs one after another."""
-  from grain._src.python.experimental.index_shuffle.python import index_shuffle_module
+  from grain.experimental import index_shuffle
   total = manifest_of(world, task).rows("train")
   epochs = []
   for e in range(-(-rows_needed // total)):
-    perm = np.array([index_shuffle_module.index_shuffle(i, max_index=total - 1, seed=seed + e,
-                                                        rounds=4) for i in range(total)])
+    perm = np.array([index_shuffle(i, max_index=total - 1, seed=seed + e, rounds=4)
+                     for i in range(total)])
     np.testing.assert_array_equal(np.sort(perm), np.arange(total))
     epochs.append(perm)
   return np.concatenate(epochs)[:rows_needed]

@@ -3,9 +3,9 @@
 `hashmoe compare` trains several models per seed; each of them must see the same training batches
 in the same order and be evaluated on the same fixed validation and test batches. A
 `CachedPipeline` reads one seed's batches once, from the task's prepared rows where they exist
-(`hashmoe compare --prepare`, `hashmoe.data.loader`) or else from the seqio task (the tf.data pipeline, its
-shuffle buffer and tokenisation run once per seed, not once per run) and hands every run the same
-objects; a `PredictedPipeline` adds a frozen dense baseline's next-token predictions to them (the
+(`hashmoe compare --prepare`, `hashmoe.data.loader`) or else from the seqio task (the tf.data
+pipeline, its shuffle buffer and tokenisation run once per seed, not once per run) and hands every
+run the same objects; a `PredictedPipeline` adds a frozen dense baseline's next-token predictions to them (the
 predicted-future hash key). Both are `hashmoe.data.pipeline.InputPipeline`s, and record their position in
 checkpoints as an index into the cached sequence.
 

@@ -51,7 +51,7 @@ import grain
 import jax
 import numpy as np
 import seqio
-from grain._src.python.experimental.index_shuffle.python import index_shuffle_module as index_shuffle
+from grain.experimental import index_shuffle
 
 from hashmoe.data import pipeline as pipeline_lib
 from hashmoe.data import prepared as prepared_lib
@@ -114,8 +114,8 @@ class _BatchReader:
       epoch, index = divmod(position, self._rows)
       # grain's global shuffle (`MapDataset.shuffle`): a 4-round Feistel-style index permutation,
       # reseeded for each epoch with seed + epoch, as grain's ShuffleMapDataset seeds it.
-      indices.append(index_shuffle.index_shuffle(index, max_index=self._rows - 1,
-                                                 seed=(self._seed + epoch) % (1 << 32), rounds=4))
+      indices.append(index_shuffle(index, max_index=self._rows - 1,
+                                   seed=(self._seed + epoch) % (1 << 32), rounds=4))
     return indices
 
   def __call__(self, batch: int) -> dict[str, np.ndarray]:

@@ -135,7 +135,8 @@ _TMP_MARK = ".tmp-"
 
 
 def default_root() -> epath.Path:
-  """The default PREPARED_DIR: `<hashmoe cache>/prepared` ($HASHMOE_CACHE, else ~/.cache/hashmoe)."""
+  """The default PREPARED_DIR: `<hashmoe cache>/prepared` (the cache is $HASHMOE_CACHE, else
+  ~/.cache/hashmoe)."""
   return epath.Path(default_cache_dir()) / "prepared"
 
 
@@ -488,9 +489,10 @@ def _write_shard(task: str, directory: epath.Path, split: str, index: int, plan:
       except Exception:  # pylint: disable=broad-except  Already failing; the file goes anyway.
         pass
     tmp.unlink(missing_ok=True)
-    if not is_local(directory):
-      shutil.rmtree(tmp.parent, ignore_errors=True)
     raise
+  finally:
+    if not is_local(directory):  # The local copy of a shard that went up (or failed to).
+      shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
 def _finished(directory: epath.Path, split: str, index: int, num_shards: int) -> Optional[str]:
