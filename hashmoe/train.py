@@ -91,7 +91,7 @@ from etils import epath
 from gin import config_parser as gin_config_parser
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from hashmoe import hashing, models, sharding
+from hashmoe import hashing, models, routers, sharding
 from hashmoe.data import stats as stats_lib
 from hashmoe.data import tasks as tasks_lib
 from hashmoe.data import vocab as vocab_lib
@@ -371,22 +371,18 @@ def tree_checksums(tree: PyTree) -> dict[str, int]:
 
 def _hash_layers(config: models.TransformerConfig) -> list[str]:
   s = config.sparse
-  if s is None or s.router not in ("hash", "hash_topk"):
+  if s is None or not s.router.uses_tables:
     return []
   return [f"encoder_{i}" for i in s.encoder_layers] + [f"decoder_{i}" for i in s.layers]
 
 
 def hash_key_space(config: models.TransformerConfig) -> int:
   """Rows of the config's hash tables (`hashing.key_space_size` of its hash key)."""
-  s = config.sparse
-  if s.key_space is not None:
-    return s.key_space
-  return hashing.key_space_size(s.hash_key, vocab_size=config.vocab_size,
-                                max_positions=config.max_len)
+  return config.sparse.router.table_key_space(config.vocab_size, config.max_len)
 
 
 def _num_tables(config: models.TransformerConfig) -> int:
-  return config.sparse.num_hashes if config.sparse.router == "hash" else 1
+  return config.sparse.router.num_tables
 
 
 # The counted statistic behind each hash key (hashmoe.data.stats counts token, prev_token and
@@ -419,9 +415,10 @@ def make_hash_tables(config: models.TransformerConfig, kind: str, *, out_path: P
   """Builds the tables one hash layer of `config` needs and writes them (`stats.build_hash_table`).
 
   Args:
-    config: a model whose `sparse.router` is "hash" (num_hashes tables, one expert per key) or
-      "hash_topk" (one table of topk experts per key).
-    kind: one of `hashing.TABLE_KINDS`, or `hashing.TOPK_KIND` for hash_topk.
+    config: a model whose `sparse.router` uses tables: `routers.Hash` (num_hashes tables, one
+      expert per key) or `routers.HashTopK` (one table of topk experts per key).
+    kind: one of the router's `table_kinds` (`hashing.TABLE_KINDS` for Hash, `hashing.TOPK_KIND`
+      for HashTopK).
     out_path: the .npz written (MultiHash: `stats.hash_table_paths(out_path, N)`).
     key_counts: returns int[key_space] occurrences of each key id over the training split; called
       only for the kinds that need it (balanced, dispersed, balanced_topk).
@@ -433,13 +430,13 @@ def make_hash_tables(config: models.TransformerConfig, kind: str, *, out_path: P
     The tables (as written).
   """
   s = config.sparse
-  if s is None or s.router not in ("hash", "hash_topk"):
-    router = None if s is None else s.router
-    raise ValueError(f"hash tables need a hash router (sparse.router 'hash' or 'hash_topk'), the "
-                     f"model has {router!r}")
-  if (s.router == "hash_topk") != (kind == hashing.TOPK_KIND):
-    raise ValueError(f"router {s.router!r} cannot use a {kind!r} table: 'hash_topk' takes "
-                     f"{hashing.TOPK_KIND!r} tables, 'hash' one of {hashing.TABLE_KINDS}")
+  if s is None or not s.router.uses_tables:
+    router = None if s is None else s.router.name
+    raise ValueError(f"hash tables need a router with tables (sparse.router routers.Hash or "
+                     f"routers.HashTopK), the model has {router!r}")
+  if kind not in s.router.table_kinds:
+    raise ValueError(f"router {s.router.name!r} cannot use a {kind!r} table: it takes one of "
+                     f"{s.router.table_kinds}")
   key_space = hash_key_space(config)
   if kind in _COUNTED_KINDS:
     if key_counts is None:
@@ -448,11 +445,12 @@ def make_hash_tables(config: models.TransformerConfig, kind: str, *, out_path: P
   else:
     counts = np.zeros(key_space, np.int64)  # Only its length (the key space) is used.
   if counts.shape != (key_space,):
-    raise ValueError(f"key counts cover {counts.shape} ids, the hash key {s.hash_key!r} has a key "
-                     f"space of {key_space}")
+    raise ValueError(f"key counts cover {counts.shape} ids, the hash key {s.router.key!r} has a "
+                     f"key space of {key_space}")
   return stats_lib.build_hash_table(
       kind, counts, num_experts=s.num_experts, out_path=out_path, num_hashes=_num_tables(config),
-      k=s.topk if kind == hashing.TOPK_KIND else None, embeddings=embeddings, seed=seed,
+      k=s.router.experts_per_token if kind == hashing.TOPK_KIND else None, embeddings=embeddings,
+      seed=seed,
       vocab_fingerprint=vocab_fingerprint or None, kmeans_iters=kmeans_iters)
 
 
@@ -485,14 +483,13 @@ def load_hash_table_files(files: Union[str, Sequence[str], Mapping[str, Any]],
     paths = [os.fspath(p) for p in paths]
     if len(paths) != needed:
       raise ValueError(f"train.hash_tables[{layer!r}] lists {len(paths)} files; router "
-                       f"{config.sparse.router!r} with num_hashes={config.sparse.num_hashes} needs "
-                       f"{needed}")
+                       f"{config.sparse.router!r} needs {needed}")
     group = []
     for path in paths:
       table = hashing.HashTable.load(path, vocab_fingerprint=vocab_fingerprint or None)
       if table.vocab_size != key_space:
         raise ValueError(f"{path}: hash table covers {table.vocab_size} key ids, but the model's "
-                         f"hash key {config.sparse.hash_key!r} has a key space of {key_space}")
+                         f"hash key {config.sparse.router.key!r} has a key space of {key_space}")
       if table.num_experts != config.sparse.num_experts:
         raise ValueError(f"{path}: hash table was built for {table.num_experts} experts, the "
                          f"model has num_experts={config.sparse.num_experts}")
@@ -867,14 +864,16 @@ def run_settings(model_config: models.TransformerConfig, *, task: str, seq_len: 
   sparse = model_config.sparse
   settings["TransformerConfig.sparse"] = None if sparse is None else "SparseConfig"
   if sparse is not None:
-    settings.update({f"SparseConfig.{f.name}": getattr(sparse, f.name)
-                     for f in dataclasses.fields(sparse) if f.name not in RESUMABLE_SPARSE_FIELDS})
+    # Under the flat field names of SparseConfig before routers were objects: a checkpoint
+    # written then compares equal to the same model now.
+    settings.update({f"SparseConfig.{name}": value for name, value in sparse.flat_fields().items()
+                     if name not in RESUMABLE_SPARSE_FIELDS})
   settings.update({"train.task": task, "train.seq_len": int(seq_len),
                    "train.batch_size": int(batch_size), "train.seed": int(seed),
                    VOCABULARY_SETTING: vocab_fingerprint})
   if _hash_layers(model_config):
     if hash_tables is None:  # What _resolve_hash_tables builds for None.
-      hash_tables = "random" if sparse.router == "hash" else hashing.TOPK_KIND
+      hash_tables = sparse.router.default_table_kind
     settings["train.hash_tables"] = hash_tables
   return _to_json(settings)
 
@@ -1003,6 +1002,18 @@ def _fixed_gin_binding(key: str, value: Any) -> bool:
   return False
 
 
+def _moved_router_field(change: ConfigChange) -> bool:
+  """Whether `change` is a checkpoint's binding of a flat SparseConfig router field (before router
+  configs) that this run's text no longer binds: the setting moved into a router config, and a
+  checkpoint that recorded only its gin text cannot tell whether its value changed."""
+  for key in change.keys:
+    configurable, _, arg = key.rsplit("/", 1)[-1].partition(".")
+    if (change.old is not _UNSET and change.new is _UNSET and configurable == "SparseConfig"
+        and arg in routers.LEGACY_DEFAULTS and arg not in RESUMABLE_SPARSE_FIELDS):
+      return True
+  return False
+
+
 def check_resume(saved: Mapping[str, Any], *, step: int, settings: Mapping[str, Any],
                  config_text: str, model_dir: PathLike) -> list[ConfigChange]:
   """Compares a run with the checkpoint it is about to resume.
@@ -1041,15 +1052,21 @@ def check_resume(saved: Mapping[str, Any], *, step: int, settings: Mapping[str, 
         name = f"{macros[key]} ({key})" if key in macros else key
         fixed.append(ConfigChange(name, saved_settings[key], current[key], (key,)))
   else:
-    fixed = [c for c in changes if c.old is not _UNSET and c.new is not _UNSET
-             and any(_fixed_gin_binding(k, c.new) for k in c.keys)]
+    fixed = [c for c in changes if (c.old is not _UNSET and c.new is not _UNSET
+                                    and any(_fixed_gin_binding(k, c.new) for k in c.keys))
+             or _moved_router_field(c)]
   if fixed:
     model_dir = os.fspath(model_dir)
     lines = "".join(f"\n  {c}" for c in fixed)
+    moved = ""
+    if any(_moved_router_field(c) for c in fixed):
+      moved = ("The checkpoint's gin text binds router settings as flat SparseConfig fields, "
+               "which now live in the router configs (e.g. SparseConfig.hash_key is "
+               "routers.Hash.key), so they cannot be compared with this run's. ")
     raise ChangedConfigError(
         f"MODEL_DIR {model_dir} holds a checkpoint (step {step}) of a run with other settings, "
         f"and these cannot change under a checkpoint (checkpoint -> this run):{lines}\n"
-        f"Nothing was written. Rerun with the checkpoint's settings (its run's config is "
+        f"{moved}Nothing was written. Rerun with the checkpoint's settings (its run's config is "
         f"{os.path.join(model_dir, CONFIG_FILE)}), or use a new MODEL_DIR; to fine-tune this "
         f"run's parameters under the new settings, start the new MODEL_DIR with "
         f"INIT_CHECKPOINT='{model_dir}'.")
@@ -1653,16 +1670,15 @@ def _resolve_hash_tables(spec: Any, config: models.TransformerConfig, data: "Inp
                        f"(sparse={config.sparse})")
     # A table kind left bound by a hash model file is moot for a model without hash layers.
     return {}, {}
-  router = config.sparse.router
   if spec is None:
-    spec = "random" if router == "hash" else hashing.TOPK_KIND
+    spec = config.sparse.router.default_table_kind
   if _is_table_kind(spec):
     if spec in ("clustered", "dispersed"):
       raise ValueError(
           f"{spec!r} tables cluster a trained model's token embeddings: build them once with "
           f"`hashmoe build-hash --kind={spec} --embeddings_from=BASELINE_MODEL_DIR ...` and pass "
           "the file as train.hash_tables")
-    key = config.sparse.hash_key
+    key = config.sparse.router.key
     counts = lambda: data.key_counts(counted_key(key), hash_key_space(config),
                                      decoder_inputs=counts_decoder_inputs(key))
     with tempfile.TemporaryDirectory() as scratch:
@@ -2355,7 +2371,7 @@ def build_hash_files(*, kind: str, output: PathLike, seed: int = 0,
     if embeddings.shape[0] != hash_key_space(config):
       raise ValueError(f"{embeddings_from}: embeddings cover {embeddings.shape[0]} tokens, the "
                        f"hash key space is {hash_key_space(config)}")
-  key = config.sparse.hash_key
+  key = config.sparse.router.key
   tables = make_hash_tables(
       config, kind, out_path=output, seed=seed, vocab_fingerprint=data.vocab_fingerprint,
       key_counts=lambda: data.key_counts(counted_key(key), hash_key_space(config),
