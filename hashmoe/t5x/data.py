@@ -45,7 +45,7 @@ def task_vocabulary(task: str, feature: str = "targets") -> seqio.Vocabulary:
 
 def _hash_layers(config: models.TransformerConfig) -> list[str]:
   s = config.sparse
-  if s is None or s.router not in ("hash", "hash_topk"):
+  if s is None or not s.router.uses_tables:
     return []
   return [f"encoder_{i}" for i in s.encoder_layers] + [f"decoder_{i}" for i in s.layers]
 
@@ -64,7 +64,7 @@ def hash_tables(config: models.TransformerConfig, *, task: Optional[str] = None,
     config: the model.
     task: the registered seqio task whose training split balances the tables and whose vocabulary
       they must match.
-    tables: None (the routers' own seeded random tables: `SparseConfig.hash_seed`); a kind
+    tables: None (the routers' own seeded random tables: `routers.Hash.seed`); a kind
       ("random", "balanced", or `hashing.TOPK_KIND` for hash_topk), built now from the task's
       training-split key counts (`hashmoe.data.stats.count_tokens`, cached) as hashmoe's trainer
       does; or files written by `hashmoe build-hash` (a path, a list of paths, or
@@ -104,12 +104,12 @@ def hash_tables(config: models.TransformerConfig, *, task: Optional[str] = None,
       raise ValueError(f"building {tables!r} tables needs the task whose training split they "
                        "balance; bind hash_tables.task")
     key_space = train_lib.hash_key_space(config)
-    key = train_lib.counted_key(config.sparse.hash_key)
+    key = train_lib.counted_key(config.sparse.router.key)
 
     def key_counts() -> np.ndarray:
       counts = stats_lib.count_tokens(
           task, split="train", key=key, key_space=key_space, sequence_length=sequence_length,
-          decoder_inputs=train_lib.counts_decoder_inputs(config.sparse.hash_key))
+          decoder_inputs=train_lib.counts_decoder_inputs(config.sparse.router.key))
       if counts.num_tokens == 0:
         raise ValueError(f"task {task!r}: the training split has no tokens to count")
       return counts.counts
