@@ -213,14 +213,14 @@ class ModelSpec:
   topk: int = 1
 
   def __post_init__(self):
-    from hashmoe import hashing, models  # pylint: disable=g-import-not-at-top
+    from hashmoe import hashing, routers  # pylint: disable=g-import-not-at-top
     if not isinstance(self.name, str) or not self.name or not all(
         c.isalnum() or c in "_-." for c in self.name):
       raise ValueError(f"model name must be a non-empty string of letters, digits, '_', '-', "
                        f"'.', got {self.name!r}")
-    if self.router is not None and self.router not in models.ROUTERS:
+    if self.router is not None and self.router not in routers.REGISTRY:
       raise ValueError(f"model {self.name!r}: router must be None (dense) or one of "
-                       f"{models.ROUTERS}, got {self.router!r}")
+                       f"{tuple(routers.REGISTRY)}, got {self.router!r}")
     if self.table not in TABLE_KINDS:
       raise ValueError(f"model {self.name!r}: table must be one of {TABLE_KINDS}, got "
                        f"{self.table!r}")
@@ -469,7 +469,7 @@ def model_config(spec: ModelSpec, settings: Settings, *, vocab_size: int,
     vocab_size: the task's vocabulary.
     balance_coef: the Switch coefficient of this run (tuned models); None keeps the spec's.
   """
-  from hashmoe import models  # pylint: disable=g-import-not-at-top
+  from hashmoe import models, routers  # pylint: disable=g-import-not-at-top
   base, default_layers = base_model(settings.scale, spec.base, vocab_size)
   changes: dict[str, Any] = {}
   if spec.num_layers is not None:
@@ -492,11 +492,12 @@ def model_config(spec: ModelSpec, settings: Settings, *, vocab_size: int,
     if spec.num_hashes > 1 and (base.d_model % spec.num_hashes or d_ff % spec.num_hashes):
       raise ValueError(f"model {spec.name!r}: num_hashes={spec.num_hashes} must divide d_model="
                        f"{base.d_model} and d_ff={d_ff}")
+    router = routers.from_flat_fields(
+        spec.router, num_hashes=spec.num_hashes, hash_key=spec.hash_key, topk=spec.topk,
+        balance_coef=0.01 if coef is None else float(coef), z_loss_coef=0.0, jitter=0.0)
     changes["sparse"] = models.SparseConfig(
-        router=spec.router, num_experts=int(spec.num_experts or settings.num_experts),
-        layers=layers, num_hashes=spec.num_hashes, hash_key=spec.hash_key,
-        topk=spec.topk, balance_coef=0.01 if coef is None else float(coef), z_loss_coef=0.0,
-        jitter=0.0, capacity_factor=spec.capacity_factor, expert_d_ff=spec.expert_d_ff)
+        router=router, num_experts=int(spec.num_experts or settings.num_experts),
+        layers=layers, capacity_factor=spec.capacity_factor, expert_d_ff=spec.expert_d_ff)
   return dataclasses.replace(base, **changes)
 
 
@@ -896,7 +897,7 @@ def validation_curve(evals: Sequence[Mapping[str, Any]], split: str = "validatio
 
 
 def _predicts(config) -> bool:
-  return config.sparse is not None and config.sparse.hash_key == "predicted_future"
+  return config.sparse is not None and config.sparse.router.key == "predicted_future"
 
 
 def param_counts(config) -> dict[str, int]:
@@ -904,8 +905,8 @@ def param_counts(config) -> dict[str, int]:
   (hash routers have no parameters, and models' abstract init has no predictions to route on)."""
   from hashmoe import models  # pylint: disable=g-import-not-at-top
   if _predicts(config):
-    config = dataclasses.replace(config, sparse=dataclasses.replace(config.sparse,
-                                                                    hash_key="token"))
+    config = dataclasses.replace(config, sparse=dataclasses.replace(
+        config.sparse, router=config.sparse.router.replace(key="token")))
   return models.param_counts(config)
 
 
@@ -1089,7 +1090,7 @@ class TrainRunner:
     model_dir = Path(request.model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     tables, table_stats = None, None
-    if config.sparse is not None and config.sparse.router in ("hash", "hash_topk"):
+    if config.sparse is not None and config.sparse.router.uses_tables:
       tables, table_stats = self._tables(request, config, data)
     schedule = train_lib.learning_rate_schedule(
         s.learning_rate, warmup_steps=s.warmup_steps, decay="rsqrt", total_steps=s.steps,

@@ -462,7 +462,7 @@ def test_every_experiment_file_parses_and_builds_every_model(name):
     if spec.router is None:
       assert config.sparse is None
     else:
-      assert config.sparse.router == spec.router
+      assert config.sparse.router.name == spec.router
       assert config.sparse.num_experts == (spec.num_experts or settings.num_experts)
   assert set(compare.list_experiments()) == set(EXPECTED_EXPERIMENTS)
 
