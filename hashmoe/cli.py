@@ -87,17 +87,13 @@ class UsageError(Exception):
 
 
 def configs_dir() -> Optional[Path]:
-  """The gin configs folder: `$HASHMOE_CONFIGS`, else the one installed in the package
-  (`hashmoe/configs/`, setup.py), else `configs/` beside the package (a source checkout or an
-  editable install), else None."""
+  """The gin configs folder: `$HASHMOE_CONFIGS`, else `configs/` beside the package (a source
+  checkout), else None."""
   env = os.environ.get(CONFIGS_ENV)
   if env:
     return Path(env)
-  package = Path(__file__).resolve().parent
-  for candidate in (package / "configs", package.parent / "configs"):
-    if candidate.is_dir():
-      return candidate
-  return None
+  candidate = Path(__file__).resolve().parent.parent / "configs"
+  return candidate if candidate.is_dir() else None
 
 
 def _did_you_mean(name: str, candidates: Sequence[str]) -> str:
