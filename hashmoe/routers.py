@@ -20,7 +20,8 @@ The rest of the library asks the config, never its name: `uses_tables`, `num_tab
 layer), `num_slices` (MultiHash's N), `experts_per_token`, `key` (what a hash looks at, None for
 learned routers), `table_kinds` / `default_table_kind`, `build(...)`. `name` is the family's label
 in reports and in the settings a checkpoint records. Adding a router is one class here (a subclass
-with a `name`, registered with gin below) and one gin file under configs/models/routers/.
+with a `name`: that registers it, by name and with gin) and one gin file under
+configs/models/routers/ (docs/ROUTING.md, "How to add a router").
 
 Checkpoints and configs written before routers were objects name flat `SparseConfig` fields
 (`SparseConfig.hash_key`, `.num_hashes`, `.balance_coef`, ...): `flat_fields` gives a router's
@@ -30,7 +31,7 @@ values under those names (what `run_settings` records, so old checkpoints compar
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
+from typing import Any, ClassVar, Mapping, Optional, Union
 
 import flax.linen as nn
 import gin
@@ -57,7 +58,7 @@ class RouterConfig:
   legacy_names: ClassVar[Mapping[str, str]] = {}
   # What the hash looks at (`hashing.KEYS`); None for routers that look at no key.
   key: ClassVar[Optional[str]] = None
-  # The table kinds the router takes (the first is what `hashmoe build-hash` suggests).
+  # The table kinds the router takes (of `hashing.TABLE_KINDS` and `hashing.TOPK_KIND`).
   table_kinds: ClassVar[tuple[str, ...]] = ()
   # What the trainer gives it when `train.hash_tables` is None.
   default_table_kind: ClassVar[Optional[str]] = None
@@ -142,6 +143,11 @@ class _Hashed(RouterConfig):
     seed: seed of the random tables made when no tables are given; each sparse layer gets its own
       (seed + num_tables * ordinal, encoder layers first), so layers hash independently.
   """
+  legacy_names: ClassVar[Mapping[str, str]] = {
+      "key": "hash_key", "key_space": "key_space", "seed": "hash_seed"}
+  # The subclass's count fields (num_hashes, topk): ints >= 1.
+  counts: ClassVar[tuple[str, ...]] = ()
+
   key: str = "token"
   key_space: Optional[int] = None
   seed: int = 0
@@ -150,10 +156,10 @@ class _Hashed(RouterConfig):
     if self.key not in hashing.KEYS:
       raise ValueError(f"{type(self).__name__}: unknown key {self.key!r}; expected one of "
                        f"{hashing.KEYS}")
-    if self.key_space is not None and not (
-        isinstance(self.key_space, (int, np.integer)) and self.key_space >= 1):
-      raise ValueError(f"{type(self).__name__}: key_space must be a positive int or None, got "
-                       f"{self.key_space!r}")
+    for field in self.counts + (("key_space",) if self.key_space is not None else ()):
+      value = getattr(self, field)
+      if not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{type(self).__name__}: {field} must be an int >= 1, got {value!r}")
 
   @property
   def num_tables(self) -> int:
@@ -186,17 +192,13 @@ class Hash(_Hashed):
     num_hashes: MultiHash N; 1 is the plain hash layer.
   """
   name: ClassVar[str] = "hash"
-  legacy_names: ClassVar[Mapping[str, str]] = {
-      "key": "hash_key", "key_space": "key_space", "seed": "hash_seed", "num_hashes": "num_hashes"}
+  legacy_names: ClassVar[Mapping[str, str]] = {**_Hashed.legacy_names, "num_hashes": "num_hashes"}
   table_kinds: ClassVar[tuple[str, ...]] = hashing.TABLE_KINDS
   default_table_kind: ClassVar[Optional[str]] = "random"
 
-  num_hashes: int = 1
+  counts: ClassVar[tuple[str, ...]] = ("num_hashes",)
 
-  def __post_init__(self):
-    super().__post_init__()
-    if not isinstance(self.num_hashes, (int, np.integer)) or self.num_hashes < 1:
-      raise ValueError(f"Hash: num_hashes must be an int >= 1, got {self.num_hashes!r}")
+  num_hashes: int = 1
 
   @property
   def num_tables(self) -> int:
@@ -223,17 +225,13 @@ class HashTopK(_Hashed):
     topk: experts per token, in [1, num_experts].
   """
   name: ClassVar[str] = "hash_topk"
-  legacy_names: ClassVar[Mapping[str, str]] = {
-      "key": "hash_key", "key_space": "key_space", "seed": "hash_seed", "topk": "topk"}
+  legacy_names: ClassVar[Mapping[str, str]] = {**_Hashed.legacy_names, "topk": "topk"}
   table_kinds: ClassVar[tuple[str, ...]] = (hashing.TOPK_KIND,)
   default_table_kind: ClassVar[Optional[str]] = hashing.TOPK_KIND
 
-  topk: int = 1
+  counts: ClassVar[tuple[str, ...]] = ("topk",)
 
-  def __post_init__(self):
-    super().__post_init__()
-    if not isinstance(self.topk, (int, np.integer)) or self.topk < 1:
-      raise ValueError(f"HashTopK: topk must be an int >= 1, got {self.topk!r}")
+  topk: int = 1
 
   @property
   def experts_per_token(self) -> int:
@@ -316,7 +314,9 @@ class Base(RouterConfig):
     return routing.BaseRouter(num_experts, parent=None)
 
 
-for _cls in (Hash, HashTopK, Switch, TokenSwitch, Base):
+# Every family is a gin configurable: `SparseConfig.router = @routers.Hash()`. (A router config
+# defined in another module registers itself the same way.)
+for _cls in REGISTRY.values():
   gin.register(_cls, module="hashmoe.routers")
 del _cls
 
