@@ -8,7 +8,7 @@ every row: after a warm-up, dense and sparse calls alternate and the medians of 
 reported, as wall time and as process CPU time (the latter is steadier on a shared machine).
 
 Token ids are real text: the embedded Shakespeare corpus (training split) under the project's
-vocabulary (`hashmoe.data.tasks.train_vocabulary`: the 8000-piece SentencePiece BPE), a contiguous
+vocabulary (`hashmoe.data.corpora.train_vocabulary`: the 8000-piece SentencePiece BPE), a contiguous
 window of `--tokens` ids. Hash routing uses the balanced table built from the split's token counts;
 Switch routing a randomly initialised `SwitchRouter` on the hidden states, which are a random
 embedding of those token ids (so both routers see the corpus's Zipfian token frequencies). Each row
@@ -72,9 +72,9 @@ ROW_KEYS = ("router", "dispatch", "experts", "tokens", "d_model", "d_ff", "max_o
 _TOKENIZE = r"""
 import json, sys
 import numpy as np
-from hashmoe.data import tasks, vocab as vocab_lib
-corpus = tasks.EmbeddedCorpus()
-vocab = tasks.train_vocabulary(corpus)
+from hashmoe.data import corpora, vocab as vocab_lib
+corpus = corpora.EmbeddedCorpus()
+vocab = corpora.train_vocabulary(corpus)
 ids = []
 for text in corpus.texts("train"):
   ids.extend(vocab.encode(text))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hashmoe import cli, hashing
+from hashmoe import cli, gin_utils, hashing
 from test_cli import REPO, gin_flags
 from textdata import write_text_folder
 
@@ -284,5 +284,5 @@ def test_a_configs_prefixed_file_resolves_from_any_folder(tmp_path, monkeypatch)
   # The docs write `--gin_file=configs/runs/cpu_tiny.gin` from a checkout; from another folder that
   # name was refused with a "did you mean" naming the same string.
   monkeypatch.chdir(tmp_path)
-  resolved = cli._resolve_gin_file("configs/runs/cpu_tiny.gin", [cli.configs_dir()])
+  resolved = gin_utils._resolve_gin_file("configs/runs/cpu_tiny.gin", [cli.configs_dir()])
   assert resolved == str(cli.configs_dir() / "runs" / "cpu_tiny.gin")

@@ -26,7 +26,7 @@ import seqio
 import tensorflow as tf
 
 from hashmoe import cli, compare
-from hashmoe.data import reddit, stats, tasks, text_files, vocab as vocab_lib
+from hashmoe.data import corpora, reddit, stats, tasks, text_files, vocab as vocab_lib
 from textdata import write_text_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ WORDS = "a b c d e f".split()
 
 
 @dataclasses.dataclass(frozen=True)
-class FailingCorpus(tasks.Corpus):
+class FailingCorpus(corpora.Corpus):
   """`good` texts, then the error a reader raises on a truncated dump (or any other)."""
   good: int = 300
   corrupt: bool = True
@@ -111,7 +111,7 @@ def test_a_failed_pipeline_leaves_nothing_to_tear_down_at_exit():
 
 
 @dataclasses.dataclass(frozen=True)
-class FixedCorpus(tasks.Corpus):
+class FixedCorpus(corpora.Corpus):
   """An LM corpus of the given lines, in every split."""
   lines: tuple[str, ...]
   name: ClassVar[str] = "fixed"
@@ -164,7 +164,7 @@ def test_an_out_of_range_token_id_stops_the_pipeline_that_did_not_check():
 def _bpe_failure(corpus, vocab_size, cache):
   """The message of training a `vocab_size` BPE on `corpus`, or None if it trains."""
   try:
-    tasks.train_vocabulary(corpus, settings=vocab_lib.SentencePieceSettings(vocab_size=vocab_size),
+    corpora.train_vocabulary(corpus, settings=vocab_lib.SentencePieceSettings(vocab_size=vocab_size),
                            cache_dir=cache)
   except ValueError as e:
     return str(e)
@@ -177,7 +177,7 @@ def test_a_refused_vocabulary_size_gets_one_instruction_with_the_bound_that_work
   folder.mkdir()
   shutil.copy(REPO / "tests" / "fixtures" / "wikitext-2" / "wiki.test.tokens",
               folder / "wiki.train.tokens")
-  corpus = tasks.WikitextCorpus(str(folder))
+  corpus = corpora.WikitextCorpus(str(folder))
   setting = "vocab_size (VOCAB_SIZE in the task's gin file; hashmoe compare: --vocab-size)"
 
   small = _bpe_failure(corpus, 262, tmp_path)
@@ -229,7 +229,7 @@ def test_a_latin1_text_dir_error_names_the_gin_settings_that_read_it(tmp_path, m
   assert "bytes that are not valid utf-8" in err
   assert ("TEXT_ENCODING = 'latin-1'" in err and "--gin.TEXT_ENCODING=\"'latin-1'\"" in err
           and "TEXT_ERRORS = 'replace'" in err and "Pass errors=" not in err)
-  assert tasks.TEXT_ENCODING_ADVICE in err
+  assert corpora.TEXT_ENCODING_ADVICE in err
   assert not model_dir.exists()  # Refused before anything was written.
   # Following the advice: the balanced table counts every training token through the task's
   # tf.data pipeline; the accented line reads back as written.
@@ -261,7 +261,7 @@ def test_compare_reads_a_latin1_text_dir_with_its_flags(tmp_path, monkeypatch, c
   err = capsys.readouterr().err
   assert "bytes that are not valid utf-8" in err
   assert "--text-encoding latin-1" in err and "--text-errors replace" in err
-  assert tasks.TEXT_ENCODING_ADVICE in err
+  assert corpora.TEXT_ENCODING_ADVICE in err
   assert not out.exists()
   # With the flag the corpus is registered and read as latin-1 (the runner stops the comparison
   # at its first run; results.json names the corpus and its task).
@@ -285,7 +285,7 @@ def _split_warnings(**register):
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     tasks.register_tasks(embedded=False, **register)
-  return [str(w.message) for w in caught if issubclass(w.category, tasks.SplitWarning)]
+  return [str(w.message) for w in caught if issubclass(w.category, corpora.SplitWarning)]
 
 
 def test_overlapping_or_tiny_splits_are_warned_about(tmp_path, caplog):
@@ -309,7 +309,7 @@ def test_overlapping_or_tiny_splits_are_warned_about(tmp_path, caplog):
       "(~100k words). A run reads it many times over and the model memorises it, so perplexities "
       "measure memorisation, not language modelling. Fine for a smoke test; use more text for "
       "numbers that mean something."]
-  assert [r.getMessage() for r in caplog.records if r.name == "hashmoe.data.tasks"] == messages
+  assert [r.getMessage() for r in caplog.records if r.name == "hashmoe.data.corpora"] == messages
   # Once per corpus and process: registering it again (hashmoe eval after train) is quiet.
   assert _split_warnings(name_prefix="splittest_same", text_dir=same, vocabulary=vocabulary) == []
 
@@ -322,7 +322,7 @@ def test_overlapping_or_tiny_splits_are_warned_about(tmp_path, caplog):
                          vocabulary=vocabulary) == []
   # One Wikitext file given for every split is the same overlap.
   fixture = REPO / "tests" / "fixtures" / "wikitext-2" / "wiki.test.tokens"
-  problems = tasks.check_splits(tasks.WikitextCorpus(str(fixture)))
+  problems = corpora.check_splits(corpora.WikitextCorpus(str(fixture)))
   assert problems[0].startswith("wikitext corpus: 2 held-out file(s) are identical to training "
                                 f"files (validation {fixture} = train {fixture}; test {fixture} = "
                                 f"train {fixture}).")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -658,3 +659,24 @@ def test_text_folder_encoding_errors_are_clear(tmp_path):
     list(text_files.text_folder_paragraphs(tmp_path, split))
   paragraphs = list(text_files.text_folder_paragraphs(tmp_path, split, encoding="latin-1"))
   assert len(paragraphs) == 1 and paragraphs[0].startswith("Fa\u00e7ade of ")
+
+
+def test_zstd_text_files_read_like_the_others_and_truncation_is_an_error(tmp_path):
+  lines = [f"line {i} " + "x" * (i % 50) for i in range(3000)]
+  data = ("\n".join(lines) + "\n").encode()
+  cctx = zstandard.ZstdCompressor()
+  # Two frames, as `cat a.zst b.zst` or a multi-threaded zstd writes.
+  path = tmp_path / "en.txt.zst"
+  half = len(data) // 2 + 3  # Inside a line: the split must not show.
+  path.write_bytes(cctx.compress(data[:half]) + cctx.compress(data[half:]))
+  assert text_files.detect_compression(path) == "zstd"
+  assert list(text_files.iter_lines(path)) == lines
+  truncated = tmp_path / "cut.txt.zst"
+  truncated.write_bytes(path.read_bytes()[:-20])
+  with pytest.raises(ValueError, match=r"cut\.txt\.zst: the zstd stream ends inside a frame"):
+    list(text_files.iter_lines(truncated))
+  latin = tmp_path / "latin.zst"
+  latin.write_bytes(cctx.compress("caf\u00e9\n".encode("latin-1")))
+  with pytest.raises(text_files.TextDecodeError, match=r"latin\.zst: bytes that are not valid"):
+    list(text_files.iter_lines(latin))
+  assert list(text_files.iter_lines(latin, encoding="latin-1")) == ["caf\u00e9"]

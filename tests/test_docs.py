@@ -408,7 +408,7 @@ def parse_hashmoe(argv) -> Parsed:
     extra = cli._BUILD_HASH_BINDINGS + extra  # pylint: disable=protected-access
   cli.parse_gin(args.gin_file, list(args.gin_bindings) + bindings, args.gin_search_path,
                 extra=extra, finalize=False)
-  cli._check_config(args.command)  # pylint: disable=protected-access
+  cli._check_command_config(args.command)  # pylint: disable=protected-access
   gin.finalize()
   return Parsed(args, probe(), gin.query_parameter("hashmoe.train.task_name.name"))
 

@@ -16,7 +16,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from hashmoe.data import cc100, embedded, reddit, tasks, text_files, vocab as vocab_lib, wikitext
+from hashmoe.data import cc100, corpora, embedded, reddit, tasks, text_files, vocab as vocab_lib, wikitext
 from textdata import syllable_sentences, write_cc100, write_reddit, write_wikitext
 
 PREFIX = "tt"
@@ -89,10 +89,10 @@ def test_register_tasks_names_and_idempotence(data):
   seqio.TaskRegistry.add("tt_foreign_lm", seqio.FunctionDataSource(
       lambda split, shuffle_files: None, splits=["train"]), output_features={})
   with pytest.raises(ValueError, match="other code"):
-    tasks.register_task("tt_foreign_lm", tasks.TextFolderCorpus(str(data["text"])), "lm",
+    tasks.register_task("tt_foreign_lm", corpora.TextFolderCorpus(str(data["text"])), "lm",
                         data["vocab"])
   with pytest.raises(ValueError, match="supports shapes"):
-    tasks.register_task("tt_reddit_lm", tasks.RedditCorpus(data["rc"]), "lm", data["vocab"])
+    tasks.register_task("tt_reddit_lm", corpora.RedditCorpus(data["rc"]), "lm", data["vocab"])
 
 
 def test_register_tasks_trains_each_corpus_its_own_cached_vocabulary(data):

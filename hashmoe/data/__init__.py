@@ -28,13 +28,14 @@ from hashmoe.data.cc100 import cc100_documents, cc100_pairs, cc100_paragraphs, f
 from hashmoe.data.embedded import (SHAKESPEARE, EmbeddedCorpusSpec, SplitStats, corpus_stats,
                                    default_cache_dir, embedded_corpus, fetch_embedded_sdist,
                                    read_works)
+from hashmoe.data.compression import CorruptFileError, detect_compression
 from hashmoe.data.reddit import (DEFAULT_SPLIT_FRACTIONS, FILTER_REASONS, Comment,
                                  CorruptDumpError, RedditFilterConfig, Submission, Thread,
                                  build_threads, filter_reason, iter_json_lines, keep_first_tokens,
                                  keep_last_tokens, read_comments, read_submissions, reddit_pairs,
                                  thread_pairs, thread_split, whitespace_token_count)
 from hashmoe.data.text_files import (SPLITS, TextDecodeError, check_text_codec,
-                                     context_target_pairs, detect_compression, find_text_files,
+                                     context_target_pairs, find_text_files,
                                      iter_blocks, iter_lines, normalize_split, split_sentences,
                                      split_text_files, text_folder_paragraphs,
                                      text_folder_sentence_pairs)
@@ -48,12 +49,12 @@ _LAZY = {
     "vocab": ("DEFAULT_VOCAB_SIZE", "SentencePieceSettings", "WordVocabulary",
               "build_word_vocabulary", "cache_key", "file_identity", "sample_texts",
               "split_words", "train_sentencepiece", "vocab_fingerprint", "vocab_pieces"),
-    "tasks": ("LM", "SEQ2SEQ", "BatchIterator", "CC100Corpus", "Corpus", "EmbeddedCorpus",
-              "RedditCorpus", "SplitWarning", "TaskSpec", "TextFolderCorpus", "WikitextCorpus",
-              "check_splits", "check_token_ids", "data_fingerprint", "get_batches",
+    "corpora": ("LM", "SEQ2SEQ", "CC100Corpus", "Corpus", "EmbeddedCorpus", "RedditCorpus",
+                "SplitWarning", "TextFolderCorpus", "WikitextCorpus", "check_splits",
+                "train_vocabulary"),
+    "tasks": ("BatchIterator", "TaskSpec", "check_token_ids", "data_fingerprint", "get_batches",
               "iterate_dataset", "register_task", "register_tasks", "restore_batches",
-              "split_tokens_to_length", "task_shape", "task_spec", "train_vocabulary",
-              "trim_and_append_eos"),
+              "split_tokens_to_length", "task_shape", "task_spec", "trim_and_append_eos"),
     "stats": ("TokenCounts", "build_hash_table", "count_ids", "count_tokens", "example_keys",
               "hash_table_paths", "load_hash_tables"),
 }
@@ -79,7 +80,8 @@ __all__ = [
     "CorruptDumpError", "RedditFilterConfig", "Submission", "Thread", "build_threads",
     "cc100_documents", "check_text_codec",
     "cc100_pairs", "cc100_paragraphs", "context_target_pairs", "corpus_stats",
-    "default_cache_dir", "detect_compression", "detokenize_joiners", "embedded_corpus",
+    "CorruptFileError", "default_cache_dir", "detect_compression", "detokenize_joiners",
+    "embedded_corpus",
     "fetch_embedded_sdist", "filter_reason", "find_cc100", "find_text_files", "find_wikitext",
     "iter_blocks", "iter_json_lines", "iter_lines", "iter_wikitext_file_lines",
     "keep_first_tokens", "keep_last_tokens", "normalize_split", "parse_heading",

@@ -26,30 +26,26 @@ as users download them into those (context, response) pairs, in four stages that
 
 from __future__ import annotations
 
-import bz2
 import codecs
 import collections
 import dataclasses
 import functools
-import gzip
 import hashlib
 import html
 import itertools
 import json
-import lzma
 import os
 import re
 import shutil
 import sqlite3
 import tempfile
 import warnings
-import zlib
 from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import zstandard
-
+from hashmoe.data import compression as compression_lib
+from hashmoe.data.compression import DEFAULT_READ_SIZE, detect_compression
 from hashmoe.data.text_files import SPLITS, normalize_split
 
 PathLike = str | os.PathLike
@@ -58,22 +54,11 @@ CountTokens = Callable[[str], int]
 
 DEFAULT_SPLIT_FRACTIONS = (0.98, 0.01, 0.01)
 
-# pushshift's zstd dumps are compressed with `--long=31`: frames declare a window of up to 2 GiB,
-# which libzstd refuses by default (its limit is 128 MiB) with "Frame requires too much memory".
-# Decoding such a frame holds up to that window in memory whatever the API: a libzstd requirement.
-ZSTD_MAX_WINDOW_SIZE = 2**31
-# Compressed bytes read per step; its decompressed text (a small multiple of it) is what one step
-# holds in memory.
-DEFAULT_READ_SIZE = 1 << 18
 # A pushshift line is at most a few hundred KB (Reddit caps comments at 10,000 characters and
 # selftexts at 40,000). A "line" far longer than that means the file is not newline-delimited JSON:
 # fail instead of buffering it all.
 DEFAULT_MAX_LINE_CHARS = 1 << 24
 
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_MAGIC: dict[str, bytes] = {"zstd": _ZSTD_MAGIC, "xz": b"\xfd7zXZ\x00", "gzip": b"\x1f\x8b",
-                            "bz2": b"BZh"}
-_SUFFIX_COMPRESSION = {".zst": "zstd", ".zstd": "zstd", ".xz": "xz", ".gz": "gzip", ".bz2": "bz2"}
 # Lone surrogates U+DC80..U+DCFF are what the 'surrogateescape' handler makes of bytes that are not
 # UTF-8; valid JSON text decoded from valid UTF-8 can never contain them as raw characters.
 _UNDECODABLE = re.compile("[\\udc80-\\udcff]")
@@ -81,8 +66,8 @@ _UNDECODABLE = re.compile("[\\udc80-\\udcff]")
 _REPORTED_BAD_LINES = 5
 
 
-class CorruptDumpError(ValueError):
-  """A dump whose compressed stream is truncated or corrupt (names the file and the offset)."""
+# A truncated or corrupt dump (names the file and the offset): the one error of every reader.
+CorruptDumpError = compression_lib.CorruptFileError
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,98 +78,6 @@ class CorruptDumpError(ValueError):
 def _bump(stats: Stats | None, key: str, n: int = 1) -> None:
   if stats is not None and n:
     stats[key] = stats.get(key, 0) + n
-
-
-def detect_compression(path: PathLike) -> str | None:
-  """The compression of `path`: 'zstd', 'xz', 'gzip', 'bz2', or None for plain text.
-
-  Decided by the file's first bytes, so `RC_2011-01` without a suffix still reads; a suffix that
-  promises a compression the bytes do not have (an HTML error page saved as `RC_2019-01.zst`) is an
-  error rather than garbage parsed as JSON.
-
-  Raises:
-    FileNotFoundError: `path` does not exist.
-    CorruptDumpError: the suffix and the magic bytes disagree, or a compressed file is empty.
-  """
-  path = Path(path)
-  with open(path, "rb") as f:
-    head = f.read(8)
-  found = next((name for name, magic in _MAGIC.items() if head.startswith(magic)), None)
-  # zstd skippable frames (magic 0x184D2A5?, little-endian) may precede the first data frame.
-  if found is None and len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50:
-    found = "zstd"
-  claimed = _SUFFIX_COMPRESSION.get(path.suffix.lower())
-  if claimed is not None and found != claimed:
-    if not head:
-      raise CorruptDumpError(f"{path}: the file is empty; a {claimed} file holds at least one "
-                             "frame header. The download is incomplete: re-download it.")
-    raise CorruptDumpError(
-        f"{path}: the name says {claimed} but the file starts with {head!r}, not the {claimed} "
-        f"magic bytes {_MAGIC[claimed]!r}; the download is incomplete or not the file you meant.")
-  return found
-
-
-def _zstd_chunks(path: Path, read_size: int) -> Iterator[bytes]:
-  """Decompressed bytes of a (multi-frame) zstd stream, one frame's output per piece at most.
-
-  Uses one `decompressobj` per frame rather than `stream_reader`: zstandard 0.25's `stream_reader`
-  ends silently when the input stops inside a frame (checked: a stream cut at 2/3 returned 2/3 of
-  the text and no error), which would turn a truncated download into a silently smaller corpus. A
-  per-frame `decompressobj` reports `eof` when libzstd has seen the frame's last block (and
-  checksum), so "input ended with a frame open" is detectable. It streams all the same: memory is
-  one read of compressed bytes and its decompressed output.
-  """
-  dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW_SIZE)
-  frame = None
-  offset = 0
-  with open(path, "rb") as raw:
-    while data := raw.read(read_size):
-      offset += len(data)
-      while data:
-        if frame is None:
-          frame = dctx.decompressobj()
-        try:
-          out = frame.decompress(data)
-        except zstandard.ZstdError as e:
-          raise CorruptDumpError(
-              f"{path}: corrupt zstd data within the first {offset} compressed bytes ({e}). "
-              "Re-download the file.") from e
-        if out:
-          yield out
-        if frame.eof:
-          # Bytes after the frame's end belong to the next frame (dumps are often multi-frame).
-          data, frame = frame.unused_data, None
-        else:
-          data = b""
-  if frame is not None:
-    raise CorruptDumpError(
-        f"{path}: the zstd stream ends inside a frame after {offset} compressed bytes: the file "
-        "is truncated (an interrupted download or copy). Re-download it.")
-
-
-def _stdlib_chunks(path: Path, compression: str | None, read_size: int) -> Iterator[bytes]:
-  """Decompressed bytes of a bz2/xz/gzip (multi-stream included) or plain file."""
-  opener = {"bz2": bz2.open, "xz": lzma.open, "gzip": gzip.open}.get(compression, open)
-  offset = 0
-  with opener(path, "rb") as f:
-    while True:
-      try:
-        data = f.read(read_size)
-      except EOFError as e:
-        raise CorruptDumpError(
-            f"{path}: the {compression} stream ends before its end marker after {offset} "
-            "decompressed bytes: the file is truncated (an interrupted download or copy). "
-            "Re-download it.") from e
-      except (OSError, lzma.LZMAError, zlib.error) as e:
-        if compression is None:
-          raise  # A plain file's OSError is about the file system, not its content.
-        raise CorruptDumpError(
-            f"{path}: corrupt {compression} data after {offset} decompressed bytes ({e}). "
-            "Re-download the file.") from e
-      if not data:
-        return
-      offset += len(data)
-      yield data
 
 
 def iter_json_lines(path: PathLike,
@@ -246,10 +139,7 @@ def iter_json_lines(path: PathLike,
       bad_lines.append(line_number)
     return None
 
-  if compression == "zstd":
-    chunks = _zstd_chunks(path, read_size)
-  else:
-    chunks = _stdlib_chunks(path, compression, read_size)
+  chunks = compression_lib.decompressed_chunks(path, compression, read_size=read_size)
   pending = ""
   try:
     for chunk in itertools.chain(chunks, [None]):

@@ -3,9 +3,10 @@
 Every plain-text reader in `hashmoe.data` (Wikitext, CC100, the embedded corpus, a user's folder)
 goes through these functions, so they all stream and segment text the same way:
 
-* `iter_lines` opens a file (plain, `.xz`, `.gz` or `.bz2`, detected from its magic bytes) and
-  yields its lines one at a time, never holding the file in memory; a truncated or corrupt
-  compressed stream, or bytes that are not valid text, become a `ValueError` naming the file.
+* `iter_lines` opens a file (plain, `.zst`, `.xz`, `.gz` or `.bz2`, detected from its magic bytes
+  by `hashmoe.data.compression`) and yields its lines one at a time, never holding the file in
+  memory; a truncated or corrupt compressed stream, or bytes that are not valid text, become a
+  `ValueError` naming the file.
 * `iter_blocks` groups lines into blank-line-separated blocks; `split_sentences` splits running
   (untokenised) English into sentences.
 * `context_target_pairs` turns a document's units into the (previous units, next unit) examples of
@@ -23,6 +24,7 @@ import codecs
 import collections
 import gzip
 import hashlib
+import io
 import lzma
 import os
 import re
@@ -30,25 +32,12 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Literal
 
+from hashmoe.data.compression import (BytesStream, CorruptFileError, decompressed_chunks,
+                                      detect_compression)
+
 PathLike = str | os.PathLike
 SPLITS = ("train", "validation", "test")
-
-# Magic bytes of the compressed formats the readers stream through. Detecting by content rather
-# than by suffix means a renamed file still reads, and a file whose suffix promises compression
-# but whose bytes do not (an HTML error page saved as en.txt.xz) fails loudly instead of yielding
-# garbage as "text".
-_MAGIC: dict[str, bytes] = {
-    "xz": b"\xfd7zXZ\x00",
-    "gzip": b"\x1f\x8b",
-    "bz2": b"BZh",
-}
-_SUFFIX_COMPRESSION = {".xz": "xz", ".gz": "gzip", ".bz2": "bz2"}
-_OPENERS: dict[str, Callable[..., IO[str]]] = {
-    "xz": lzma.open,
-    "gzip": gzip.open,
-    "bz2": bz2.open,
-}
-
+_OPENERS: dict[str, Callable[..., IO[str]]] = {"xz": lzma.open, "gzip": gzip.open, "bz2": bz2.open}
 
 class TextDecodeError(ValueError):
   """Bytes of a text file that are not valid in the encoding it was read with (names the file).
@@ -86,23 +75,14 @@ def normalize_split(split: str) -> str:
   return canonical
 
 
-def detect_compression(path: PathLike) -> str | None:
-  """The compression of `path` from its first bytes: 'xz', 'gzip', 'bz2', or None for plain.
-
-  Raises:
-    ValueError: the suffix names a compression (`.xz`, `.gz`, `.bz2`) the bytes do not have.
-  """
-  path = Path(path)
-  with open(path, "rb") as f:
-    head = f.read(6)
-  found = next((name for name, magic in _MAGIC.items() if head.startswith(magic)), None)
-  claimed = _SUFFIX_COMPRESSION.get(path.suffix.lower())
-  if claimed is not None and found != claimed:
-    raise ValueError(
-        f"{path}: the name says {claimed} but the file does not start with the {claimed} magic "
-        f"bytes {_MAGIC[claimed]!r} (it starts with {head!r}); the download is likely incomplete "
-        "or not the file you meant. Re-download it.")
-  return found
+def _open_text(path: Path, compression: str | None, *, encoding: str, errors: str) -> IO[str]:
+  # newline="\n": only "\n" ends a line (a stray "\r" inside a CC100 paragraph is not a break).
+  if compression == "zstd":
+    # The frame-by-frame decoder that notices truncation (zstandard's stream_reader does not).
+    raw = io.BufferedReader(BytesStream(decompressed_chunks(path, "zstd")))
+    return io.TextIOWrapper(raw, encoding=encoding, errors=errors, newline="\n")
+  opener = _OPENERS.get(compression, open)
+  return opener(path, "rt", encoding=encoding, errors=errors, newline="\n")
 
 
 def iter_lines(path: PathLike, *, encoding: str = "utf-8", errors: str = "strict") -> Iterator[str]:
@@ -112,7 +92,7 @@ def iter_lines(path: PathLike, *, encoding: str = "utf-8", errors: str = "strict
   MB of memory. A byte-order mark at the start of a plain UTF-8 file is dropped.
 
   Args:
-    path: a plain text file or an `.xz`/`.gz`/`.bz2` compressed one (detected from the bytes).
+    path: a plain text file or a `.zst`/`.xz`/`.gz`/`.bz2` compressed one (detected from the bytes).
     encoding: the text encoding.
     errors: the codec error handler: 'strict' raises on bytes that are not `encoding`; 'replace'
       substitutes U+FFFD and goes on (right for web crawls such as CC100, where one bad byte in
@@ -131,7 +111,6 @@ def iter_lines(path: PathLike, *, encoding: str = "utf-8", errors: str = "strict
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such file.")
   compression = detect_compression(path)
-  opener = _OPENERS.get(compression, open)
   codec = encoding
   if compression is None and encoding.replace("-", "").lower() == "utf8":
     codec = "utf-8-sig"  # Same decoding, but a leading byte-order mark is not text.
@@ -139,7 +118,7 @@ def iter_lines(path: PathLike, *, encoding: str = "utf-8", errors: str = "strict
   try:
     # newline="\n": only "\n" ends a line (a stray "\r" inside a CC100 paragraph is not a break);
     # the "\r" of a CRLF file is stripped below.
-    with opener(path, "rt", encoding=codec, errors=errors, newline="\n") as f:
+    with _open_text(path, compression, encoding=codec, errors=errors) as f:
       for line_number, line in enumerate(f, 1):
         yield line.rstrip("\r\n")
   except UnicodeDecodeError as e:
@@ -153,6 +132,8 @@ def iter_lines(path: PathLike, *, encoding: str = "utf-8", errors: str = "strict
     raise ValueError(
         f"{path}: the {compression} stream ends before its end marker after {line_number} lines: "
         "the file is truncated (an interrupted download or copy). Re-download it.") from e
+  except CorruptFileError:
+    raise  # Already names the file and the offset.
   except (lzma.LZMAError, OSError) as e:
     if compression is None:
       raise  # A plain file's OSError is about the file system, not its content.
