@@ -239,8 +239,10 @@ def _import_trainer(debug: bool) -> Any:
   """Imports the trainer (TensorFlow, JAX, orbax) and keeps TensorFlow off the GPUs, which is the
   CUDA probe behind "failed call to cuInit"; without --debug, silently."""
   with contextlib.nullcontext() if debug else _native_stderr_silenced():
-    from hashmoe import train as train_lib  # pylint: disable=g-import-not-at-top
-    train_lib._keep_tensorflow_off_accelerators()  # pylint: disable=protected-access
+    # pylint: disable=g-import-not-at-top
+    from hashmoe import train as train_lib
+    from hashmoe.data import pipeline
+    pipeline.keep_tensorflow_off_accelerators()
   return train_lib
 
 
@@ -288,8 +290,9 @@ def _exception_chain(e: BaseException) -> Iterator[BaseException]:
 def _describe(e: BaseException, command: str, model_dir: Any) -> tuple[int, str]:
   """(exit code, one or two lines) for an error that ended `command`."""
   inner = gin_utils.innermost(e)
-  train_lib = sys.modules.get("hashmoe.train")
-  usage = (UsageError,) + ((train_lib.ConfigError,) if train_lib is not None else ())
+  # Imported with the trainer; a command that failed before importing it raised none of them.
+  errors = sys.modules.get("hashmoe.training.errors")
+  usage = (UsageError,) + ((errors.ConfigError,) if errors is not None else ())
   if isinstance(inner, usage):
     return EXIT_USAGE, str(inner)
   found = re.match(r"Required bindings for `(\w+)` not provided in config: \[(.*)\]", str(inner))
@@ -314,8 +317,7 @@ def _describe(e: BaseException, command: str, model_dir: Any) -> tuple[int, str]
     hint = ("; choose a writable place or change its permissions"
             if oserror.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else "")
     return EXIT_ERROR, f"{reason}: {path}{hint}" if path else f"{reason}{hint}"
-  known = tuple(getattr(train_lib, name) for name in ("NonFiniteLossError", "CheckpointError")
-                if train_lib is not None and hasattr(train_lib, name))
+  known = (errors.LossDivergedError, errors.CheckpointError) if errors is not None else ()
   message = str(inner).strip()
   if isinstance(inner, known):
     return EXIT_ERROR, message
@@ -402,7 +404,8 @@ def _run(argv: list[str], debug: bool, context: _Context) -> int:
     print(json.dumps(train_lib.evaluate()))
     return 0
   if args.command == "build-hash":
-    paths = train_lib.build_hash_files(
+    from hashmoe import tables  # pylint: disable=g-import-not-at-top  Loaded with the trainer.
+    paths = tables.build_hash_files(
         kind=args.kind, output=args.output, seed=args.seed,
         embeddings_from=args.embeddings_from, kmeans_iters=args.kmeans_iters)
     # One path names a MultiHash set too (the files are found by `stats.hash_table_paths`).

@@ -16,6 +16,7 @@ which macros are read or which bindings are still `%gin.REQUIRED` (gin-config is
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.util
 import inspect
 import io
@@ -30,12 +31,25 @@ import gin
 from gin import config_parser
 
 CONFIGS_ENV = "HASHMOE_CONFIGS"
+# Every module that registers gin names a config may bind, each its own when imported: the models'
+# configs, the mesh, the tasks and vocabularies, the input pipeline's task name, the optimizer, the
+# tables' inputs for build-hash, and the run's entry points.
+CONFIGURABLE_MODULES = ("hashmoe.models", "hashmoe.sharding", "hashmoe.data.tasks",
+                        "hashmoe.data.vocab", "hashmoe.data.pipeline", "hashmoe.training.optim",
+                        "hashmoe.tables", "hashmoe.train")
 # What a gin value can be, for the message when one cannot be parsed.
 _GIN_VALUES = "a number, a 'quoted string', True/False/None, a [list], @configurable() or %MACRO"
 
 
 class UsageError(Exception):
   """A command line or config the user must change: the CLI prints the message alone, exit 2."""
+
+
+def register_configurables() -> None:
+  """Imports `CONFIGURABLE_MODULES`, which registers every gin name hashmoe's configs bind (and
+  imports TensorFlow and JAX: seconds, hence not at the CLI's start)."""
+  for name in CONFIGURABLE_MODULES:
+    importlib.import_module(name)
 
 
 def configs_dir() -> Optional[Path]:
@@ -456,7 +470,7 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
   `--gin.TRAIN_STEPZ=5` would otherwise be ignored), raise `UsageError` naming the file and line or
   the flag (`origins[i]`, how the user wrote `bindings[i]`), with the fix or the closest name.
   """
-  from hashmoe import train as _  # noqa: F401  Registers the configurables.
+  register_configurables()
   origins = list(origins) if origins is not None else [f"--gin_bindings={b!r}" for b in bindings]
   roots = [Path(p) for p in search_paths]
   default = configs_dir()

@@ -40,6 +40,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import flax
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -715,3 +716,12 @@ def param_counts(config: TransformerConfig,
     else:
       active += size
   return {"total": total, "active": active, "experts": experts}
+
+
+# gin: the configs a model file binds (configs/models/), under the names configs already write.
+# external_configurable leaves the classes and functions above as they are (not wrapped): called
+# from Python they never read gin bindings.
+for _fn in (TransformerConfig, SparseConfig, baseline_config, wider_config, deeper_config,
+            tiny_config):
+  gin.external_configurable(_fn, module="hashmoe.models")
+del _fn

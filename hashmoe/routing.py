@@ -148,6 +148,10 @@ def routing_metrics(expert_index: Array, combine_weight: Array, num_experts: int
       max_over_mean_load []: max(expert_load) / mean(expert_load) = E * max(expert_load); 1 is
         perfect balance, E is everything on one expert (0 if nothing was kept).
       dropped_fraction []: dropped assignments / all assignments (tokens * H).
+      expert_counts [E]: kept assignments per expert (expert_load's numerator). Counts add up
+        over batches where shares do not, so an evaluation pass sums these.
+      assignments []: all assignments, kept or dropped (tokens * H; dropped_fraction's
+        denominator).
       and, with router_probs,
       router_entropy []: mean over tokens of -sum_e p log p (nats; 0·log 0 = 0).
       router_confidence []: mean over tokens of max_e p.
@@ -182,6 +186,8 @@ def routing_metrics(expert_index: Array, combine_weight: Array, num_experts: int
       "expert_load": load,
       "max_over_mean_load": jnp.max(load) * num_experts,
       "dropped_fraction": jnp.sum(~kept & counted).astype(jnp.float32) / num_assignments,
+      "expert_counts": counts,
+      "assignments": num_tokens * expert_index.shape[1],
   }
   if router_probs is not None:
     probs = jnp.asarray(router_probs, jnp.float32)

@@ -45,6 +45,7 @@ import math
 from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -701,3 +702,8 @@ def _multihash_body(x, expert_index, combine_weight, wi, wo, *, act, num_experts
   y = (out * combine_weight[..., None].astype(out.dtype)).reshape(tokens, d)
   y = jax.lax.psum(y, MODEL_AXIS).astype(x.dtype)
   return (y,) + _routing_counts(expert_index, active, _kept(ex2, active), num_experts)
+
+
+# gin: run files bind the mesh (`hashmoe.sharding.make_mesh.data = ...`). make_mesh itself stays
+# unwrapped, so a Python caller never reads gin bindings.
+gin.external_configurable(make_mesh, module="hashmoe.sharding")

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hashmoe import cli, hashing
-from hashmoe import train as T
+from hashmoe import cli, hashing, tables
+from hashmoe.training import run_dir
 from textdata import write_text_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,7 +90,7 @@ def test_train_end_to_end_in_under_a_minute(trained):
   model_dir = trained["model_dir"]
   summary = trained["summary"]
   assert summary["step"] == STEPS and not summary["preempted"]
-  train = records(model_dir / T.METRICS_FILE)
+  train = records(model_dir / run_dir.METRICS_FILE)
   assert [r["step"] for r in train] == list(range(1, STEPS + 1))
   for r in train:
     assert {"step", "loss", "ppl", "tokens_per_s", "aux_loss"} <= set(r)
@@ -110,7 +110,7 @@ def test_train_end_to_end_in_under_a_minute(trained):
     assert padding.sum() == groups.sum() - r["tokens"]
     assert layer["dropped_fraction"] == 0.0  # hash routing never drops a token
   assert np.mean([r["loss"] for r in train[-5:]]) < np.mean([r["loss"] for r in train[:5]]) - 0.5
-  evals = records(model_dir / T.EVAL_FILE)
+  evals = records(model_dir / run_dir.EVAL_FILE)
   assert [e["step"] for e in evals] == [10, 20]
   for e in evals:
     assert e["ppl"] == pytest.approx(math.exp(e["nll_sum"] / e["tokens"]), rel=1e-9)
@@ -118,9 +118,9 @@ def test_train_end_to_end_in_under_a_minute(trained):
     assert e["words"] < e["tokens"]  # a 320-piece BPE splits words
   assert evals[1]["ppl"] < evals[0]["ppl"]
   assert sorted(p.name for p in (model_dir / "checkpoints").iterdir()) == ["10", "20"]
-  assert list((model_dir / T.TENSORBOARD_SUBDIR).rglob("events.out.tfevents.*"))
-  assert "TRAIN_STEPS = 20" in (model_dir / T.CONFIG_FILE).read_text()
-  (table_file,) = (model_dir / T.HASH_TABLE_SUBDIR).glob("*.npz")
+  assert list((model_dir / run_dir.TENSORBOARD_SUBDIR).rglob("events.out.tfevents.*"))
+  assert "TRAIN_STEPS = 20" in (model_dir / run_dir.CONFIG_FILE).read_text()
+  (table_file,) = (model_dir / tables.HASH_TABLE_SUBDIR).glob("*.npz")
   table = hashing.HashTable.load(table_file)
   assert table.kind == "balanced" and table.num_experts == 16 and table.vocab_size == 320
   assert table.vocab_fingerprint == spm_fingerprint(trained["base"] / "cache")
@@ -139,7 +139,7 @@ def test_eval_reproduces_the_runs_final_evaluation(trained, monkeypatch):
                         "--gin.SEQ_LEN=32", "--gin.EVAL_BATCHES=4"])
   assert code == 0
   result = json.loads(out.strip().splitlines()[-1])
-  final = records(trained["model_dir"] / T.EVAL_FILE)[-1]
+  final = records(trained["model_dir"] / run_dir.EVAL_FILE)[-1]
   assert result["step"] == STEPS
   assert (result["tokens"], result["words"]) == (final["tokens"], final["words"])
   # Same batches, same parameters; 8 devices here vs 1 in training changes only float rounding.

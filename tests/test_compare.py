@@ -20,6 +20,12 @@ import numpy as np
 import pytest
 
 from hashmoe import compare, hashing, models, plots
+from hashmoe.compare.comparison import Comparison, run_order, select_balance_coef
+from hashmoe.compare.configs import RUN_CONFIG, make_optimizer, model_config, validate_experiment
+from hashmoe.compare.report import sweep_series
+from hashmoe.compare.runner import TrainRunner
+from hashmoe.data import cached
+from hashmoe.training import checkpoints, optim
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -147,7 +153,7 @@ def test_unigram_perplexity_is_the_entropy_of_the_validation_targets(default_run
   out, results, _, _ = default_run
   # Independent recount from the run's own eval batches is not on disk; recompute from a fresh
   # pipeline read of the same fixed batches.
-  pipeline = compare.CachedPipeline(results["task"], batch_size=8, seq_len=32, seed=0)
+  pipeline = cached.CachedPipeline(results["task"], batch_size=8, seq_len=32, seed=0)
   batches = pipeline.eval_batches("validation", 2)
   tokens = np.concatenate([b["decoder_target_tokens"][b["decoder_loss_weights"] > 0]
                            for b in batches])
@@ -178,7 +184,7 @@ def test_hash_load_matches_the_table_applied_to_the_validation_tokens(default_ru
   out, results, _, _ = default_run
   entry = results["models"]["hash"]
   table = hashing.HashTable.load(next((out / "runs" / "hash" / "seed0" / "tables").glob("*.npz")))
-  pipeline = compare.CachedPipeline(results["task"], batch_size=8, seq_len=32, seed=0)
+  pipeline = cached.CachedPipeline(results["task"], batch_size=8, seq_len=32, seed=0)
   tokens = np.concatenate([b["decoder_input_tokens"][b["decoder_loss_weights"] > 0]
                            for b in pipeline.eval_batches("validation", 2)])
   expected = np.bincount(table.table[tokens], minlength=4) / tokens.size
@@ -193,7 +199,7 @@ def test_param_counts_in_results_are_models_param_counts(default_run):
   settings = compare.Settings(**{**results["settings"]})
   for name in ("dense", "hash"):
     spec = compare.model_preset(name)
-    counts = models.param_counts(compare.model_config(spec, settings, vocab_size=300))
+    counts = models.param_counts(model_config(spec, settings, vocab_size=300))
     assert results["models"][name]["params"] == counts["total"]
     assert results["models"][name]["active_params"] == counts["active"]
 
@@ -243,8 +249,7 @@ def test_clustered_table_is_kmeans_over_the_baselines_embeddings(default_run):
       runs / "clustered" / "seed0" / "run.json").stat().st_mtime
   table = hashing.HashTable.load(next((runs / "clustered" / "seed0" / "tables").glob("*.npz")))
   assert table.kind == "clustered" and table.num_experts == 4
-  from hashmoe import train as train_lib
-  emb = train_lib.token_embeddings(runs / "dense" / "seed0")
+  emb = checkpoints.token_embeddings(runs / "dense" / "seed0")
   # Lloyd's fixed point: every token is nearest to the mean of its own cluster (up to the
   # iterations k-means had left).
   used = np.unique(table.table)
@@ -256,8 +261,8 @@ def test_clustered_table_is_kmeans_over_the_baselines_embeddings(default_run):
 def test_predicted_future_keys_are_the_baselines_argmax(default_run, text_dir):
   out, results, _, _ = default_run
   settings = compare.Settings(**results["settings"])
-  corpus = compare.register_corpus(text_dir, settings.vocab_size)
-  runner = compare.TrainRunner(corpus, settings, progress_bar=False, log=lambda _: None)
+  corpus = cached.register_corpus(text_dir, settings.vocab_size)
+  runner = TrainRunner(corpus, settings, progress_bar=False, log=lambda _: None)
   baseline = compare.ModelSpec("dense")
   request = compare.RunRequest(
       model="predicted", spec=compare.ModelSpec("predicted", router="hash",
@@ -265,7 +270,7 @@ def test_predicted_future_keys_are_the_baselines_argmax(default_run, text_dir):
       seed=0, balance_coef=None, model_dir=str(out / "unused"), settings=settings,
       baseline_dir=str(out / "runs" / "dense" / "seed0"), baseline=baseline)
   data = runner._data(request)  # pylint: disable=protected-access
-  config = compare.model_config(baseline, settings, vocab_size=300)
+  config = model_config(baseline, settings, vocab_size=300)
   trainer, state = runner._restore(config, request.baseline_dir)  # pylint: disable=protected-access
   batch = runner.pipeline(0).train_batch(3)
   # Reference: the baseline's logits through a plain (unsharded, unjitted) apply.
@@ -321,7 +326,7 @@ def fake_ppl(model, coef, seed):
 
 def test_switch_coefficient_selection_with_a_fake_trainer(tmp_path):
   runner = FakeRunner(fake_ppl)
-  results = compare.Comparison(compare.default_experiment(), fake_settings(), tmp_path, runner,
+  results = Comparison(compare.default_experiment(), fake_settings(), tmp_path, runner,
                                corpus="fake", log=lambda _: None).run()
   switch = results["models"]["switch"]
   assert switch["balance_coef"] == 0.01
@@ -336,18 +341,18 @@ def test_switch_coefficient_selection_with_a_fake_trainer(tmp_path):
 
 
 def test_select_balance_coef_is_the_argmin_ignoring_non_finite_and_breaking_ties_low():
-  assert compare.select_balance_coef({0.1: 5.0, 0.01: 4.0, 0.001: 4.5}) == 0.01
-  assert compare.select_balance_coef({0.1: 4.0, 0.01: 4.0}) == 0.01
-  assert compare.select_balance_coef({0.1: float("nan"), 0.01: float("inf"), 1.0: 9.0}) == 1.0
+  assert select_balance_coef({0.1: 5.0, 0.01: 4.0, 0.001: 4.5}) == 0.01
+  assert select_balance_coef({0.1: 4.0, 0.01: 4.0}) == 0.01
+  assert select_balance_coef({0.1: float("nan"), 0.01: float("inf"), 1.0: 9.0}) == 1.0
   with pytest.raises(ValueError, match="finite"):
-    compare.select_balance_coef({0.1: float("nan")})
+    select_balance_coef({0.1: float("nan")})
 
 
 def test_fixed_coefficient_and_single_value_grid_are_not_tuned(tmp_path):
   runner = FakeRunner(fake_ppl)
   experiment = compare.Experiment(models=(
       compare.ModelSpec("switch", router="switch", balance_coef=0.1),))
-  results = compare.Comparison(experiment, fake_settings(seeds=2), tmp_path, runner,
+  results = Comparison(experiment, fake_settings(seeds=2), tmp_path, runner,
                                corpus="fake", log=lambda _: None).run()
   assert [(r.seed, r.balance_coef) for r in runner.requests] == [(0, 0.1), (1, 0.1)]
   assert "tuning" not in results["models"]["switch"]
@@ -381,9 +386,9 @@ def test_stopping_early_writes_partial_results_and_says_what_finished(tmp_path, 
 def test_a_changed_setting_retrains_instead_of_reusing(tmp_path):
   runner = FakeRunner(fake_ppl)
   experiment = compare.Experiment(models=(compare.ModelSpec("dense"),))
-  compare.Comparison(experiment, fake_settings(seeds=1), tmp_path, runner, corpus="fake",
+  Comparison(experiment, fake_settings(seeds=1), tmp_path, runner, corpus="fake",
                      log=lambda _: None).run()
-  compare.Comparison(experiment, fake_settings(seeds=1, steps=20), tmp_path, runner,
+  Comparison(experiment, fake_settings(seeds=1, steps=20), tmp_path, runner,
                      corpus="fake", log=lambda _: None).run()
   assert len(runner.requests) == 2
 
@@ -393,12 +398,12 @@ def test_a_copied_output_folder_still_reuses_its_runs(tmp_path):
   experiment = compare.Experiment(models=(
       compare.ModelSpec("dense"), compare.ModelSpec("hash", router="hash", table="clustered")))
   runner = FakeRunner(lambda model, coef, seed: 10.0)
-  compare.Comparison(experiment, fake_settings(seeds=1), tmp_path / "a", runner, corpus="fake",
+  Comparison(experiment, fake_settings(seeds=1), tmp_path / "a", runner, corpus="fake",
                      log=lambda _: None).run()
   assert [r.baseline_dir for r in runner.requests] == [
       None, str(tmp_path / "a" / "runs" / "dense" / "seed0")]
   shutil.copytree(tmp_path / "a", tmp_path / "b")
-  compare.Comparison(experiment, fake_settings(seeds=1), tmp_path / "b", runner, corpus="fake",
+  Comparison(experiment, fake_settings(seeds=1), tmp_path / "b", runner, corpus="fake",
                      log=lambda _: None).run()
   assert len(runner.requests) == 2
 
@@ -410,7 +415,7 @@ def test_a_copied_output_folder_still_reuses_its_runs(tmp_path):
 def test_default_matrix_has_equal_active_params_up_to_the_switch_router():
   settings = compare.PRESETS["default"]
   vocab = settings.vocab_size
-  configs = {m.name: compare.model_config(m, settings, vocab_size=vocab)
+  configs = {m.name: model_config(m, settings, vocab_size=vocab)
              for m in compare.default_experiment().models}
   counts = {name: models.param_counts(c) for name, c in configs.items()}
   dense = counts["dense"]
@@ -424,6 +429,38 @@ def test_default_matrix_has_equal_active_params_up_to_the_switch_router():
   ffn = 2 * d_model * configs["dense"].d_ff
   assert counts["hash"]["experts"] == experts * ffn
   assert counts["hash"]["total"] == dense["total"] - ffn + experts * ffn
+
+
+def test_run_config_optimiser_is_pretrains_recipe_with_the_comparisons_rate():
+  # Reference: the optimiser the comparison built by hand before it read configs/runs/compare.gin
+  # (8 updates, warm-up and decay both, with gradients large enough to be clipped).
+  settings = fake_settings(steps=30, learning_rate=2e-3, warmup_steps=4)
+  reference = optim.make_optimizer(
+      optim.learning_rate_schedule(2e-3, warmup_steps=4, decay="rsqrt", total_steps=30,
+                                   end_fraction=0.0),
+      weight_decay=0.0, b1=0.9, b2=0.98, eps=1e-8, clip_norm=1.0, freeze=None)
+  optimizer = make_optimizer(settings)
+  rng = np.random.default_rng(0)
+  params = {"dense": {"kernel": rng.normal(size=(3, 4)).astype(np.float32)}}
+  states = [tx.init(params) for tx in (optimizer, reference)]
+  for step in range(8):
+    grads = {"dense": {"kernel": rng.normal(size=(3, 4)).astype(np.float32) * (step + 1)}}
+    (updates, states[0]), (want, states[1]) = [
+        tx.update(grads, state, params) for tx, state in zip((optimizer, reference), states)]
+    np.testing.assert_array_equal(updates["dense"]["kernel"], want["dense"]["kernel"])
+
+
+def test_run_config_documents_the_default_comparison():
+  # configs/runs/compare.gin, given to `hashmoe train`, trains at the default preset's scale.
+  default = compare.PRESETS["default"]
+  text = (REPO / "configs" / RUN_CONFIG).read_text()
+  values = dict(line.split(" = ") for line in text.splitlines()
+                if line and not line.startswith(("#", "include")))
+  assert {k: float(v) for k, v in values.items()} == {
+      "TRAIN_STEPS": default.steps, "BATCH_SIZE": default.batch_size, "SEQ_LEN": default.seq_len,
+      "LEARNING_RATE": default.learning_rate, "WARMUP_STEPS": default.warmup_steps,
+      "CHECKPOINT_PERIOD": default.steps, "EVAL_PERIOD": default.eval_period,
+      "EVAL_BATCHES": default.eval_batches, "LOG_PERIOD": default.log_period}
 
 
 def test_default_gin_file_is_the_default_experiment():
@@ -456,7 +493,7 @@ def test_every_experiment_file_parses_and_builds_every_model(name):
   assert experiment.description
   settings = compare.Settings(**{**dataclasses.asdict(compare.PRESETS["default"]),
                                  **experiment.overrides})
-  configs = compare.validate_experiment(experiment, settings)
+  configs = validate_experiment(experiment, settings)
   for spec in experiment.models:
     config = configs[spec.name]
     if spec.router is None:
@@ -472,7 +509,7 @@ def test_experiment_specific_settings():
   by_name = {m.name: m for m in hash_functions.models}
   assert by_name["clustered"].table == "clustered" and by_name["dispersed"].table == "dispersed"
   assert by_name["oracle_future"].hash_key == "oracle_future"
-  assert compare.run_order(hash_functions)[0].name == "dense"
+  assert run_order(hash_functions)[0].name == "dense"
   layers = {m.name: m.layers for m in compare.load_experiment("every_other_layer").models}
   assert layers["hash_every_other"] == (1, 3)
   multihash = {m.name: m.num_hashes for m in compare.load_experiment("multihash").models}
@@ -501,10 +538,10 @@ def test_experiment_validation_errors():
     compare.ModelSpec("x", router="hash", balance_coef=0.1)
   settings = fake_settings()
   with pytest.raises(ValueError, match="outside the 2 decoder layers"):
-    compare.model_config(compare.ModelSpec("x", router="hash", layers=(5,)), settings,
+    model_config(compare.ModelSpec("x", router="hash", layers=(5,)), settings,
                          vocab_size=300)
   with pytest.raises(ValueError, match="num_hashes=3 must divide"):
-    compare.model_config(compare.ModelSpec("x", router="hash", num_hashes=3), settings,
+    model_config(compare.ModelSpec("x", router="hash", num_hashes=3), settings,
                          vocab_size=300)
 
 
@@ -565,7 +602,7 @@ def test_unigram_perplexity_closed_form():
   batch = {"decoder_target_tokens": np.array([[5, 5, 6, 7, 0, 0]]),
            "decoder_loss_weights": np.array([[1, 1, 1, 1, 0, 0]])}
   p = np.array([0.5, 0.25, 0.25])
-  assert compare.unigram_perplexity([batch]) == pytest.approx(math.exp(-(p * np.log(p)).sum()))
+  assert cached.unigram_perplexity([batch]) == pytest.approx(math.exp(-(p * np.log(p)).sum()))
 
 
 def test_throughput_is_the_median_window_and_curve_reads_eval_records():
@@ -589,7 +626,7 @@ def test_predicted_pipeline_adds_predictions_and_counts_them():
     def eval_batches(self, split, n):
       return [self.train_batch(7)]
 
-  predicted = compare.PredictedPipeline(Base(), lambda b: b["decoder_input_tokens"] + 1, steps=3)
+  predicted = cached.PredictedPipeline(Base(), lambda b: b["decoder_input_tokens"] + 1, steps=3)
   batches = predicted.train_batches(None)
   assert [int(next(batches)["predicted_ids"][0, 0]) for _ in range(3)] == [1, 2, 3]
   assert batches.position() == {"cached_batch": 3}
@@ -650,15 +687,15 @@ def test_sweep_series_groups_models_that_differ_only_in_the_swept_field():
              "switch_16": _entry(40.0, "switch", 16, num_experts=16, balance_coef=0.01),
              "switch_32": _entry(41.0, "switch", 32, num_experts=32, balance_coef=0.1),
              "random_16": _entry(33.0, "hash", 16, num_experts=16, table="random")}
-  assert compare.sweep_series(models_, "num_experts") == {
+  assert sweep_series(models_, "num_experts") == {
       "hash": {16.0: (30.0, 0.5), 32.0: (28.0, 0.5)},
       "switch": {16.0: (40.0, 0.5), 32.0: (41.0, 0.5)}}
   multihash = {f"e{e}n{n}": _entry(20.0 + e / 16 - n, "hash", e, num_experts=e, num_hashes=n)
                for e in (16, 32) for n in (1, 2)}
-  assert compare.sweep_series(multihash, "num_hashes") == {
+  assert sweep_series(multihash, "num_hashes") == {
       "hash, experts 16": {1.0: (20.0, 0.5), 2.0: (19.0, 0.5)},
       "hash, experts 32": {1.0: (21.0, 0.5), 2.0: (20.0, 0.5)}}
-  assert compare.sweep_series(models_, "num_hashes") == {}
+  assert sweep_series(models_, "num_hashes") == {}
 
 
 def test_write_sweep_numbers(tmp_path):

@@ -26,6 +26,7 @@ import seqio
 import tensorflow as tf
 
 from hashmoe import cli, compare
+from hashmoe.compare import comparison
 from hashmoe.data import corpora, reddit, stats, tasks, text_files, vocab as vocab_lib
 from textdata import write_text_folder
 
@@ -268,7 +269,7 @@ def test_compare_reads_a_latin1_text_dir_with_its_flags(tmp_path, monkeypatch, c
   code = compare.run(_compare_args(argv + ["--text-encoding", "latin-1"]),
                      runner=_StopAtFirstRun(), log=lambda line: None)
   assert code == compare.EXIT_TERMINATED
-  results = json.loads((out / compare.RESULTS_FILE).read_text())
+  results = json.loads((out / comparison.RESULTS_FILE).read_text())
   assert results["corpus"] == f"text folder {texts.resolve()} (latin-1, errors=strict)"
   assert LATIN1_LINE in _decoded_validation_text(results["task"])
   # The flags without --text-dir, or a codec Python lacks, are usage errors.

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from hashmoe import cli, models, routers
-from hashmoe import train as T
+from hashmoe.data import pipeline as pipeline_lib
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MODEL_FILES = sorted(p.relative_to(CONFIGS).as_posix() for p in (CONFIGS / "models").rglob("*.gin"))
@@ -212,7 +212,7 @@ def test_text_dir_task_registers_and_yields_batches(tmp_path, monkeypatch):
                  "test_gin_configs.probe.values = [%TASK]"])
   config, (task,) = probe()
   assert task == "gintest_text_seq2seq"
-  pipeline = T.TaskPipeline(task, batch_size=2, seq_len=16)
+  pipeline = pipeline_lib.TaskPipeline(task, batch_size=2, seq_len=16)
   assert pipeline.vocab_size == config.vocab_size == 300
   batch = next(pipeline.train_batches(None))
   assert batch["encoder_input_tokens"].shape == (2, 16)

@@ -88,7 +88,7 @@ def _stack(batches):
 def reference_main(argv: Sequence[str]) -> int:
   """`hashmoe.cli.main(argv)` in one process, with the data read as HOSTS hosts read it.
 
-  `hashmoe.train.TaskPipeline` is replaced by a pipeline that opens every host's shard
+  `hashmoe.data.pipeline.TaskPipeline` is replaced by a pipeline that opens every host's shard
   (`get_batches(..., shard_index=h, num_shards=HOSTS)`, batch_size / HOSTS rows each, the
   arguments `TaskPipeline` gives on host h) and stacks their batches row-wise in process order;
   evaluation keeps the number of batches the shortest shard has, as a multi-host evaluation does.
@@ -100,10 +100,10 @@ def reference_main(argv: Sequence[str]) -> int:
   # handler and leave INFO lines (the mesh, the steps) out of the reference's log.
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   from hashmoe import cli  # pylint: disable=g-import-not-at-top
-  from hashmoe import train as train_lib  # pylint: disable=g-import-not-at-top
+  from hashmoe.data import pipeline  # pylint: disable=g-import-not-at-top
   from hashmoe.data import tasks  # pylint: disable=g-import-not-at-top
 
-  class HostShards(train_lib.TaskPipeline):
+  class HostShards(pipeline.TaskPipeline):
 
     def __init__(self, task, *, batch_size, seq_len, seed=0):
       super().__init__(task, batch_size=batch_size, seq_len=seq_len, seed=seed)
@@ -129,7 +129,7 @@ def reference_main(argv: Sequence[str]) -> int:
       count = min(len(batches) for batches in per_host)
       return [_stack([batches[i] for batches in per_host]) for i in range(count)]
 
-  train_lib.TaskPipeline = HostShards
+  pipeline.TaskPipeline = HostShards
   return cli.main(list(argv))
 
 

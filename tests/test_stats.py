@@ -173,7 +173,8 @@ def test_build_hash_table_kinds_and_multihash_files(tmp_path):
   assert [p.name for p in paths] == ["multi.hash0of3.npz", "multi.hash1of3.npz",
                                      "multi.hash2of3.npz"]
   assert all(p.is_file() for p in paths) and not out.exists()
-  loaded = stats.load_hash_tables(out, 3, vocab_size=60, vocab_fingerprint=fingerprint)
+  loaded = tuple(hashing.HashTable.load(p, vocab_size=60, vocab_fingerprint=fingerprint)
+                 for p in paths)
   assert loaded == tables and [t.seed for t in loaded] == [5, 6, 7]
   assert len({t.table.tobytes() for t in loaded}) == 3
 

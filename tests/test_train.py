@@ -1,4 +1,4 @@
-"""Tests for hashmoe.train: the optimizer, the loss, checkpoints, and the loop's guarantees.
+"""Tests for hashmoe.train and hashmoe.training: the optimizer, the loss, checkpoints, the loop.
 
 References are independent of the code under test: closed-form learning-rate schedules, a numpy
 AdamW step, a numpy log-softmax, a numpy checksum, and for the loop the run itself compared against
@@ -30,8 +30,12 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from hashmoe import models, routers, sharding
+from hashmoe import hash_functions, models, sharding, tables
 from hashmoe import train as T
+from hashmoe.training import errors, optim, resume, run_dir
+from hashmoe.training import checkpoints as checkpoints_lib
+from hashmoe.training import metrics as metrics_lib
+from hashmoe.training import trainer as trainer_lib
 from textdata import write_text_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,8 +112,8 @@ class NumpyPipeline:
 def run(model_dir, steps, *, config=None, lr=1e-2, freeze=None, checkpoint_period=2,
         init_checkpoint=None, eval_period=0, input_pipeline=None, seed=0, tensorboard=False,
         **kwargs):
-  optimizer = T.make_optimizer(T.learning_rate_schedule(lr, warmup_steps=0, decay="constant"),
-                               freeze=freeze)
+  schedule = optim.learning_rate_schedule(lr, warmup_steps=0, decay="constant")
+  optimizer = optim.make_optimizer(schedule, freeze=freeze)
   return T.train(model_dir=str(model_dir), model_config=config or tiny_config(), task="numpy",
                  train_steps=steps, batch_size=8, seq_len=16, seed=seed, optimizer=optimizer,
                  mesh=sharding.make_mesh(), checkpoint_period=checkpoint_period,
@@ -129,7 +133,8 @@ def snapshot(model_dir):
 
 
 def losses(model_dir):
-  return {r["step"]: r["loss"] for r in map(json.loads, open(Path(model_dir) / T.METRICS_FILE))}
+  return {r["step"]: r["loss"]
+          for r in map(json.loads, open(Path(model_dir) / run_dir.METRICS_FILE))}
 
 
 def saved_params(model_dir, step):
@@ -145,8 +150,8 @@ def saved_params(model_dir, step):
 @pytest.mark.parametrize("decay", ["rsqrt", "cosine", "constant"])
 def test_learning_rate_schedule_matches_closed_form(decay):
   peak, warmup, total = 2e-3, 10, 50
-  schedule = T.learning_rate_schedule(peak, warmup_steps=warmup, decay=decay, total_steps=total,
-                                      end_fraction=0.1)
+  schedule = optim.learning_rate_schedule(peak, warmup_steps=warmup, decay=decay,
+                                          total_steps=total, end_fraction=0.1)
   for count in [0, 4, 9, 10, 11, 30, 49, 60]:
     t = count + 1  # update number
     if t <= warmup:
@@ -163,11 +168,11 @@ def test_learning_rate_schedule_matches_closed_form(decay):
 
 def test_learning_rate_schedule_rejects_bad_settings():
   with pytest.raises(ValueError, match="total_steps"):
-    T.learning_rate_schedule(1e-3, warmup_steps=10, decay="cosine", total_steps=5)
+    optim.learning_rate_schedule(1e-3, warmup_steps=10, decay="cosine", total_steps=5)
   with pytest.raises(ValueError, match="decay"):
-    T.learning_rate_schedule(1e-3, decay="linear")
+    optim.learning_rate_schedule(1e-3, decay="linear")
   with pytest.raises(ValueError, match="freeze"):
-    T.make_optimizer(freeze="experts")
+    optim.make_optimizer(freeze="experts")
 
 
 def test_token_nll_matches_numpy_log_softmax():
@@ -175,7 +180,8 @@ def test_token_nll_matches_numpy_log_softmax():
   logits = rng.normal(size=(2, 5, 7)).astype(np.float32) * 3
   targets = rng.integers(0, 7, (2, 5)).astype(np.int32)
   weights = (rng.random((2, 5)) > 0.3).astype(np.float32)
-  nll, count = T.token_nll(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
+  nll, count = trainer_lib.token_nll(jnp.asarray(logits), jnp.asarray(targets),
+                                     jnp.asarray(weights))
   want = 0.0
   for b in range(2):
     for t in range(5):
@@ -198,13 +204,13 @@ def _init_params(config):
 
 def test_param_labels_mark_router_and_expert_params_sparse():
   params = _init_params(tiny_config(router="switch"))
-  labels = T.param_labels(params)
+  labels = optim.param_labels(params)
   flat = {jax.tree_util.keystr(p): l for p, l in jax.tree_util.tree_flatten_with_path(labels)[0]}
-  sparse = {k for k, l in flat.items() if l == T.SPARSE}
+  sparse = {k for k, l in flat.items() if l == optim.SPARSE}
   assert sparse == {"['decoder_1']['moe']['experts']['wi']",
                     "['decoder_1']['moe']['experts']['wo']",
                     "['decoder_1']['moe']['router']['kernel']"}
-  assert all(l == T.DENSE for k, l in flat.items() if k not in sparse)
+  assert all(l == optim.DENSE for k, l in flat.items() if k not in sparse)
 
 
 def test_adamw_step_matches_numpy_reference():
@@ -212,7 +218,7 @@ def test_adamw_step_matches_numpy_reference():
   params = {"w": jnp.asarray([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.asarray([0.1, -0.2])}
   grads = {"w": jnp.asarray([[3.0, 0.0], [-4.0, 1.0]]), "b": jnp.asarray([2.0, 2.0])}
   lr, wd, b1, b2, eps, clip = 0.1, 0.01, 0.9, 0.98, 1e-8, 1.0
-  tx = T.make_optimizer(lr, weight_decay=wd, b1=b1, b2=b2, eps=eps, clip_norm=clip)
+  tx = optim.make_optimizer(lr, weight_decay=wd, b1=b1, b2=b2, eps=eps, clip_norm=clip)
   updates, _ = tx.update(grads, tx.init(params), params)
   norm = math.sqrt(sum(float(np.sum(np.square(g))) for g in grads.values()))
   for name in params:
@@ -225,13 +231,13 @@ def test_adamw_step_matches_numpy_reference():
     np.testing.assert_allclose(np.asarray(updates[name]), -lr * step, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("freeze", [T.SPARSE, T.DENSE])
+@pytest.mark.parametrize("freeze", [optim.SPARSE, optim.DENSE])
 def test_frozen_part_gets_exactly_zero_updates(freeze):
   params = _init_params(tiny_config(router="switch"))
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
-  tx = T.make_optimizer(1e-2, freeze=freeze)
+  tx = optim.make_optimizer(1e-2, freeze=freeze)
   updates, _ = tx.update(grads, tx.init(params), params)
-  labels = T.param_labels(params)
+  labels = optim.param_labels(params)
   for u, label in zip(jax.tree.leaves(updates), jax.tree.leaves(labels)):
     if label == freeze:
       assert not np.any(np.asarray(u)), label
@@ -241,11 +247,11 @@ def test_frozen_part_gets_exactly_zero_updates(freeze):
 
 def test_loss_weights_default_to_non_padding_targets():
   targets = np.array([[3, 4, 0], [5, 0, 0]], np.int32)
-  np.testing.assert_array_equal(T.loss_weights({"decoder_target_tokens": targets}),
+  np.testing.assert_array_equal(trainer_lib.loss_weights({"decoder_target_tokens": targets}),
                                 [[1, 1, 0], [1, 0, 0]])
   w = np.array([[1, 0, 0], [1, 1, 0]], np.int32)
   np.testing.assert_array_equal(
-      T.loss_weights({"decoder_target_tokens": targets, "decoder_loss_weights": w}), w)
+      trainer_lib.loss_weights({"decoder_target_tokens": targets, "decoder_loss_weights": w}), w)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,14 +270,14 @@ def test_tree_checksums_match_numpy_and_ignore_sharding():
   ids = rng.integers(0, 100, (8,)).astype(np.int32)
   mesh = sharding.make_mesh(data=-1)
   sharded = jax.device_put(x, NamedSharding(mesh, P("data", None)))
-  got = T.tree_checksums({"x": sharded, "ids": jnp.asarray(ids)})
+  got = checkpoints_lib.tree_checksums({"x": sharded, "ids": jnp.asarray(ids)})
   assert got == {"['x']": _numpy_checksum(x), "['ids']": _numpy_checksum(ids)}
   y = x.copy()
   y[3, 5] = np.nextafter(y[3, 5], np.float32(np.inf))  # one ulp
-  assert T.tree_checksums({"x": jnp.asarray(y)})["['x']"] != got["['x']"]
+  assert checkpoints_lib.tree_checksums({"x": jnp.asarray(y)})["['x']"] != got["['x']"]
   swapped = x.copy()
   swapped[[0, 1]] = swapped[[1, 0]]
-  assert T.tree_checksums({"x": jnp.asarray(swapped)})["['x']"] != got["['x']"]
+  assert checkpoints_lib.tree_checksums({"x": jnp.asarray(swapped)})["['x']"] != got["['x']"]
 
 
 def test_truncate_jsonl_keeps_steps_up_to_restored_and_drops_torn_lines(tmp_path):
@@ -279,7 +285,7 @@ def test_truncate_jsonl_keeps_steps_up_to_restored_and_drops_torn_lines(tmp_path
   path = tmp_path / "m.jsonl"
   path.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in range(1, 8))
                   + '{"step": 8, "lo')
-  T.truncate_jsonl(epath.Path(path), 5)
+  metrics_lib.truncate_jsonl(epath.Path(path), 5)
   assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
 
 
@@ -291,39 +297,39 @@ def test_metrics_logs_on_an_object_store_are_rewritten_not_appended(tmp_path, mo
   def no_append(path, mode="r", *args, **kwargs):
     raise AssertionError(f"open({path!r}, {mode!r}) on an object store")
 
-  monkeypatch.setattr(T, "is_remote", lambda path: True)
-  monkeypatch.setattr(T, "open", no_append, raising=False)
-  (tmp_path / T.METRICS_FILE).write_text("".join(json.dumps({"step": s}) + "\n"
-                                                 for s in (1, 2, 3)))
-  log = T.MetricsLogger(epath.Path(tmp_path), tensorboard=False)
+  monkeypatch.setattr(metrics_lib, "is_remote", lambda path: True)
+  monkeypatch.setattr(metrics_lib, "open", no_append, raising=False)
+  (tmp_path / run_dir.METRICS_FILE).write_text("".join(json.dumps({"step": s}) + "\n"
+                                                       for s in (1, 2, 3)))
+  log = metrics_lib.MetricsLogger(epath.Path(tmp_path), tensorboard=False)
   log.resume(2)
   log.write_train({"step": 3, "loss": 0.5})
   log.write_train({"step": 4, "loss": 0.25})
   log.write_eval({"step": 4, "loss": 0.75})
   log.close()
-  lines = [json.loads(l) for l in (tmp_path / T.METRICS_FILE).read_text().splitlines()]
+  lines = [json.loads(l) for l in (tmp_path / run_dir.METRICS_FILE).read_text().splitlines()]
   assert lines == [{"step": 1}, {"step": 2}, {"step": 3, "loss": 0.5}, {"step": 4, "loss": 0.25}]
-  assert json.loads((tmp_path / T.EVAL_FILE).read_text()) == {"step": 4, "loss": 0.75}
+  assert json.loads((tmp_path / run_dir.EVAL_FILE).read_text()) == {"step": 4, "loss": 0.75}
 
 
 def test_is_remote_tells_object_stores_from_local_paths(tmp_path):
-  assert T.is_remote("gs://bucket/run") and T.is_remote("s3://b/k")
-  assert not T.is_remote(tmp_path) and not T.is_remote("relative/run")
+  assert run_dir.is_remote("gs://bucket/run") and run_dir.is_remote("s3://b/k")
+  assert not run_dir.is_remote(tmp_path) and not run_dir.is_remote("relative/run")
 
 
 def test_verify_hash_tables_detects_changed_tables_and_other_vocabularies():
   table = np.arange(10, dtype=np.int32) % 4
   constants = {"hash_tables": {"decoder_1": {"moe": {"router": {"table": table[None]}}}}}
   fp = "a" * 64
-  meta = T.hash_table_metadata(constants, {}, vocab_size=10, vocab_fingerprint=fp)
-  T.verify_hash_tables(constants, meta, vocab_size=10, vocab_fingerprint=fp, where="ckpt")
+  meta = tables.hash_table_metadata(constants, {}, vocab_size=10, vocab_fingerprint=fp)
+  tables.verify_hash_tables(constants, meta, vocab_size=10, vocab_fingerprint=fp, where="ckpt")
   changed = {"hash_tables": {"decoder_1": {"moe": {"router": {"table": table[None] * 0}}}}}
-  with pytest.raises(T.CheckpointError, match="sha256"):
-    T.verify_hash_tables(changed, meta, vocab_size=10, vocab_fingerprint=fp, where="ckpt")
-  with pytest.raises(T.CheckpointError, match="fingerprint"):
-    T.verify_hash_tables(constants, meta, vocab_size=10, vocab_fingerprint="b" * 64, where="c")
-  with pytest.raises(T.CheckpointError, match="vocab_size"):
-    T.verify_hash_tables(constants, meta, vocab_size=11, vocab_fingerprint=fp, where="c")
+  with pytest.raises(errors.CheckpointError, match="sha256"):
+    tables.verify_hash_tables(changed, meta, vocab_size=10, vocab_fingerprint=fp, where="ckpt")
+  with pytest.raises(errors.CheckpointError, match="fingerprint"):
+    tables.verify_hash_tables(constants, meta, vocab_size=10, vocab_fingerprint="b" * 64, where="c")
+  with pytest.raises(errors.CheckpointError, match="vocab_size"):
+    tables.verify_hash_tables(constants, meta, vocab_size=11, vocab_fingerprint=fp, where="c")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,14 +355,14 @@ class NanAtBatch(NumpyPipeline):
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
   model_dir = tmp_path / "run"
   run(model_dir, 4, input_pipeline=NanAtBatch(-1))
-  before = T.tree_checksums(saved_params(model_dir, 4)[0])
-  with pytest.raises(T.NonFiniteLossError, match=r"loss diverged at step 6: the training loss "
-                     r"is nan\b.*last good checkpoint is step 4"):
+  before = checkpoints_lib.tree_checksums(saved_params(model_dir, 4)[0])
+  with pytest.raises(errors.NonFiniteLossError, match=r"loss diverged at step 6: the training "
+                     r"loss is nan\b.*last good checkpoint is step 4"):
     run(model_dir, 8, input_pipeline=NanAtBatch(5))  # batch 5 feeds step 6
   checkpoints = sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir()
                        if p.name.isdigit())
   assert checkpoints == [2, 4]
-  assert T.tree_checksums(saved_params(model_dir, 4)[0]) == before
+  assert checkpoints_lib.tree_checksums(saved_params(model_dir, 4)[0]) == before
   logged = losses(model_dir)
   assert sorted(logged) == [1, 2, 3, 4, 5]  # the NaN step was never logged either
   assert all(math.isfinite(v) for v in logged.values())
@@ -376,7 +382,8 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path):
   with pytest.warns(RuntimeWarning, match="step 6 .* corrupt"):
     result = run(model_dir, 8)
   assert result.start_step == 4
-  assert (model_dir / T.CORRUPT_SUBDIR).is_dir() and any((model_dir / T.CORRUPT_SUBDIR).iterdir())
+  corrupt = model_dir / run_dir.CORRUPT_SUBDIR
+  assert corrupt.is_dir() and any(corrupt.iterdir())
   again = losses(model_dir)
   assert sorted(again) == list(range(1, 9))
   for step in (5, 6):  # re-run from step 4: the same losses as the first time
@@ -385,8 +392,8 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path):
 
 def _small_state(step, scale=1.0):
   params = {"w": jnp.full((4, 2), scale, jnp.float32), "b": jnp.zeros((2,), jnp.float32)}
-  return T.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
-                      opt_state=(jnp.asarray(step, jnp.int32),), constants={})
+  return trainer_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                                opt_state=(jnp.asarray(step, jnp.int32),), constants={})
 
 
 def _abstract(state):
@@ -396,7 +403,7 @@ def _abstract(state):
 
 def test_checkpointer_falls_back_past_incomplete_checkpoints_and_reports_when_none_is_left(
     tmp_path):
-  ckpt = T.Checkpointer(tmp_path / "checkpoints", max_to_keep=3, async_save=False)
+  ckpt = checkpoints_lib.Checkpointer(tmp_path / "checkpoints", max_to_keep=3, async_save=False)
   assert ckpt.restore_latest(_abstract(_small_state(0))) is None
   for step in (1, 2, 3):
     ckpt.save(_small_state(step, scale=step), data_position={"next": step}, hash_metadata={},
@@ -411,29 +418,29 @@ def test_checkpointer_falls_back_past_incomplete_checkpoints_and_reports_when_no
   assert [w for w in caught if "step 3" in str(w.message)]
   assert restored.step == 1 and restored.data_position == {"next": 1}
   np.testing.assert_array_equal(restored.state.params["w"], np.full((4, 2), 1.0))
-  assert sorted(p.name.split(".")[0] for p in (tmp_path / T.CORRUPT_SUBDIR).iterdir()) == \
+  assert sorted(p.name.split(".")[0] for p in (tmp_path / run_dir.CORRUPT_SUBDIR).iterdir()) == \
       ["2", "3"]
   for f in (tmp_path / "checkpoints" / "1" / "state").rglob("*"):
     if f.is_file() and f.parent.name == "d":
       f.write_bytes(b"\0" * f.stat().st_size)
-  with pytest.warns(RuntimeWarning), pytest.raises(T.CheckpointError, match="none of the"):
+  with pytest.warns(RuntimeWarning), pytest.raises(errors.CheckpointError, match="none of the"):
     ckpt.restore_latest(_abstract(_small_state(0)))
   assert ckpt.all_steps() == [1]  # with nothing restorable, nothing is moved: no silent restart
-  with pytest.warns(RuntimeWarning), pytest.raises(T.CheckpointError, match="none of the"):
+  with pytest.warns(RuntimeWarning), pytest.raises(errors.CheckpointError, match="none of the"):
     ckpt.restore_latest(_abstract(_small_state(0)))
   ckpt.close()
 
 
 def test_checkpoint_of_another_config_is_an_error_not_a_corruption(tmp_path):
-  ckpt = T.Checkpointer(tmp_path / "checkpoints", async_save=False)
+  ckpt = checkpoints_lib.Checkpointer(tmp_path / "checkpoints", async_save=False)
   ckpt.save(_small_state(5), data_position=None, hash_metadata={}, config_text="")
   ckpt.wait()
   other = _small_state(0)
   other = other.replace(params={**other.params, "w": jnp.zeros((4, 3))})
-  with pytest.raises(T.IncompatibleCheckpointError, match=r"\['w'\] \(4, 3\) float32"):
+  with pytest.raises(errors.IncompatibleCheckpointError, match=r"\['w'\] \(4, 3\) float32"):
     ckpt.restore_latest(_abstract(other))
   assert ckpt.all_steps() == [5]  # nothing was moved aside
-  assert not (tmp_path / T.CORRUPT_SUBDIR).exists()
+  assert not (tmp_path / run_dir.CORRUPT_SUBDIR).exists()
   ckpt.close()
 
 
@@ -444,15 +451,15 @@ def test_fine_tuning_with_the_sparse_part_frozen_keeps_it_bit_equal(tmp_path):
   base_params, base_constants = saved_params(tmp_path / "base", 2)
   flat_base = dict(jax.tree_util.tree_flatten_with_path(base_params)[0])
   model_dir = tmp_path / "finetune"
-  result = run(model_dir, 2, freeze=T.SPARSE, init_checkpoint=str(tmp_path / "base"))
+  result = run(model_dir, 2, freeze=optim.SPARSE, init_checkpoint=str(tmp_path / "base"))
   assert result.start_step == 0
   params, constants = saved_params(model_dir, 2)
   jax.tree.map(np.testing.assert_array_equal, constants, base_constants)  # same hash tables
   frozen = moved = 0
   for (path, value), label in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                  jax.tree.leaves(T.param_labels(params))):
+                                  jax.tree.leaves(optim.param_labels(params))):
     same = np.array_equal(value, flat_base[path])
-    if label == T.SPARSE:
+    if label == optim.SPARSE:
       assert same, f"{jax.tree_util.keystr(path)} changed although the sparse part is frozen"
       frozen += 1
     else:
@@ -465,7 +472,7 @@ def test_hash_tables_travel_with_checkpoints(tmp_path):
   run(model_dir, 2, hash_tables="balanced")
   _, constants = saved_params(model_dir, 2)
   table = np.asarray(constants["hash_tables"]["decoder_1"]["moe"]["router"]["table"])
-  written = list((model_dir / T.HASH_TABLE_SUBDIR).glob("*.npz"))
+  written = list((model_dir / tables.HASH_TABLE_SUBDIR).glob("*.npz"))
   assert len(written) == 1
   from hashmoe import hashing
   loaded = hashing.HashTable.load(written[0])
@@ -479,9 +486,9 @@ def test_hash_tables_travel_with_checkpoints(tmp_path):
     loads[want[token]] += counts[token]
   assert np.bincount(loaded.table, weights=counts, minlength=4).max() == pytest.approx(loads.max())
   # Resuming with another table file than the checkpoint's is refused.
-  other = hashing.build_table("random", num_experts=4, vocab_size=V, seed=7)
+  other = hash_functions.build_table("random", num_experts=4, vocab_size=V, seed=7)
   other.save(tmp_path / "other.npz")
-  with pytest.raises(T.CheckpointError, match="not trained with"):
+  with pytest.raises(errors.CheckpointError, match="not trained with"):
     run(model_dir, 3, hash_tables=str(tmp_path / "other.npz"))
   # A fresh run loads that file, and its checkpoints record where the table came from.
   run(tmp_path / "from_file", 2, hash_tables=str(tmp_path / "other.npz"))
@@ -513,15 +520,15 @@ def test_out_of_vocabulary_batch_is_a_clear_error(tmp_path):
 def test_resuming_with_another_model_is_refused_naming_each_change_and_writes_nothing(tmp_path):
   model_dir = tmp_path / "run"
   run(model_dir, 2)
-  assert not (model_dir / T.LOCK_FILE).exists()  # released when the run ended
+  assert not (model_dir / run_dir.LOCK_FILE).exists()  # released when the run ended
   before = snapshot(model_dir)
-  sparse = models.SparseConfig(router=routers.Hash(key="prev_token"), num_experts=4, layers=(1,))
+  sparse = models.SparseConfig(router="hash", num_experts=4, layers=(1,), hash_key="prev_token")
   # Same shapes (the checkpoint would load); dropout may change, the rest may not.
   other = models.tiny_config(vocab_size=V, num_encoder_layers=0, sparse=sparse, max_len=16,
                              activation="gelu", dropout_rate=0.1)
-  with pytest.raises(T.ChangedConfigError) as caught:
+  with pytest.raises(errors.ChangedConfigError) as caught:
     run(model_dir, 4, config=other, seed=1)
-  assert isinstance(caught.value, T.ConfigError)  # a usage error: the CLI exits 2
+  assert isinstance(caught.value, errors.ConfigError)  # a usage error: the CLI exits 2
   message = str(caught.value)
   listed = [line.strip() for line in message.splitlines()
             if line.startswith("  ") and " -> " in line]
@@ -567,7 +574,7 @@ def test_resuming_with_other_training_settings_logs_them_and_keeps_the_config_hi
   # the change keeps the compiled step, which is most of a tiny run's cost.)
   model_dir = tmp_path / "run"
   gin_run(model_dir, 2, checkpoint_period=2)
-  first_config = (model_dir / T.CONFIG_FILE).read_text()
+  first_config = (model_dir / run_dir.CONFIG_FILE).read_text()
   assert "TRAIN_STEPS = 2" in first_config and "CHECKPOINT_PERIOD = 2" in first_config
   first = losses(model_dir)
   with caplog.at_level("INFO", logger="hashmoe.train"):
@@ -576,8 +583,8 @@ def test_resuming_with_other_training_settings_logs_them_and_keeps_the_config_hi
   assert ("changed since the checkpoint at step 2: CHECKPOINT_PERIOD: 2 -> 1; "
           "TRAIN_STEPS: 2 -> 4\n") in caplog.text
   # config.gin holds the run's config; the checkpoint's is kept under its step.
-  assert (model_dir / f"{T.CONFIG_FILE}.2").read_text() == first_config
-  assert "TRAIN_STEPS = 4" in (model_dir / T.CONFIG_FILE).read_text()
+  assert (model_dir / f"{run_dir.CONFIG_FILE}.2").read_text() == first_config
+  assert "TRAIN_STEPS = 4" in (model_dir / run_dir.CONFIG_FILE).read_text()
   logged = losses(model_dir)
   assert sorted(logged) == [1, 2, 3, 4] and all(logged[s] == first[s] for s in (1, 2))
 
@@ -590,8 +597,8 @@ def test_check_resume_names_macros_and_reads_checkpoints_that_recorded_only_gin_
          "TransformerConfig.dropout_rate = 0.0\ntrain.hash_tables = 'balanced'\n"
          "train.train_steps = %TRAIN_STEPS\n")
   new = old.replace("TRAIN_STEPS = 2", "TRAIN_STEPS = 4").replace("0.0", "0.1")
-  check = lambda text: T.check_resume({"operative_config": old}, step=2, settings={},
-                                      config_text=text, model_dir="/runs/x")
+  check = lambda text: resume.check_resume({"operative_config": old}, step=2, settings={},
+                                           config_text=text, model_dir="/runs/x")
   assert [str(c) for c in check(new)] == ["TRAIN_STEPS: 2 -> 4",
                                           "TransformerConfig.dropout_rate: 0.0 -> 0.1"]
   moved = new.replace("'balanced'", "'/tables/balanced.npz'")
@@ -599,17 +606,18 @@ def test_check_resume_names_macros_and_reads_checkpoints_that_recorded_only_gin_
   # A binding the checkpoint's text lacks is unknown there, not changed.
   assert "TransformerConfig.d_model: (not set) -> 64" in map(str, check(
       new + "TransformerConfig.d_model = 64\n"))
-  with pytest.raises(T.ChangedConfigError, match=r"\(checkpoint -> this run\):\n  HASH_KEY: "
-                     r"'token' -> 'bigram'\n  train.hash_tables: 'balanced' -> 'random'\n"
+  with pytest.raises(errors.ChangedConfigError, match=r"\(checkpoint -> this run\):\n  "
+                     r"HASH_KEY: 'token' -> 'bigram'\n  train.hash_tables: 'balanced' -> 'random'\n"
                      r"Nothing was written"):
     check(new.replace("'token'", "'bigram'").replace("'balanced'", "'random'"))
   # Recorded settings decide where a checkpoint has them; the macro names the change.
   saved = {"operative_config": old, "settings": {"SparseConfig.hash_key": "token",
                                                  "train.seq_len": 32}}
-  with pytest.raises(T.ChangedConfigError, match=r":\n  HASH_KEY \(SparseConfig.hash_key\): "
+  with pytest.raises(errors.ChangedConfigError, match=r":\n  HASH_KEY \(SparseConfig.hash_key\): "
                      r"'token' -> 'bigram'\nNothing"):
-    T.check_resume(saved, step=2, settings={"SparseConfig.hash_key": "bigram", "train.seq_len": 32},
-                   config_text=new.replace("'token'", "'bigram'"), model_dir="/runs/x")
+    resume.check_resume(saved, step=2,
+                        settings={"SparseConfig.hash_key": "bigram", "train.seq_len": 32},
+                        config_text=new.replace("'token'", "'bigram'"), model_dir="/runs/x")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -621,19 +629,19 @@ def test_a_stale_lock_of_this_host_is_taken_over_and_one_of_another_host_is_refu
   finished = subprocess.Popen(["true"])
   finished.wait()
   dead_pid = finished.pid
-  lock_file = tmp_path / T.LOCK_FILE
+  lock_file = tmp_path / run_dir.LOCK_FILE
   lock_file.write_text(json.dumps({"pid": dead_pid, "host": host,
                                    "started": "2024-05-01T10:00:00"}))
   with pytest.warns(RuntimeWarning, match=rf"taking over the stale lock of MODEL_DIR {tmp_path}: "
                     rf"pid {dead_pid} on host {re.escape(host)} \(started 2024-05-01T10:00:00\)"):
-    lock = T.ModelDirLock(tmp_path).acquire()
+    lock = run_dir.ModelDirLock(tmp_path).acquire()
   assert json.loads(lock_file.read_text())["pid"] == os.getpid()
   lock.release()
   assert not lock_file.exists()
   lock_file.write_text(json.dumps({"pid": 4242, "host": "elsewhere.example",
                                    "started": "2024-05-01T10:00:00"}))
   before = snapshot(tmp_path)
-  with pytest.raises(T.ModelDirInUseError) as caught:
+  with pytest.raises(errors.ModelDirInUseError) as caught:
     run(tmp_path, 2)
   assert str(caught.value).startswith(  # (gin adds the configurable it was raised in)
       f"MODEL_DIR {tmp_path} is locked by pid 4242 on host elsewhere.example (started "
@@ -652,18 +660,18 @@ def test_a_huge_learning_rate_stops_with_loss_diverged_and_keeps_the_last_good_c
   perplexity (~1e200) is more than TensorBoard's float32 holds, which used to crash the writer."""
   model_dir = tmp_path / "run"
   run(model_dir, 2)
-  before = T.tree_checksums(saved_params(model_dir, 2)[0])
+  before = checkpoints_lib.tree_checksums(saved_params(model_dir, 2)[0])
   # Step 3 still starts from step 2's parameters; its update blows them up, and step 4 shows it.
-  with pytest.raises(T.LossDivergedError, match=(
+  with pytest.raises(errors.LossDivergedError, match=(
       r"^loss diverged at step 4: the cross-entropy \S+ is above 16.64 = "
       r"train.divergence_factor 4 x ln\(vocab size 64\), far worse than an untrained model's\. "
       rf"The last good checkpoint is step 2 in {model_dir}/checkpoints: it is kept, and nothing "
       r"after it was saved\.")):
     run(model_dir, 8, lr=10.0, tensorboard=True)
   assert sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir()) == [2]
-  assert T.tree_checksums(saved_params(model_dir, 2)[0]) == before
+  assert checkpoints_lib.tree_checksums(saved_params(model_dir, 2)[0]) == before
   assert sorted(losses(model_dir)) == [1, 2, 3]  # the diverged step was never logged
-  assert not (model_dir / T.LOCK_FILE).exists()  # released on the exception too
+  assert not (model_dir / run_dir.LOCK_FILE).exists()  # released on the exception too
 
 
 def _strict_json(line):
@@ -674,19 +682,19 @@ def _strict_json(line):
 
 def test_metrics_writers_take_huge_and_non_finite_values(tmp_path):
   from etils import epath
-  log = T.MetricsLogger(epath.Path(tmp_path), tensorboard=True)
+  log = metrics_lib.MetricsLogger(epath.Path(tmp_path), tensorboard=True)
   record = {"step": 1, "loss": 700.0, "ppl": 1e304, "grad_norm": float("nan"),
             "update_norm": float("inf"),
             "moe": {"decoder_1": {"expert_load": [0.5, float("nan")], "dropped_fraction": 0.0}}}
   log.write_train(record)
   log.write_eval({"step": 1, "loss": float("inf"), "ppl": float("inf"), "split": "validation"})
   log.close()
-  assert _strict_json((tmp_path / T.METRICS_FILE).read_text()) == {
+  assert _strict_json((tmp_path / run_dir.METRICS_FILE).read_text()) == {
       **record, "grad_norm": "nan", "update_norm": "inf",
       "moe": {"decoder_1": {"expert_load": [0.5, "nan"], "dropped_fraction": 0.0}}}
-  assert _strict_json((tmp_path / T.EVAL_FILE).read_text()) == {
+  assert _strict_json((tmp_path / run_dir.EVAL_FILE).read_text()) == {
       "step": 1, "loss": "inf", "ppl": "inf", "split": "validation"}
-  assert list((tmp_path / T.TENSORBOARD_SUBDIR).rglob("events.out.tfevents.*"))
+  assert list((tmp_path / run_dir.TENSORBOARD_SUBDIR).rglob("events.out.tfevents.*"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -696,15 +704,15 @@ def test_metrics_writers_take_huge_and_non_finite_values(tmp_path):
 def test_a_fresh_run_keeps_the_logs_of_an_earlier_run_before_starting_over(tmp_path):
   model_dir = tmp_path / "run"
   run(model_dir, 2)
-  first = (model_dir / T.METRICS_FILE).read_text()
+  first = (model_dir / run_dir.METRICS_FILE).read_text()
   shutil.rmtree(model_dir / "checkpoints")  # the user deletes the checkpoints, reruns
   with pytest.warns(RuntimeWarning, match=r"no checkpoint but holds the logs of an earlier run "
                     r"\(metrics.jsonl: 2 records\); they are kept as "
                     r"metrics.jsonl.\d{8}-\d{6}.bak"):
     run(model_dir, 1)
-  (kept,) = model_dir.glob(f"{T.METRICS_FILE}.*.bak")
+  (kept,) = model_dir.glob(f"{run_dir.METRICS_FILE}.*.bak")
   assert kept.read_text() == first
-  assert len(list(model_dir.glob(f"{T.CONFIG_FILE}.*.bak"))) == 1
+  assert len(list(model_dir.glob(f"{run_dir.CONFIG_FILE}.*.bak"))) == 1
   assert sorted(losses(model_dir)) == [1]
 
 
@@ -721,7 +729,7 @@ class WordsPipeline(NanAtBatch):
 def test_eval_records_tokens_per_word_which_word_perplexity_compounds_over(tmp_path):
   result = run(tmp_path / "run", 1, eval_period=1, input_pipeline=WordsPipeline())
   record = result.last_eval
-  assert record == json.loads((tmp_path / "run" / T.EVAL_FILE).read_text())
+  assert record == json.loads((tmp_path / "run" / run_dir.EVAL_FILE).read_text())
   tokens, words = record["tokens"], record["words"]
   assert words == sum(int(np.sum(WordsPipeline().batch(i, "validation")["decoder_loss_weights"]
                                  > 0)) // 3 for i in range(2))
@@ -833,7 +841,7 @@ def test_sigkill_and_sigterm_at_any_moment_then_restart_reproduce_every_loss(tex
   proc = subprocess.Popen(cli_train(twin, texts), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   try:
-    wait_for_lines(twin / T.METRICS_FILE, 2 * PERIOD + 1, proc)
+    wait_for_lines(twin / run_dir.METRICS_FILE, 2 * PERIOD + 1, proc)
     proc.kill()
   finally:
     proc.wait(timeout=60)
@@ -841,7 +849,7 @@ def test_sigkill_and_sigterm_at_any_moment_then_restart_reproduce_every_loss(tex
   assert reference_proc.returncode == 0, reference_err[-3000:]
   assert proc.returncode == -signal.SIGKILL
   # The killed run could not release its lock; the restart takes it over (same host, lock free).
-  assert json.loads((twin / T.LOCK_FILE).read_text())["pid"] == proc.pid
+  assert json.loads((twin / run_dir.LOCK_FILE).read_text())["pid"] == proc.pid
   killed_at = max(losses(twin))
   reference = losses(base / "reference")
   assert sorted(reference) == list(range(1, STEPS + 1))
@@ -851,7 +859,7 @@ def test_sigkill_and_sigterm_at_any_moment_then_restart_reproduce_every_loss(tex
   try:
     # Past killed_at, the lines are the restarted run's own (it truncates the log to its
     # checkpoint first), so its SIGTERM handler is in place.
-    lines = signal_between_checkpoints(proc, twin / T.METRICS_FILE,
+    lines = signal_between_checkpoints(proc, twin / run_dir.METRICS_FILE,
                                        max(3 * PERIOD, killed_at + 1), signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
   finally:
@@ -871,7 +879,7 @@ def test_sigkill_and_sigterm_at_any_moment_then_restart_reproduce_every_loss(tex
 
   assert finish(twin)["start_step"] == stopped
   assert losses(twin) == reference  # bit-equal, step for step
-  assert not (twin / T.LOCK_FILE).exists()
+  assert not (twin / run_dir.LOCK_FILE).exists()
 
 
 def test_a_running_model_dir_refuses_a_second_run_and_ctrl_c_checkpoints_and_exits_130(text_env):
@@ -883,18 +891,18 @@ def test_a_running_model_dir_refuses_a_second_run_and_ctrl_c_checkpoints_and_exi
   proc = subprocess.Popen(cli_train(model_dir, texts), cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   try:
-    wait_for_lines(model_dir / T.METRICS_FILE, 2, proc)
+    wait_for_lines(model_dir / run_dir.METRICS_FILE, 2, proc)
     proc.send_signal(signal.SIGSTOP)  # so that it cannot finish (or write) meanwhile
     try:
       before = snapshot(model_dir)
-      with pytest.raises(T.ModelDirInUseError, match=(
+      with pytest.raises(errors.ModelDirInUseError, match=(
           rf"^MODEL_DIR {re.escape(str(model_dir))} is in use by pid {proc.pid} on host "
           rf"{re.escape(socket.gethostname())} \(started [0-9T:+-]+\): one run at a time")):
         run(model_dir, STEPS)
       assert snapshot(model_dir) == before
     finally:
       proc.send_signal(signal.SIGCONT)
-    lines = signal_between_checkpoints(proc, model_dir / T.METRICS_FILE, PERIOD + 1,
+    lines = signal_between_checkpoints(proc, model_dir / run_dir.METRICS_FILE, PERIOD + 1,
                                        signal.SIGINT)
     out, err = proc.communicate(timeout=120)
   finally:
@@ -907,4 +915,4 @@ def test_a_running_model_dir_refuses_a_second_run_and_ctrl_c_checkpoints_and_exi
   assert summary["preempted"] and stopped in (lines + 1, lines + 2) and stopped % PERIOD
   steps = sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps[-1] == stopped == max(losses(model_dir))
-  assert not (model_dir / T.LOCK_FILE).exists()
+  assert not (model_dir / run_dir.LOCK_FILE).exists()

@@ -16,9 +16,10 @@ whole), so it can feed a `seqio` source or any other pipeline. Data code never i
 * `tasks`: seqio tasks (lm and seq2seq) over the readers; deterministic, resumable, sharded
   batches.
 * `stats`: streaming token counts and the hash tables built from them.
+* `pipeline`: a training run's input: a registered task's batches for this host, resumable.
 
-`vocab`, `tasks` and `stats` need TensorFlow and seqio (a few seconds to import); their names are
-exported lazily, so `import hashmoe.data` and the readers stay light.
+`vocab`, `tasks`, `stats` and `pipeline` need TensorFlow and seqio (a few seconds to import); their
+names are exported lazily, so `import hashmoe.data` and the readers stay light.
 """
 
 import importlib
@@ -56,7 +57,7 @@ _LAZY = {
               "iterate_dataset", "register_task", "register_tasks", "restore_batches",
               "split_tokens_to_length", "task_shape", "task_spec", "trim_and_append_eos"),
     "stats": ("TokenCounts", "build_hash_table", "count_ids", "count_tokens", "example_keys",
-              "hash_table_paths", "load_hash_tables"),
+              "hash_table_paths"),
 }
 _LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
 

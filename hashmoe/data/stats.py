@@ -22,7 +22,8 @@ previous token within each example, `hashing.BOUNDARY_ID` at its start) and 'big
 a batch.
 
 `build_hash_table` writes any table kind (`hashing.TABLE_KINDS`, MultiHash sets, the top-k table)
-to the `.npz` files the trainer loads with `load_hash_tables`, carrying the vocabulary fingerprint.
+to the `.npz` files a run loads with `hashmoe.tables.load_hash_table_files`, carrying the vocabulary
+fingerprint.
 """
 
 from __future__ import annotations
@@ -442,11 +443,3 @@ def build_hash_table(kind: str, task_or_counts: TableSource, *, num_experts: int
     path.parent.mkdir(parents=True, exist_ok=True)
     table.save(path)
   return tables
-
-
-def load_hash_tables(out_path: PathLike, num_hashes: int = 1, *, vocab_size: int | None = None,
-                     vocab_fingerprint: str | None = None) -> tuple[hashing.HashTable, ...]:
-  """Loads what `build_hash_table` wrote, verified against the vocabulary when given."""
-  return tuple(hashing.HashTable.load(path, vocab_size=vocab_size,
-                                      vocab_fingerprint=vocab_fingerprint)
-               for path in hash_table_paths(out_path, num_hashes))

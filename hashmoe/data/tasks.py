@@ -73,6 +73,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import gin
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -719,3 +720,8 @@ def restore_batches(state: Mapping[str, Any]) -> BatchIterator:
         f"changed since the state was saved (fingerprint {state.get('data_fingerprint')} then, "
         f"{fingerprint} now); resuming would not continue the same batch sequence.")
   return get_batches(**arguments, start_batch=int(state["next_batch"]))
+
+
+# gin: task files register their corpus's tasks through this (`task_name.registered =
+# @hashmoe.data.tasks.register_tasks()`); the function itself stays unwrapped for Python callers.
+gin.external_configurable(register_tasks, module="hashmoe.data.tasks")

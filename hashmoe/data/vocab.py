@@ -56,6 +56,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
 
+import gin
 import seqio
 import sentencepiece
 import tensorflow as tf
@@ -580,3 +581,8 @@ def vocab_pieces(vocab: seqio.Vocabulary) -> list[str]:
 def vocab_fingerprint(vocab: seqio.Vocabulary) -> str:
   """`hashing.vocabulary_fingerprint` of the vocabulary's pieces: what hash tables record."""
   return hashing.vocabulary_fingerprint(vocab_pieces(vocab))
+
+
+# gin: task files configure the BPE vocabulary (`register_tasks.vocab_settings =
+# @hashmoe.data.vocab.SentencePieceSettings()`); the class itself stays unwrapped.
+gin.external_configurable(SentencePieceSettings, module="hashmoe.data.vocab")

