@@ -12,13 +12,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hashmoe import hash_functions, hashing, models, tables
+from hashmoe import hashing, models, routers, tables
 from hashmoe.training.errors import CheckpointError
 
 V = 32
 
 
 def config(router="hash", *, layers=(1,), encoder_layers=(), **sparse):
+  """`router`: a family name (its defaults) or a `hashmoe.routers` config; None is dense."""
   s = None if router is None else models.SparseConfig(router=router, num_experts=4, layers=layers,
                                                       encoder_layers=encoder_layers, **sparse)
   return models.tiny_config(vocab_size=V, num_encoder_layers=2, sparse=s, max_len=16)
@@ -29,11 +30,11 @@ def test_hash_layers_and_tables_per_layer_follow_the_router():
   assert tables.hash_layer_names(config("switch")) == []
   both = config("hash", layers=(1,), encoder_layers=(0,))
   assert tables.hash_layer_names(both) == ["encoder_0", "decoder_1"]
-  assert tables.hash_layer_names(config("hash_topk", topk=2)) == ["decoder_1"]
-  assert tables.tables_per_layer(config("hash", num_hashes=4)) == 4
-  assert tables.tables_per_layer(config("hash_topk", topk=2)) == 1
+  assert tables.hash_layer_names(config(routers.HashTopK(topk=2))) == ["decoder_1"]
+  assert tables.tables_per_layer(config(routers.Hash(num_hashes=4))) == 4
+  assert tables.tables_per_layer(config(routers.HashTopK(topk=2))) == 1
   assert tables.default_table_kind(config("hash")) == "random"
-  assert tables.default_table_kind(config("hash_topk", topk=2)) == hashing.TOPK_KIND
+  assert tables.default_table_kind(config(routers.HashTopK(topk=2))) == hashing.TOPK_KIND
   assert tables.is_table_kind("balanced") and tables.is_table_kind(hashing.TOPK_KIND)
   assert not any(map(tables.is_table_kind, [None, "balanced.npz", ["balanced"], {"a": "b"}]))
 
@@ -52,7 +53,7 @@ def test_a_kind_is_built_from_the_split_s_counts_and_kept_under_model_dir(tmp_pa
       model_dir=tmp_path)
   # Decoder routers hash their inputs, so a token table is balanced on decoder-input counts.
   assert calls == [("token", V, True)]
-  want = hash_functions.build_table("balanced", num_experts=4, vocab_size=V, seed=3,
+  want = hashing.build_table("balanced", num_experts=4, vocab_size=V, seed=3,
                              token_counts=_counts([])("token", V, decoder_inputs=True))
   assert built == {"default": (want,)}
   assert hashing.HashTable.load(tmp_path / tables.HASH_TABLE_SUBDIR / "balanced.npz") == want
@@ -61,7 +62,7 @@ def test_a_kind_is_built_from_the_split_s_counts_and_kept_under_model_dir(tmp_pa
 
   # The oracle next token estimates the target: its table is balanced on target counts.
   calls.clear()
-  oracle = config(hash_key="oracle_future")
+  oracle = config(routers.Hash(key="oracle_future"))
   tables.resolve_hash_tables("balanced", oracle, key_counts=_counts(calls), vocab_fingerprint="",
                              seed=0, model_dir=None)
   assert calls == [("token", V, False)]
@@ -73,7 +74,7 @@ def test_a_kind_is_built_from_the_split_s_counts_and_kept_under_model_dir(tmp_pa
 
 
 def test_files_are_loaded_per_layer_and_refused_where_they_do_not_fit(tmp_path):
-  table = hash_functions.build_table("random", num_experts=4, vocab_size=V, seed=1)
+  table = hashing.build_table("random", num_experts=4, vocab_size=V, seed=1)
   table.save(tmp_path / "t.npz")
   spec = {"decoder_1": str(tmp_path / "t.npz")}
   built, described = tables.resolve_hash_tables(spec, config(), key_counts=None,
@@ -100,8 +101,8 @@ def test_files_are_loaded_per_layer_and_refused_where_they_do_not_fit(tmp_path):
 
 
 def test_check_same_tables_refuses_files_a_checkpoint_was_not_trained_with(tmp_path):
-  table = hash_functions.build_table("random", num_experts=4, vocab_size=V, seed=1)
-  other = hash_functions.build_table("random", num_experts=4, vocab_size=V, seed=2)
+  table = hashing.build_table("random", num_experts=4, vocab_size=V, seed=1)
+  other = hashing.build_table("random", num_experts=4, vocab_size=V, seed=2)
   table.save(tmp_path / "t.npz")
   other.save(tmp_path / "o.npz")
   meta = {"layers": {"decoder_1": [tables.table_description(table, "anywhere")]}}
