@@ -14,7 +14,8 @@ import gin
 import pytest
 
 from hashmoe import hashing, models, routers, routing
-from hashmoe import train as T
+from hashmoe.training import resume
+from hashmoe.training.errors import ChangedConfigError
 
 # One config of every family with non-default settings, and what the old flat SparseConfig
 # (num_experts=8, layers=(1,)) held for the same model, field by field.
@@ -182,7 +183,7 @@ OLD_SETTINGS = {
 def _settings(router):
   config = models.tiny_config(vocab_size=512, num_encoder_layers=0, max_len=256, sparse=(
       models.SparseConfig(router=router, num_experts=16, layers=(1,))))
-  return T.run_settings(config, task="t", seq_len=64, batch_size=8, seed=0,
+  return resume.run_settings(config, task="t", seq_len=64, batch_size=8, seed=0,
                         hash_tables="balanced", vocab_fingerprint="f")
 
 
@@ -191,11 +192,12 @@ def test_run_settings_record_the_old_names_and_values():
   assert {k: v for k, v in settings.items() if k in OLD_SETTINGS} == OLD_SETTINGS
   assert not any(k.startswith("SparseConfig.") and k not in OLD_SETTINGS for k in settings)
   old = {**settings, **OLD_SETTINGS}
-  assert T.check_resume({"settings": old}, step=2, settings=settings, config_text="",
-                        model_dir="/runs/x") == []
-  with pytest.raises(T.ChangedConfigError, match=r"SparseConfig.hash_key: 'token' -> 'bigram'"):
-    T.check_resume({"settings": old}, step=2, settings=_settings(routers.Hash(key="bigram")),
-                   config_text="", model_dir="/runs/x")
+  assert resume.check_resume({"settings": old}, step=2, settings=settings, config_text="",
+                             model_dir="/runs/x") == []
+  with pytest.raises(ChangedConfigError, match=r"SparseConfig.hash_key: 'token' -> 'bigram'"):
+    resume.check_resume({"settings": old}, step=2,
+                        settings=_settings(routers.Hash(key="bigram")), config_text="",
+                        model_dir="/runs/x")
 
 
 def test_a_checkpoint_with_only_flat_gin_text_is_refused_naming_why():
@@ -203,7 +205,7 @@ def test_a_checkpoint_with_only_flat_gin_text_is_refused_naming_why():
   router field this run no longer binds cannot be compared, so the resume is refused."""
   old = "SparseConfig.router = 'hash'\nSparseConfig.hash_key = 'token'\n"
   new = "SparseConfig.router = @routers.Hash()\nHash.key = 'bigram'\n"
-  with pytest.raises(T.ChangedConfigError, match=r"SparseConfig.hash_key: 'token' -> \(not set\)"
+  with pytest.raises(ChangedConfigError, match=r"SparseConfig.hash_key: 'token' -> \(not set\)"
                      r"[\s\S]*flat SparseConfig fields, which now live in the router configs"):
-    T.check_resume({"operative_config": old}, step=2, settings={}, config_text=new,
-                   model_dir="/runs/x")
+    resume.check_resume({"operative_config": old}, step=2, settings={}, config_text=new,
+                        model_dir="/runs/x")
