@@ -184,7 +184,7 @@ def _settings(router):
   config = models.tiny_config(vocab_size=512, num_encoder_layers=0, max_len=256, sparse=(
       models.SparseConfig(router=router, num_experts=16, layers=(1,))))
   return resume.run_settings(config, task="t", seq_len=64, batch_size=8, seed=0,
-                        hash_tables="balanced", vocab_fingerprint="f")
+                             hash_tables="balanced", vocab_fingerprint="f")
 
 
 def test_run_settings_record_the_old_names_and_values():
