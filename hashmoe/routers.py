@@ -353,16 +353,21 @@ def from_flat_fields(name: str, **fields: Any) -> RouterConfig:
   return cls(**{own[k]: v for k, v in fields.items() if k in own})
 
 
+# The configurables that held the flat router fields: the model's, and the comparison's models.
+_FLAT_OWNERS = ("SparseConfig", "ModelSpec")
+
+
 def moved_binding(configurable: str, param: str) -> Optional[str]:
-  """For a binding of a flat field that moved into the router configs (`SparseConfig.hash_key`),
-  the message naming its new binding; None for any other binding."""
-  if configurable.rsplit(".", 1)[-1] != "SparseConfig" or param not in LEGACY_DEFAULTS:
+  """For a binding of a flat field that moved into the router configs (`SparseConfig.hash_key`,
+  `ModelSpec.num_hashes`), the message naming its new binding; None for any other binding."""
+  owner = configurable.rsplit(".", 1)[-1]
+  if owner not in _FLAT_OWNERS or param not in LEGACY_DEFAULTS:
     return None
   homes = [(cls, new) for cls in REGISTRY.values() for new, old in cls.legacy_names.items()
            if old == param]
   # A field every Switch has is named once, on Switch (TokenSwitch inherits it).
   homes = [(cls, new) for cls, new in homes
            if not any(c is not cls and issubclass(cls, c) for c, _ in homes)]
-  ways = " or ".join(f"routers.{cls.__name__}.{new} (with SparseConfig.router = "
+  ways = " or ".join(f"routers.{cls.__name__}.{new} (with {owner}.router = "
                      f"@routers.{cls.__name__}())" for cls, new in homes)
-  return f"SparseConfig.{param} moved to the router config: bind {ways}"
+  return f"{owner}.{param} moved to the router config: bind {ways}"
