@@ -58,6 +58,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from hashmoe import experts as ex  # noqa: E402
+from hashmoe import hash_functions  # noqa: E402
 from hashmoe import hashing  # noqa: E402
 from hashmoe import routing  # noqa: E402
 from hashmoe.kernels import cpu as cpu_kernels  # noqa: E402
@@ -256,7 +257,7 @@ def run_row(router_kind, dispatch, num_experts, shape, ids_all, counts, args, de
   ct = jnp.asarray(rng.normal(size=(shape.tokens, shape.d_model)).astype(np.float32))
   table = None
   if router_kind == "hash":
-    table = hashing.build_table("balanced", num_experts=num_experts, vocab_size=vocab_size,
+    table = hash_functions.build_table("balanced", num_experts=num_experts, vocab_size=vocab_size,
                                 token_counts=counts)
   fn, fargs, stats = sparse_step(router_kind, dispatch, num_experts, shape, ids, x, table,
                                  args.capacity_factor, args.seed)
@@ -340,7 +341,7 @@ def breakdown(args, ids_all, counts) -> list[dict[str, Any]]:
   num_experts = args.experts[0]
   shape = Shape(args.tokens, args.d_model, args.d_ff, min(args.length, args.tokens))
   ids = token_window(ids_all, shape.tokens, args.seed)
-  table = hashing.build_table("balanced", num_experts=num_experts, vocab_size=counts.shape[0],
+  table = hash_functions.build_table("balanced", num_experts=num_experts, vocab_size=counts.shape[0],
                               token_counts=counts)
   experts_of = table.table[ids]
   order = np.argsort(experts_of, kind="stable")

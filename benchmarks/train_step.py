@@ -34,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from hashmoe import hashing  # noqa: E402
+from hashmoe import hash_functions  # noqa: E402
 from hashmoe import models  # noqa: E402
 from hashmoe import routers  # noqa: E402
 import moe_layer  # noqa: E402  (real-text token ids, machine description, timing helpers)
@@ -123,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     config = make_config(kind, args, vocab_size)
     tables = None
     if config.sparse is not None and config.sparse.router.uses_tables:
-      tables = {"default": (hashing.build_table("balanced", num_experts=args.experts,
+      tables = {"default": (hash_functions.build_table("balanced", num_experts=args.experts,
                                                 vocab_size=vocab_size, token_counts=counts),)}
     model = models.build_model(config, tables)
     variables = model.init({"params": jax.random.key(args.seed)}, batch, deterministic=True)

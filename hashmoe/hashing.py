@@ -5,11 +5,10 @@ Roller et al. 2021, "Hash Layers For Large Sparse Models" (arXiv 2106.04426).
 A hash layer sends token `x_t` to expert `table[key(x)_t]` (paper §3.1): a constant lookup with no
 parameters. This module holds the two halves of that expression:
 
-* **Tables** are data, built once offline with numpy from corpus statistics or a trained baseline's
-  embeddings, saved beside the checkpoint and verified against the vocabulary on load:
-  `random`, `balanced` (greedy on token frequency), `clustered` (k-means on token embeddings),
-  `dispersed` (each k-means cluster spread over all experts), MultiHash sets of N independent tables
-  (§3.2), and the hash-selected top-k table (`balanced_topk`, k distinct experts per token).
+* **Tables** are data (`HashTable`: the array, its kind, seed and vocabulary fingerprint, and its
+  file format), built once offline with numpy by `hashmoe.hash_functions` (random, balanced,
+  clustered, dispersed, MultiHash sets of N tables (§3.2), the hash-selected top-k table), saved
+  beside the checkpoint and verified against the vocabulary on load.
 * **Keys** are the integer ids a table is looked up with (§3.1 and §5.3.2): the current token, the
   previous token, a bigram hash, the position, the oracle next token and a baseline's predicted next
   token. They are pure array functions that run on numpy inputs in the input pipeline or on jnp
@@ -20,25 +19,22 @@ parameters. This module holds the two halves of that expression:
   hash layer that routes the same way (`routing_signature` names them). The experts then skip their
   argsort; the result is identical.
 
-Lookups use jnp; everything that builds a table uses numpy and never touches a device.
+Lookups use jnp; tables are numpy and never touch a device.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import hashlib
-import heapq
 import io
 import json
 import os
-from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
-import warnings
+from typing import Any, Iterable, NamedTuple, Optional, Sequence, Union
 
 from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.cluster import vq as scipy_vq
 
 TABLE_KINDS = ("random", "balanced", "clustered", "dispersed")
 # DeepSeek-V4-style hash-selected top-k: int32[vocab, k] of k distinct experts per token.
@@ -53,10 +49,6 @@ BOUNDARY_ID = 0
 # Version of the on-disk format written by `HashTable.save`; bump when the layout changes.
 FORMAT_NAME = "hashmoe.HashTable"
 FORMAT_VERSION = 1
-
-# Default slack of the randomised balanced MultiHash assignment, as a fraction of the ideal
-# per-expert load (see `_randomized_balanced_assignment`).
-DEFAULT_BALANCE_SLACK = 0.01
 
 PathLike = Union[str, os.PathLike]
 ArrayLike = Union[np.ndarray, jax.Array]
@@ -136,6 +128,25 @@ def check_token_ids(ids: ArrayLike, vocab_size: int, name: str = "token_ids") ->
   raise ValueError(
       f"{name}: {num_bad} of {ids.size} ids are outside [0, {vocab_size}) "
       f"(offending ids range from min={bad_min} to max={bad_max}; vocab_size={vocab_size})")
+
+
+def validate_counts(token_counts: Any, vocab_size: int, name: str = "token_counts") -> np.ndarray:
+  """Returns token_counts as int64[vocab] (integer input) or float64[vocab] (real input)."""
+  counts = np.asarray(token_counts)
+  if counts.shape != (vocab_size,):
+    raise ValueError(f"{name} must have shape ({vocab_size},) (vocab_size), got {counts.shape}")
+  if np.issubdtype(counts.dtype, np.integer):
+    counts = counts.astype(np.int64)
+  elif np.issubdtype(counts.dtype, np.floating):
+    counts = counts.astype(np.float64)
+    if not np.isfinite(counts).all():
+      raise ValueError(f"{name} must be finite; got {int((~np.isfinite(counts)).sum())} non-finite")
+  else:
+    raise TypeError(f"{name} must be integer or float, got {counts.dtype}")
+  if counts.size and counts.min() < 0:
+    raise ValueError(f"{name} must be >= 0, got min={counts.min()}")
+  return counts
+
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,7 +262,7 @@ class HashTable:
       distribution) and `normalized_entropy` (entropy / log num_experts; 1 is perfect, defined as
       1 for one expert).
     """
-    counts = _validate_counts(token_counts, self.vocab_size)
+    counts = validate_counts(token_counts, self.vocab_size)
     total = float(counts.sum()) * self.k
     if total <= 0:
       raise ValueError("token_counts sum to 0: there is no load to measure")
@@ -436,324 +447,6 @@ def _parse_metadata(metadata_array: np.ndarray, table: np.ndarray) -> dict[str, 
   if digest != metadata["table_sha256"]:
     raise ValueError(f"table checksum {digest} does not match metadata {metadata['table_sha256']}")
   return metadata
-
-
-# ------------------------------------------------------------------------------------------------
-# Building tables.
-
-
-def _validate_counts(token_counts: Any, vocab_size: int, name: str = "token_counts") -> np.ndarray:
-  """Returns token_counts as int64[vocab] (integer input) or float64[vocab] (real input)."""
-  counts = np.asarray(token_counts)
-  if counts.shape != (vocab_size,):
-    raise ValueError(f"{name} must have shape ({vocab_size},) (vocab_size), got {counts.shape}")
-  if np.issubdtype(counts.dtype, np.integer):
-    counts = counts.astype(np.int64)
-  elif np.issubdtype(counts.dtype, np.floating):
-    counts = counts.astype(np.float64)
-    if not np.isfinite(counts).all():
-      raise ValueError(f"{name} must be finite; got {int((~np.isfinite(counts)).sum())} non-finite")
-  else:
-    raise TypeError(f"{name} must be integer or float, got {counts.dtype}")
-  if counts.size and counts.min() < 0:
-    raise ValueError(f"{name} must be >= 0, got min={counts.min()}")
-  return counts
-
-
-def _check_sizes(num_experts: int, vocab_size: int) -> None:
-  for name, value in (("num_experts", num_experts), ("vocab_size", vocab_size)):
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _frequency_order(counts: np.ndarray) -> np.ndarray:
-  """Token ids by decreasing count; equal counts keep increasing id order (stable)."""
-  return np.argsort(-counts, kind="stable")
-
-
-def _greedy_balanced_assignment(counts: np.ndarray, num_experts: int, k: int) -> np.ndarray:
-  """The paper's balanced assignment (§3.1), generalised to k distinct experts per token.
-
-  "Greedily assign the most frequent tokens to the emptiest buckets": tokens are visited by
-  decreasing count (ties by token id) and each goes to the k buckets with the lowest summed count
-  so far, ties broken by fewer tokens in the bucket, then by lower expert index. A heap keyed
-  (load, num_tokens, expert) makes this O(V k log E).
-
-  A token with count 0 raises no bucket's load, so by load every bucket is equally good. Taken
-  literally the rule would put every token unseen in the corpus into the single lightest bucket,
-  and such tokens still occur at test time; instead they are dealt round robin over all buckets in
-  id order (zero-count token j takes experts jk, jk+1, ..., jk+k-1 mod E), so every expert gets an
-  equal share of them. (Levelling the *total* token count per bucket instead would pile them into
-  the few buckets that hold a very frequent token, the same buckets in every MultiHash table.)
-
-  Returns:
-    int32[vocab, k]; row v lists token v's experts in the order they were picked (lightest first).
-  """
-  vocab_size = counts.shape[0]
-  order = _frequency_order(counts)
-  counts_list = counts.tolist()
-  num_positive = int(np.count_nonzero(counts))
-  zero = counts.dtype.type(0).item()
-  heap = [(zero, 0, e) for e in range(num_experts)]  # Sorted, hence already a heap.
-  assignment = np.empty((vocab_size, k), dtype=np.int32)
-  picked = [None] * k
-  for token in order[:num_positive].tolist():
-    count = counts_list[token]
-    for j in range(k):
-      picked[j] = heapq.heappop(heap)
-    for j, (load, num_tokens, expert) in enumerate(picked):
-      assignment[token, j] = expert
-      heapq.heappush(heap, (load + count, num_tokens + 1, expert))
-  zeros = order[num_positive:]
-  deal = np.arange(zeros.size)[:, None] * k + np.arange(k)[None, :]
-  assignment[zeros] = deal % num_experts
-  return assignment
-
-
-def _randomized_balanced_assignment(counts: np.ndarray, num_experts: int, rng: np.random.Generator,
-                                    slack: float) -> np.ndarray:
-  """One member of a balanced MultiHash (§3.2): balanced, yet independent of the other members.
-
-  The greedy balanced assignment is deterministic, so N copies of it would be N identical hashes
-  and MultiHash would gain nothing. This is the greedy with its arbitrary choices randomised:
-
-  1. Tokens are visited by decreasing count, ties in count in a random order (not by id).
-  2. A token with count c goes to a bucket drawn uniformly from the *near-lightest* buckets, those
-     whose load is within `delta = slack * total / E` of the lightest. Greedy is the case delta = 0
-     (a single candidate); a small delta makes the choice random almost everywhere while keeping
-     balance: the chosen bucket ends below min_load + delta + c, so every bucket ends below
-     mean_load + delta + c_max, i.e. max/mean grows by at most `slack` over the greedy bound
-     mean + c_max.
-  3. Count-0 tokens are dealt over all buckets in rounds, each round a fresh random permutation of
-     the buckets (the greedy table deals them in index order), so each bucket gets an equal share.
-
-  Because every draw is fresh, two members built with different generators agree on a token with
-  probability ~1/E, and the pair of experts (a, b) of a token is spread over all E^2 pairs rather
-  than being a relabelling of one hash (what permuting the buckets of one greedy table would give).
-
-  Returns:
-    int32[vocab].
-  """
-  vocab_size = counts.shape[0]
-  order = np.lexsort((rng.permutation(vocab_size), -counts))
-  num_positive = int(np.count_nonzero(counts))
-  delta = slack * float(counts.sum()) / num_experts
-  assignment = np.empty(vocab_size, dtype=np.int32)
-  loads = np.zeros(num_experts, dtype=counts.dtype)
-  positive = order[:num_positive]
-  uniforms = rng.random(num_positive)
-  for token, count, u in zip(positive.tolist(), counts[positive].tolist(), uniforms.tolist()):
-    candidates = np.flatnonzero(loads <= loads.min() + delta)
-    expert = candidates[int(u * candidates.size)]
-    assignment[token] = expert
-    loads[expert] += count
-  zeros = order[num_positive:]
-  num_rounds = -(-zeros.size // num_experts)
-  deal = np.argsort(rng.random((num_rounds, num_experts)), axis=1).reshape(-1)
-  assignment[zeros] = deal[:zeros.size]
-  return assignment
-
-
-def _kmeans_plus_plus(data: np.ndarray, num_clusters: int, rng: np.random.Generator) -> np.ndarray:
-  """k-means++ seeding (Arthur & Vassilvitskii 2007): float[num_clusters, d] initial centroids.
-
-  Hand-written on purpose: scipy's `kmeans2(minit='++')` recomputes the distances to every chosen
-  centroid at every step, O(k^2 n d) outside BLAS (26 s for 32k x 512 with k=64; hours for the
-  267k-word Wikitext-103 vocabulary). Keeping the running minimum distance makes it O(k n d) in
-  matrix-vector products. The Lloyd iterations after it are scipy's.
-  """
-  n = data.shape[0]
-  sq_norms = np.einsum("nd,nd->n", data, data, dtype=np.float64)
-
-  def squared_distances(center: np.ndarray) -> np.ndarray:
-    # |x - c|^2 = |x|^2 - 2 x.c + |c|^2, clipped at 0 against rounding.
-    d2 = sq_norms - 2.0 * (data @ center).astype(np.float64) + float(center @ center)
-    return np.maximum(d2, 0.0)
-
-  chosen = [int(rng.integers(n))]
-  min_d2 = squared_distances(data[chosen[0]])
-  for _ in range(1, num_clusters):
-    total = min_d2.sum()
-    if total > 0:
-      index = int(np.searchsorted(np.cumsum(min_d2), rng.random() * total, side="right"))
-      index = min(index, n - 1)
-    else:
-      # Fewer distinct points than clusters: every point is already a centroid. Duplicate one; its
-      # cluster ends up empty, which the callers handle.
-      index = int(rng.integers(n))
-    chosen.append(index)
-    min_d2 = np.minimum(min_d2, squared_distances(data[index]))
-  return data[np.asarray(chosen)].copy()
-
-
-def _kmeans_labels(embeddings: Any, num_clusters: int, vocab_size: int, seed: int,
-                   iterations: int) -> np.ndarray:
-  """k-means cluster of every token: int64[vocab] in [0, num_clusters), canonically numbered.
-
-  Clusters are renumbered in order of their lowest token id, so the numbering depends only on the
-  partition, not on the order k-means happened to find the centroids. Empty clusters (possible with
-  duplicate embeddings or fewer tokens than clusters) simply own no tokens and take the last labels.
-  """
-  if embeddings is None:
-    raise ValueError("clustered and dispersed tables need embeddings: float[vocab_size, d] token "
-                     "embeddings of a trained baseline (paper §3.1, Clustered Hashes)")
-  data = np.asarray(embeddings)
-  if data.ndim != 2 or data.shape[0] != vocab_size:
-    raise ValueError(
-        f"embeddings must have shape ({vocab_size}, d) (vocab_size, d), got {data.shape}")
-  if not np.issubdtype(data.dtype, np.floating):
-    raise TypeError(f"embeddings must be floating point, got {data.dtype}")
-  if not np.isfinite(data).all():
-    raise ValueError("embeddings contain NaN or infinite values")
-  if iterations < 1:
-    raise ValueError(f"kmeans_iters must be >= 1, got {iterations}")
-  data = np.ascontiguousarray(data, dtype=np.float32 if data.dtype == np.float32 else np.float64)
-  if vocab_size <= num_clusters:
-    return np.arange(vocab_size)
-  rng = np.random.default_rng(seed)
-  init = _kmeans_plus_plus(data, num_clusters, rng).astype(data.dtype)
-  with warnings.catch_warnings():
-    # kmeans2 warns on every iteration with an empty cluster; it keeps that centroid, which is fine.
-    warnings.simplefilter("ignore")
-    _, labels = scipy_vq.kmeans2(data, init, iter=iterations, minit="matrix", missing="warn",
-                                 check_finite=False)
-  labels = np.asarray(labels, dtype=np.int64)
-  first_token = np.full(num_clusters, vocab_size, dtype=np.int64)
-  np.minimum.at(first_token, labels, np.arange(vocab_size))
-  canonical = np.empty(num_clusters, dtype=np.int64)
-  canonical[np.argsort(first_token, kind="stable")] = np.arange(num_clusters)
-  return canonical[labels]
-
-
-def _disperse(labels: np.ndarray, num_experts: int, counts: Optional[np.ndarray],
-              rng: np.random.Generator) -> np.ndarray:
-  """The dispersed hash (§3.1): each cluster's tokens spread evenly over all experts.
-
-  Within a cluster, tokens are dealt round robin over the experts (by decreasing corpus count when
-  counts are known, so similar frequent tokens land apart and each expert gets a share of the
-  cluster's frequency; in random order otherwise). The deal continues where the previous cluster
-  stopped, so every cluster covers the experts evenly (counts differ by at most 1) and so does the
-  whole vocabulary.
-  """
-  vocab_size = labels.shape[0]
-  tie_break = rng.permutation(vocab_size)
-  if counts is None:
-    order = np.lexsort((tie_break, labels))
-  else:
-    order = np.lexsort((tie_break, -counts, labels))
-  # order lists tokens cluster by cluster; dealing that list round robin continues across clusters.
-  assignment = np.empty(vocab_size, dtype=np.int32)
-  assignment[order] = np.arange(vocab_size) % num_experts
-  return assignment
-
-
-def build_table(kind: str, *, num_experts: int, vocab_size: int,
-                token_counts: Optional[ArrayLike] = None, embeddings: Optional[ArrayLike] = None,
-                seed: int = 0, vocab_fingerprint: str = "", kmeans_iters: int = 20) -> HashTable:
-  """Builds one hash table (paper §3.1).
-
-  Args:
-    kind: "random" (uniform, fixed by `seed`), "balanced" (greedy on token frequency; needs
-      `token_counts`), "clustered" (k-means over `embeddings`, one expert per cluster), "dispersed"
-      (the same clusters, each spread evenly over all experts; uses `token_counts` if given).
-    num_experts: number of experts E.
-    vocab_size: number of key ids V.
-    token_counts: int/float[V] corpus occurrences of each key id.
-    embeddings: float[V, d] token embeddings of a trained dense baseline.
-    seed: fixes the random table, the k-means initialisation and the dispersed deal order.
-      Ignored (recorded as given) by "balanced", which is deterministic.
-    vocab_fingerprint: `vocabulary_fingerprint` of the vocabulary, recorded in the table.
-    kmeans_iters: Lloyd iterations for "clustered"/"dispersed".
-
-  Returns:
-    HashTable with table int32[V].
-  """
-  _check_sizes(num_experts, vocab_size)
-  if kind == "random":
-    table = np.random.default_rng(seed).integers(0, num_experts, size=vocab_size, dtype=np.int32)
-  elif kind == "balanced":
-    if token_counts is None:
-      raise ValueError("a balanced table needs token_counts: int[vocab_size] corpus frequencies of "
-                       "each token (paper §3.1, Balanced assignment)")
-    counts = _validate_counts(token_counts, vocab_size)
-    table = _greedy_balanced_assignment(counts, num_experts, k=1)[:, 0]
-  elif kind == "clustered":
-    table = _kmeans_labels(embeddings, num_experts, vocab_size, seed, kmeans_iters).astype(np.int32)
-  elif kind == "dispersed":
-    counts = None if token_counts is None else _validate_counts(token_counts, vocab_size)
-    labels = _kmeans_labels(embeddings, num_experts, vocab_size, seed, kmeans_iters)
-    # The deal order's random tie-break uses a stream independent of the k-means seeding.
-    table = _disperse(labels, num_experts, counts, np.random.default_rng([seed, 1]))
-  else:
-    raise ValueError(f"kind must be one of {TABLE_KINDS}, got {kind!r}")
-  return HashTable(kind=kind, table=table, num_experts=num_experts, vocab_size=vocab_size,
-                   seed=seed, vocab_fingerprint=vocab_fingerprint)
-
-
-def build_multihash(kind: str, num_hashes: int, *, num_experts: int, vocab_size: int,
-                    token_counts: Optional[ArrayLike] = None,
-                    embeddings: Optional[ArrayLike] = None, seed: int = 0,
-                    vocab_fingerprint: str = "", kmeans_iters: int = 20,
-                    balance_slack: float = DEFAULT_BALANCE_SLACK) -> tuple[HashTable, ...]:
-  """N independent tables for a MultiHash layer (paper §3.2): hash m picks the expert of segment m.
-
-  Table m is built with seed `seed + m`. For "random", "clustered" and "dispersed" that is
-  `build_table(kind, seed=seed + m)`. The greedy "balanced" table is deterministic, so for
-  num_hashes > 1 each table is an independent draw of the randomised greedy assignment
-  (`_randomized_balanced_assignment`): as balanced as the greedy one up to `balance_slack` of the
-  mean load, but agreeing with another draw on ~1/E of the tokens. With num_hashes == 1 the
-  result is exactly the single greedy table, so MultiHash with one hash is the paper's hash layer.
-
-  Returns:
-    tuple of num_hashes HashTables, each int32[V].
-  """
-  if not isinstance(num_hashes, (int, np.integer)) or num_hashes < 1:
-    raise ValueError(f"num_hashes must be a positive int, got {num_hashes!r}")
-  common = dict(num_experts=num_experts, vocab_size=vocab_size, token_counts=token_counts,
-                embeddings=embeddings, vocab_fingerprint=vocab_fingerprint,
-                kmeans_iters=kmeans_iters)
-  if kind != "balanced" or num_hashes == 1:
-    return tuple(build_table(kind, seed=seed + m, **common) for m in range(num_hashes))
-  _check_sizes(num_experts, vocab_size)
-  if token_counts is None:
-    raise ValueError("a balanced MultiHash needs token_counts: int[vocab_size] corpus frequencies")
-  if not 0 <= balance_slack < 1:
-    raise ValueError(f"balance_slack must be in [0, 1), got {balance_slack}")
-  counts = _validate_counts(token_counts, vocab_size)
-  tables = []
-  for m in range(num_hashes):
-    rng = np.random.default_rng(seed + m)
-    table = _randomized_balanced_assignment(counts, num_experts, rng, balance_slack)
-    tables.append(HashTable(kind="balanced", table=table, num_experts=num_experts,
-                            vocab_size=vocab_size, seed=seed + m,
-                            vocab_fingerprint=vocab_fingerprint))
-  return tuple(tables)
-
-
-def build_topk_table(k: int, *, num_experts: int, vocab_size: int, token_counts: ArrayLike,
-                     seed: int = 0, vocab_fingerprint: str = "") -> HashTable:
-  """Hash-selected top-k (DeepSeek-V4 style): k distinct experts per token, balanced.
-
-  The paper's greedy balanced assignment with k picks per token: tokens by decreasing frequency
-  each take the k currently lightest buckets, and each of those buckets is charged the token's full
-  count (every selected expert processes the token).
-
-  Args:
-    k: experts per token, 1 <= k <= num_experts.
-    token_counts: int/float[V] corpus occurrences of each token.
-    seed: recorded only; the assignment is deterministic.
-
-  Returns:
-    HashTable of kind TOPK_KIND with table int32[V, k]; row v lists token v's experts, lightest
-    bucket first.
-  """
-  _check_sizes(num_experts, vocab_size)
-  if not isinstance(k, (int, np.integer)) or not 1 <= k <= num_experts:
-    raise ValueError(f"k must be an int in [1, num_experts={num_experts}], got {k!r}")
-  counts = _validate_counts(token_counts, vocab_size)
-  table = _greedy_balanced_assignment(counts, num_experts, k=int(k))
-  return HashTable(kind=TOPK_KIND, table=table, num_experts=num_experts, vocab_size=vocab_size,
-                   seed=seed, vocab_fingerprint=vocab_fingerprint)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -218,7 +218,7 @@ class Hash(_Hashed):
 @dataclasses.dataclass(frozen=True)
 class HashTopK(_Hashed):
   """Hash-selected top-k (DeepSeek-V4's hash-routed first layers): a fixed table of k distinct
-  experts per key (`hashing.build_topk_table`) picks who runs, a learned gate weighs them.
+  experts per key (`hash_functions.build_topk_table`) picks who runs, a learned gate weighs them.
 
   Attributes:
     key, key_space, seed: see `_Hashed`.

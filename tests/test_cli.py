@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hashmoe import cli, hashing, tables
+from hashmoe import cli, hash_functions, hashing, tables
 from hashmoe.training import run_dir
 from textdata import write_text_folder
 
@@ -172,7 +172,7 @@ def test_build_hash_writes_balanced_and_clustered_tables(trained, tmp_path, monk
       np.add.at(counts, [0] + ids[start:start + 32][:-1], 1)
   load = np.bincount(balanced.table, weights=counts, minlength=16)
   assert load.max() <= counts.sum() / 16 + counts.max()
-  random_load = np.bincount(hashing.build_table("random", num_experts=16, vocab_size=320).table,
+  random_load = np.bincount(hash_functions.build_table("random", num_experts=16, vocab_size=320).table,
                             weights=counts, minlength=16)
   assert load.max() / load.mean() < random_load.max() / random_load.mean()
   # Clustered, from the trained run's token embeddings (read here independently with orbax).
@@ -183,7 +183,7 @@ def test_build_hash_writes_balanced_and_clustered_tables(trained, tmp_path, monk
   import orbax.checkpoint as ocp
   state = ocp.PyTreeCheckpointer().restore(trained["model_dir"] / "checkpoints" / "20" / "state")
   embeddings = np.asarray(state["params"]["token_embedder"]["embedding"])
-  want = hashing.build_table("clustered", num_experts=16, vocab_size=320, embeddings=embeddings,
+  want = hash_functions.build_table("clustered", num_experts=16, vocab_size=320, embeddings=embeddings,
                              seed=3)
   np.testing.assert_array_equal(hashing.HashTable.load(tmp_path / "clustered.npz").table,
                                 want.table)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hashmoe import cli, gin_utils, hashing
+from hashmoe import cli, gin_utils, hash_functions
 from test_cli import REPO, gin_flags
 from textdata import write_text_folder
 
@@ -196,7 +196,7 @@ def test_build_hash_refuses_a_directory_as_output_and_leaves_no_temporary(texts,
   assert not list(out_dir.iterdir()) and not (tmp_path / "unused").exists()
   # The table writer itself, given that directory (the CLI no longer lets it get there), fails
   # without leaving its temporary `.tables.tmp-<pid>` beside it.
-  table = hashing.build_table("random", num_experts=4, vocab_size=16)
+  table = hash_functions.build_table("random", num_experts=4, vocab_size=16)
   with pytest.raises(OSError):
     table.save(out_dir)
   assert [p.name for p in tmp_path.iterdir()] == ["tables"]

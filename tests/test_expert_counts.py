@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hashmoe import hashing, routing
+from hashmoe import hash_functions, routing
 from hashmoe.routing import RouterFeatures
 
 BATCH, LENGTH, D_MODEL, NUM_EXPERTS, VOCAB = 2, 12, 8, 4, 40
@@ -21,11 +21,11 @@ TOKENS = BATCH * LENGTH
 
 def _routers():
   counts = np.random.default_rng(0).integers(1, 100, size=VOCAB)
-  table = hashing.build_table("balanced", vocab_size=VOCAB, num_experts=NUM_EXPERTS,
+  table = hash_functions.build_table("balanced", vocab_size=VOCAB, num_experts=NUM_EXPERTS,
                               token_counts=counts)
-  multihash = hashing.build_multihash("random", 2, num_experts=NUM_EXPERTS, vocab_size=VOCAB,
+  multihash = hash_functions.build_multihash("random", 2, num_experts=NUM_EXPERTS, vocab_size=VOCAB,
                                       seed=5)
-  topk = hashing.build_topk_table(2, num_experts=NUM_EXPERTS, vocab_size=VOCAB,
+  topk = hash_functions.build_topk_table(2, num_experts=NUM_EXPERTS, vocab_size=VOCAB,
                                   token_counts=counts)
   return {
       "hash": (routing.HashRouter(NUM_EXPERTS, tables=(table,)), True),

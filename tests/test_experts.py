@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from hashmoe import experts as ex
+from hashmoe import hash_functions
 from hashmoe import hashing
 from hashmoe.routing import Routing
 
@@ -678,7 +679,7 @@ def test_hash_router_to_experts_with_pipeline_precomputed_routing():
   vocab, experts, d = 50, 4, 8
   ids = rng.integers(0, vocab, size=(4, 8)).astype(np.int32)
   x = rng.normal(size=(32, d)).astype(np.float32)
-  tables = hashing.build_multihash("random", 2, num_experts=experts, vocab_size=vocab, seed=0)
+  tables = hash_functions.build_multihash("random", 2, num_experts=experts, vocab_size=vocab, seed=0)
   router = routing_lib.HashRouter(experts, num_hashes=2, tables=tables)
   module = ex.Experts(num_experts=experts, d_ff=16, num_slices=2)
   presorted = hashing.precompute_hash_routing([("token", tables)], token_ids=ids)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from hashmoe import hash_functions
 from hashmoe import hashing
 from hashmoe.hashing import HashTable
 
@@ -224,7 +225,7 @@ def test_check_vocabulary_names_both_values():
 
 
 def test_lookup_matches_numpy_indexing_and_raises_on_bad_ids():
-  table = hashing.build_table("random", num_experts=5, vocab_size=50, seed=3)
+  table = hash_functions.build_table("random", num_experts=5, vocab_size=50, seed=3)
   ids = np.random.default_rng(0).integers(0, 50, size=(3, 7))
   np.testing.assert_array_equal(table.lookup(ids), table.table[ids])
   np.testing.assert_array_equal(table.lookup(jnp.asarray(ids)), table.table[ids])
@@ -236,7 +237,7 @@ def test_lookup_matches_numpy_indexing_and_raises_on_bad_ids():
 
 
 def test_lookup_under_jit_and_topk_shape():
-  table = hashing.build_topk_table(3, num_experts=6, vocab_size=20, token_counts=np.arange(20))
+  table = hash_functions.build_topk_table(3, num_experts=6, vocab_size=20, token_counts=np.arange(20))
   ids = np.array([[0, 19, 4], [7, 7, 1]])
   out = jax.jit(table.lookup)(ids)
   assert out.shape == (2, 3, 3)
@@ -248,9 +249,9 @@ def test_lookup_under_jit_and_topk_shape():
 
 
 def test_random_table_is_seeded_and_uniform():
-  a = hashing.build_table("random", num_experts=16, vocab_size=4000, seed=1)
-  b = hashing.build_table("random", num_experts=16, vocab_size=4000, seed=1)
-  c = hashing.build_table("random", num_experts=16, vocab_size=4000, seed=2)
+  a = hash_functions.build_table("random", num_experts=16, vocab_size=4000, seed=1)
+  b = hash_functions.build_table("random", num_experts=16, vocab_size=4000, seed=1)
+  c = hash_functions.build_table("random", num_experts=16, vocab_size=4000, seed=2)
   assert a == b and a.kind == "random" and a.seed == 1
   assert np.mean(a.table == c.table) < 0.2
   _, p = stats.chisquare(np.bincount(a.table, minlength=16))
@@ -261,7 +262,7 @@ def test_random_table_is_seeded_and_uniform():
                          [(300, 7, 0.0, 0), (500, 16, 0.3, 1), (40, 8, 0.5, 2), (5, 8, 0.0, 3)])
 def test_balanced_matches_naive_greedy(vocab_size, num_experts, zero_fraction, seed):
   counts = zipf_counts(vocab_size, seed, scale=2000, zero_fraction=zero_fraction)
-  table = hashing.build_table("balanced", num_experts=num_experts, vocab_size=vocab_size,
+  table = hash_functions.build_table("balanced", num_experts=num_experts, vocab_size=vocab_size,
                               token_counts=counts)
   np.testing.assert_array_equal(table.table, naive_greedy(counts.tolist(), num_experts)[:, 0])
 
@@ -269,7 +270,7 @@ def test_balanced_matches_naive_greedy(vocab_size, num_experts, zero_fraction, s
 def test_balanced_breaks_load_ties_by_token_count():
   # Loads after five tokens: e0 = 4+1+1 = 6 (3 tokens), e1 = 3+3 = 6 (2 tokens): the last token goes
   # to e1, the bucket with fewer tokens, not to the lower index e0.
-  table = hashing.build_table("balanced", num_experts=2, vocab_size=6,
+  table = hash_functions.build_table("balanced", num_experts=2, vocab_size=6,
                               token_counts=np.array([4, 3, 3, 1, 1, 1]))
   np.testing.assert_array_equal(table.table, [0, 1, 1, 0, 0, 1])
 
@@ -278,8 +279,8 @@ def test_balanced_accepts_float_frequencies():
   counts = zipf_counts(200, 4, scale=1000)
   # Scaling by a power of two is exact in floating point, so load ties survive and the tables agree.
   freqs = counts / 2.0**20
-  a = hashing.build_table("balanced", num_experts=8, vocab_size=200, token_counts=counts)
-  b = hashing.build_table("balanced", num_experts=8, vocab_size=200, token_counts=freqs)
+  a = hash_functions.build_table("balanced", num_experts=8, vocab_size=200, token_counts=counts)
+  b = hash_functions.build_table("balanced", num_experts=8, vocab_size=200, token_counts=freqs)
   np.testing.assert_array_equal(a.table, b.table)
 
 
@@ -288,9 +289,9 @@ def test_balanced_is_far_more_even_than_random_on_zipf():
   vocab_size, num_experts = 8000, 64
   counts = zipf_counts(vocab_size, 5, exponent=0.6)
   assert counts.max() < counts.sum() / num_experts
-  balanced = hashing.build_table("balanced", num_experts=num_experts, vocab_size=vocab_size,
+  balanced = hash_functions.build_table("balanced", num_experts=num_experts, vocab_size=vocab_size,
                                  token_counts=counts).load_stats(counts)
-  random = hashing.build_table("random", num_experts=num_experts, vocab_size=vocab_size,
+  random = hash_functions.build_table("random", num_experts=num_experts, vocab_size=vocab_size,
                                token_counts=counts).load_stats(counts)
   assert balanced["max_over_mean"] < 1.01
   assert random["max_over_mean"] > 1.2
@@ -301,7 +302,7 @@ def test_balanced_is_far_more_even_than_random_on_zipf():
 def test_balanced_cannot_split_a_token_above_the_ideal_share():
   # The paper's caveat: one token with more than 1/E of the corpus sets the max load alone.
   counts = np.array([1000] + [10] * 99)
-  out = hashing.build_table("balanced", num_experts=4, vocab_size=100,
+  out = hash_functions.build_table("balanced", num_experts=4, vocab_size=100,
                             token_counts=counts).load_stats(counts)
   assert out["max_over_mean"] == pytest.approx(1000 / (counts.sum() / 4))
 
@@ -309,7 +310,7 @@ def test_balanced_cannot_split_a_token_above_the_ideal_share():
 def test_balanced_spreads_zero_count_tokens():
   counts = np.zeros(1003, dtype=np.int64)
   counts[:5] = [50, 40, 30, 20, 10]
-  table = hashing.build_table("balanced", num_experts=8, vocab_size=1003, token_counts=counts)
+  table = hash_functions.build_table("balanced", num_experts=8, vocab_size=1003, token_counts=counts)
   unseen = np.bincount(table.table[5:], minlength=8)
   assert unseen.max() - unseen.min() <= 1
   # Dealt in id order, round robin.
@@ -318,13 +319,13 @@ def test_balanced_spreads_zero_count_tokens():
 
 def test_balanced_errors():
   with pytest.raises(ValueError, match="token_counts"):
-    hashing.build_table("balanced", num_experts=4, vocab_size=10)
+    hash_functions.build_table("balanced", num_experts=4, vocab_size=10)
   with pytest.raises(ValueError, match="shape"):
-    hashing.build_table("balanced", num_experts=4, vocab_size=10, token_counts=np.ones(9))
+    hash_functions.build_table("balanced", num_experts=4, vocab_size=10, token_counts=np.ones(9))
   with pytest.raises(ValueError, match="finite"):
-    hashing.build_table("balanced", num_experts=4, vocab_size=2, token_counts=np.array([1, np.nan]))
+    hash_functions.build_table("balanced", num_experts=4, vocab_size=2, token_counts=np.array([1, np.nan]))
   with pytest.raises(ValueError, match="kind"):
-    hashing.build_table("zipfy", num_experts=4, vocab_size=10)
+    hash_functions.build_table("zipfy", num_experts=4, vocab_size=10)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -344,14 +345,14 @@ def blobs(sizes, dim=8, seed=0):
 def test_clustered_gives_each_blob_one_expert():
   sizes = [30, 12, 45, 20, 8, 25]
   points, labels = blobs(sizes)
-  table = hashing.build_table("clustered", num_experts=6, vocab_size=points.shape[0],
+  table = hash_functions.build_table("clustered", num_experts=6, vocab_size=points.shape[0],
                               embeddings=points, seed=3)
   experts_of_blob = [set(table.table[labels == b].tolist()) for b in range(len(sizes))]
   assert all(len(s) == 1 for s in experts_of_blob)
   assert len(set.union(*experts_of_blob)) == len(sizes)
   # Canonical numbering: token 0's cluster is expert 0.
   assert table.table[0] == 0
-  again = hashing.build_table("clustered", num_experts=6, vocab_size=points.shape[0],
+  again = hash_functions.build_table("clustered", num_experts=6, vocab_size=points.shape[0],
                               embeddings=points, seed=3)
   assert again == table
 
@@ -359,17 +360,17 @@ def test_clustered_gives_each_blob_one_expert():
 def test_clustered_survives_empty_clusters():
   # Only 3 distinct embeddings for 8 clusters: k-means must leave clusters empty, not crash.
   points = np.repeat(np.eye(3, 4), [5, 6, 7], axis=0)
-  table = hashing.build_table("clustered", num_experts=8, vocab_size=18, embeddings=points)
+  table = hash_functions.build_table("clustered", num_experts=8, vocab_size=18, embeddings=points)
   assert len(set(table.table.tolist())) == 3
   for start, stop in [(0, 5), (5, 11), (11, 18)]:
     assert len(set(table.table[start:stop].tolist())) == 1
   # Fewer tokens than experts.
-  small = hashing.build_table("clustered", num_experts=8, vocab_size=3, embeddings=np.eye(3))
+  small = hash_functions.build_table("clustered", num_experts=8, vocab_size=3, embeddings=np.eye(3))
   assert sorted(small.table.tolist()) == [0, 1, 2]
   with pytest.raises(ValueError, match="embeddings"):
-    hashing.build_table("clustered", num_experts=8, vocab_size=3)
+    hash_functions.build_table("clustered", num_experts=8, vocab_size=3)
   with pytest.raises(ValueError, match="shape"):
-    hashing.build_table("clustered", num_experts=8, vocab_size=3, embeddings=np.eye(4))
+    hash_functions.build_table("clustered", num_experts=8, vocab_size=3, embeddings=np.eye(4))
 
 
 @pytest.mark.parametrize("with_counts", [False, True])
@@ -379,7 +380,7 @@ def test_dispersed_spreads_every_cluster_evenly(with_counts):
   points, labels = blobs(sizes, seed=1)
   vocab_size = points.shape[0]
   counts = zipf_counts(vocab_size, 6, scale=500) if with_counts else None
-  table = hashing.build_table("dispersed", num_experts=num_experts, vocab_size=vocab_size,
+  table = hash_functions.build_table("dispersed", num_experts=num_experts, vocab_size=vocab_size,
                               embeddings=points, token_counts=counts, seed=2)
   for b, size in enumerate(sizes):
     per_expert = np.bincount(table.table[labels == b], minlength=num_experts)
@@ -400,10 +401,10 @@ def test_dispersed_spreads_every_cluster_evenly(with_counts):
 
 
 def test_multihash_random_uses_consecutive_seeds():
-  tables = hashing.build_multihash("random", 3, num_experts=8, vocab_size=100, seed=10)
+  tables = hash_functions.build_multihash("random", 3, num_experts=8, vocab_size=100, seed=10)
   assert [t.seed for t in tables] == [10, 11, 12]
   for i, t in enumerate(tables):
-    assert t == hashing.build_table("random", num_experts=8, vocab_size=100, seed=10 + i)
+    assert t == hash_functions.build_table("random", num_experts=8, vocab_size=100, seed=10 + i)
 
 
 def mutual_information(a, b, num_experts):
@@ -418,16 +419,16 @@ def mutual_information(a, b, num_experts):
 def test_multihash_balanced_is_independent_and_balanced():
   vocab_size, num_experts, num_hashes = 6000, 16, 4
   counts = zipf_counts(vocab_size, 7, exponent=1.0, zero_fraction=0.1)
-  single = hashing.build_table("balanced", num_experts=num_experts, vocab_size=vocab_size,
+  single = hash_functions.build_table("balanced", num_experts=num_experts, vocab_size=vocab_size,
                                token_counts=counts)
-  assert hashing.build_multihash("balanced", 1, num_experts=num_experts, vocab_size=vocab_size,
+  assert hash_functions.build_multihash("balanced", 1, num_experts=num_experts, vocab_size=vocab_size,
                                  token_counts=counts) == (single,)
-  tables = hashing.build_multihash("balanced", num_hashes, num_experts=num_experts,
+  tables = hash_functions.build_multihash("balanced", num_hashes, num_experts=num_experts,
                                    vocab_size=vocab_size, token_counts=counts, seed=3)
-  assert tables == hashing.build_multihash("balanced", num_hashes, num_experts=num_experts,
+  assert tables == hash_functions.build_multihash("balanced", num_hashes, num_experts=num_experts,
                                            vocab_size=vocab_size, token_counts=counts, seed=3)
   mean_load = counts.sum() / num_experts
-  slack = hashing.DEFAULT_BALANCE_SLACK
+  slack = hash_functions.DEFAULT_BALANCE_SLACK
   single_max = single.load_stats(counts)["max_over_mean"]
   # Under independence the expert pair of a token is uniform over E^2 pairs; the plug-in mutual
   # information then has expectation ~(E-1)^2 / (2 V) nats. A relabelled copy of one hash has log E.
@@ -448,17 +449,17 @@ def test_multihash_balanced_is_independent_and_balanced():
 
 def test_multihash_argument_errors():
   with pytest.raises(ValueError, match="num_hashes"):
-    hashing.build_multihash("random", 0, num_experts=4, vocab_size=8)
+    hash_functions.build_multihash("random", 0, num_experts=4, vocab_size=8)
   with pytest.raises(ValueError, match="token_counts"):
-    hashing.build_multihash("balanced", 2, num_experts=4, vocab_size=8)
+    hash_functions.build_multihash("balanced", 2, num_experts=4, vocab_size=8)
   with pytest.raises(ValueError, match="balance_slack"):
-    hashing.build_multihash("balanced", 2, num_experts=4, vocab_size=8, token_counts=np.ones(8),
+    hash_functions.build_multihash("balanced", 2, num_experts=4, vocab_size=8, token_counts=np.ones(8),
                             balance_slack=1.5)
 
 
 def test_multihash_dispersed_tables_differ():
   points, _ = blobs([20, 20, 20, 20], seed=4)
-  tables = hashing.build_multihash("dispersed", 2, num_experts=4, vocab_size=80, embeddings=points)
+  tables = hash_functions.build_multihash("dispersed", 2, num_experts=4, vocab_size=80, embeddings=points)
   assert np.mean(tables[0].table == tables[1].table) < 0.6
 
 
@@ -469,19 +470,19 @@ def test_multihash_dispersed_tables_differ():
 def test_topk_matches_naive_greedy_and_is_distinct_and_balanced():
   vocab_size, num_experts, k = 400, 12, 3
   counts = zipf_counts(vocab_size, 8, exponent=0.7, scale=5000, zero_fraction=0.2)
-  table = hashing.build_topk_table(k, num_experts=num_experts, vocab_size=vocab_size,
+  table = hash_functions.build_topk_table(k, num_experts=num_experts, vocab_size=vocab_size,
                                    token_counts=counts, vocab_fingerprint="")
   assert table.kind == hashing.TOPK_KIND and table.table.shape == (vocab_size, k) and table.k == k
   np.testing.assert_array_equal(table.table, naive_greedy(counts.tolist(), num_experts, k))
   assert all(len(set(row)) == k for row in table.table.tolist())
   assert table.load_stats(counts)["max_over_mean"] < 1.02
-  k1 = hashing.build_topk_table(1, num_experts=num_experts, vocab_size=vocab_size,
+  k1 = hash_functions.build_topk_table(1, num_experts=num_experts, vocab_size=vocab_size,
                                 token_counts=counts)
-  balanced = hashing.build_table("balanced", num_experts=num_experts, vocab_size=vocab_size,
+  balanced = hash_functions.build_table("balanced", num_experts=num_experts, vocab_size=vocab_size,
                                  token_counts=counts)
   np.testing.assert_array_equal(k1.table[:, 0], balanced.table)
   with pytest.raises(ValueError, match="k must be"):
-    hashing.build_topk_table(13, num_experts=num_experts, vocab_size=vocab_size,
+    hash_functions.build_topk_table(13, num_experts=num_experts, vocab_size=vocab_size,
                              token_counts=counts)
 
 
@@ -492,8 +493,8 @@ def test_topk_matches_naive_greedy_and_is_distinct_and_balanced():
 def test_save_load_round_trip(tmp_path):
   fp = hashing.vocabulary_fingerprint([f"w{i}" for i in range(64)])
   for table in [
-      hashing.build_table("random", num_experts=8, vocab_size=64, seed=5, vocab_fingerprint=fp),
-      hashing.build_topk_table(2, num_experts=8, vocab_size=64, token_counts=np.arange(64), seed=1),
+      hash_functions.build_table("random", num_experts=8, vocab_size=64, seed=5, vocab_fingerprint=fp),
+      hash_functions.build_topk_table(2, num_experts=8, vocab_size=64, token_counts=np.arange(64), seed=1),
   ]:
     directory = tmp_path / table.kind
     directory.mkdir()
@@ -511,7 +512,7 @@ def test_load_rejects_another_vocabulary(tmp_path):
   fp = hashing.vocabulary_fingerprint(["a", "b", "c"])
   other = hashing.vocabulary_fingerprint(["a", "b", "d"])
   path = tmp_path / "t.npz"
-  hashing.build_table("random", num_experts=2, vocab_size=3, vocab_fingerprint=fp).save(path)
+  hash_functions.build_table("random", num_experts=2, vocab_size=3, vocab_fingerprint=fp).save(path)
   with pytest.raises(ValueError, match="vocab_size=3.*vocab_size=4"):
     HashTable.load(path, vocab_size=4)
   with pytest.raises(ValueError, match=other):
@@ -527,7 +528,7 @@ def rewrite_npz(path, **entries):
 
 
 def test_load_rejects_corrupt_and_malformed_files(tmp_path):
-  table = hashing.build_table("random", num_experts=4, vocab_size=32, seed=0)
+  table = hash_functions.build_table("random", num_experts=4, vocab_size=32, seed=0)
   good = tmp_path / "good.npz"
   table.save(good)
   data = good.read_bytes()
@@ -580,13 +581,13 @@ def test_load_rejects_corrupt_and_malformed_files(tmp_path):
 
 
 def test_save_plain_writes_bare_int32_npy(tmp_path):
-  table = hashing.build_table("random", num_experts=8, vocab_size=30, seed=9)
+  table = hash_functions.build_table("random", num_experts=8, vocab_size=30, seed=9)
   path = tmp_path / "table.bin"  # No .npy suffix gets appended.
   table.save_plain(path)
   loaded = np.load(path, allow_pickle=False)
   assert loaded.dtype == np.int32 and loaded.shape == (30,)
   np.testing.assert_array_equal(loaded, table.table)
-  topk = hashing.build_topk_table(2, num_experts=8, vocab_size=30, token_counts=np.ones(30))
+  topk = hash_functions.build_topk_table(2, num_experts=8, vocab_size=30, token_counts=np.ones(30))
   topk.save_plain(tmp_path / "topk.npy")
   np.testing.assert_array_equal(np.load(tmp_path / "topk.npy"), topk.table)
 
@@ -662,7 +663,7 @@ def test_sequence_starts_matches_loop(packed_batch):
 
 def test_lookup_clamps_traced_out_of_range_ids():
   # Documented: traced ids cannot be checked, so they clamp to a valid expert instead of failing.
-  table = hashing.build_table("random", num_experts=4, vocab_size=10, seed=0)
+  table = hash_functions.build_table("random", num_experts=4, vocab_size=10, seed=0)
   out = jax.jit(table.lookup)(jnp.array([-3, 12]))
   np.testing.assert_array_equal(out, [table.table[0], table.table[9]])
 
@@ -789,14 +790,14 @@ def test_precompute_routing_matches_a_python_loop(layout):
   vocab, experts = 30, 4
   counts = zipf_counts(vocab, seed=1)
   if layout == "single":
-    tables = hashing.build_table("balanced", num_experts=experts, vocab_size=vocab,
+    tables = hash_functions.build_table("balanced", num_experts=experts, vocab_size=vocab,
                                  token_counts=counts)
     columns, multihash = [tables.table], True
   elif layout == "multihash3":
-    tables = hashing.build_multihash("random", 3, num_experts=experts, vocab_size=vocab, seed=2)
+    tables = hash_functions.build_multihash("random", 3, num_experts=experts, vocab_size=vocab, seed=2)
     columns, multihash = [t.table for t in tables], True
   else:
-    tables = hashing.build_topk_table(2, num_experts=experts, vocab_size=vocab,
+    tables = hash_functions.build_topk_table(2, num_experts=experts, vocab_size=vocab,
                                       token_counts=counts)
     columns, multihash = list(tables.table.T), False
   keys = np.random.default_rng(3).integers(0, vocab, size=(3, 7))
@@ -810,13 +811,13 @@ def test_precompute_routing_matches_a_python_loop(layout):
 
 
 def test_precompute_routing_rejects_bad_keys_and_tables():
-  table = hashing.build_table("random", num_experts=4, vocab_size=10, seed=0)
+  table = hash_functions.build_table("random", num_experts=4, vocab_size=10, seed=0)
   with pytest.raises(ValueError, match="outside"):
     hashing.precompute_routing(table, np.array([[1, 10]]))
-  other = hashing.build_table("random", num_experts=5, vocab_size=10, seed=0)
+  other = hash_functions.build_table("random", num_experts=5, vocab_size=10, seed=0)
   with pytest.raises(ValueError, match="share num_experts"):
     hashing.precompute_routing((table, other), np.array([[1, 2]]))
-  topk = hashing.build_topk_table(2, num_experts=4, vocab_size=10, token_counts=np.ones(10))
+  topk = hash_functions.build_topk_table(2, num_experts=4, vocab_size=10, token_counts=np.ones(10))
   with pytest.raises(ValueError, match="top-k table"):
     hashing.precompute_routing((table, topk), np.array([[1, 2]]))
   with pytest.raises(TypeError, match="HashTable"):
@@ -824,8 +825,8 @@ def test_precompute_routing_rejects_bad_keys_and_tables():
 
 
 def test_routing_signature_names_key_layout_and_contents():
-  t = hashing.build_multihash("random", 2, num_experts=4, vocab_size=10, seed=0)
-  same = hashing.build_multihash("random", 2, num_experts=4, vocab_size=10, seed=0)
+  t = hash_functions.build_multihash("random", 2, num_experts=4, vocab_size=10, seed=0)
+  same = hash_functions.build_multihash("random", 2, num_experts=4, vocab_size=10, seed=0)
   name = hashing.routing_signature("token", t)
   assert name == hashing.routing_signature("token", same)
   assert name.startswith("token:multihash2x4:")
@@ -836,7 +837,7 @@ def test_routing_signature_names_key_layout_and_contents():
   changed[3] = (changed[3] + 1) % 4
   assert name != hashing.routing_signature(
       "token", (HashTable(kind="random", table=changed, num_experts=4, vocab_size=10), t[1]))
-  topk = hashing.build_topk_table(2, num_experts=4, vocab_size=10, token_counts=np.ones(10))
+  topk = hash_functions.build_topk_table(2, num_experts=4, vocab_size=10, token_counts=np.ones(10))
   assert hashing.routing_signature("token", topk).startswith("token:topk2x4:")
   with pytest.raises(ValueError, match="key must be one of"):
     hashing.routing_signature("tokens", t)
@@ -844,8 +845,8 @@ def test_routing_signature_names_key_layout_and_contents():
 
 def test_precompute_hash_routing_shares_one_entry_per_key_and_tables():
   vocab, experts = 12, 3
-  a = hashing.build_table("random", num_experts=experts, vocab_size=vocab, seed=1)
-  b = hashing.build_table("random", num_experts=experts, vocab_size=vocab, seed=2)
+  a = hash_functions.build_table("random", num_experts=experts, vocab_size=vocab, seed=1)
+  b = hash_functions.build_table("random", num_experts=experts, vocab_size=vocab, seed=2)
   ids = np.random.default_rng(0).integers(0, vocab, size=(2, 6)).astype(np.int32)
   segment_ids = np.array([[1, 1, 1, 2, 2, 2], [1] * 6], np.int32)
   out = hashing.precompute_hash_routing(

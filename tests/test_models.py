@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hashmoe import hashing
+from hashmoe import hash_functions
 from hashmoe import layers
 from hashmoe import models as M
 from hashmoe import routers
@@ -200,9 +200,9 @@ def test_hash_layer_matches_numpy_per_token_loop(num_encoder_layers):
   """Given tables, each token's FFN is expert table[x_t] (encoder keys: encoder tokens)."""
   enc_layers = (0,) if num_encoder_layers else ()
   cfg = tiny(num_encoder_layers, sparse(("hash"), layers=(1,), encoder_layers=enc_layers))
-  tables = {"decoder_1": hashing.build_table("random", num_experts=E, vocab_size=V, seed=1)}
+  tables = {"decoder_1": hash_functions.build_table("random", num_experts=E, vocab_size=V, seed=1)}
   if num_encoder_layers:
-    tables["encoder_0"] = hashing.build_table("random", num_experts=E, vocab_size=V, seed=2)
+    tables["encoder_0"] = hash_functions.build_table("random", num_experts=E, vocab_size=V, seed=2)
   batch = random_batch(1, enc_length=8 if num_encoder_layers else None)
   model = M.build_model(cfg, {k: (t,) for k, t in tables.items()})
   variables = init(model, batch)
@@ -560,7 +560,7 @@ def test_config_errors_name_the_problem():
   with pytest.raises(ValueError, match="num_encoder_layers == 0"):
     M.DecoderLM(tiny(2)).init(jax.random.key(0), batch)
   with pytest.raises(ValueError, match=r"decoder_7"):
-    table = hashing.build_table("random", num_experts=E, vocab_size=V)
+    table = hash_functions.build_table("random", num_experts=E, vocab_size=V)
     M.build_model(tiny(sparse=sparse("hash")), {"decoder_7": (table,)}).init(
         jax.random.key(0), batch)
   # SparseConfig accepts the lists gin hands over and stays hashable.
@@ -586,7 +586,7 @@ def test_hash_layers_without_tables_hash_independently():
   assert all(t.shape == (1, V) for t in tables.values())
   assert len({t.tobytes() for t in tables.values()}) == 3
   # Given tables are used as they are: "default" fills every hash layer.
-  table = hashing.build_table("random", num_experts=E, vocab_size=V, seed=5)
+  table = hash_functions.build_table("random", num_experts=E, vocab_size=V, seed=5)
   variables = init(M.build_model(cfg, {"default": table}), random_batch(13, enc_length=8))
   for t in variables["hash_tables"].values():
     np.testing.assert_array_equal(np.asarray(t["moe"]["router"]["table"])[0], table.table)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hashmoe import hashing, models, routers
+from hashmoe import hash_functions, models, routers
 from hashmoe import sharding as sh
 
 VOCAB, EXPERTS = 32, 4
@@ -30,7 +30,7 @@ def test_sparse_layer_scopes_in_lowered_train_step(router):
   counts = np.arange(1, VOCAB + 1)
   tables = None
   if router.uses_tables:
-    table = hashing.build_table("balanced", num_experts=EXPERTS, vocab_size=VOCAB,
+    table = hash_functions.build_table("balanced", num_experts=EXPERTS, vocab_size=VOCAB,
                                 token_counts=counts)
     tables = {"default": (table,)}
   config = models.tiny_config(vocab_size=VOCAB, num_encoder_layers=0, sparse=models.SparseConfig(

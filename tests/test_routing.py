@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
+from hashmoe import assignment, hash_functions
 from hashmoe import hashing
 from hashmoe import routing
 from hashmoe.routing import RouterFeatures
@@ -140,18 +141,18 @@ def test_balanced_assignment_degenerate_inputs():
   # All-equal scores and duplicated rows: any balanced assignment is optimal; it must stay balanced.
   for scores in (np.zeros((16, 4), np.float32),
                  np.tile(np.array([[3.0, 1.0, 0.0, -1.0]], np.float32), (16, 1))):
-    a = np.asarray(routing.balanced_assignment(jnp.asarray(scores)).assignment)
+    a = np.asarray(assignment.balanced_assignment(jnp.asarray(scores)).assignment)
     np.testing.assert_array_equal(np.bincount(a, minlength=4), 4)
   # One expert: everything goes there.
   np.testing.assert_array_equal(
-      routing.balanced_assignment(jnp.ones((5, 1))).assignment, np.zeros(5))
+      assignment.balanced_assignment(jnp.ones((5, 1))).assignment, np.zeros(5))
   # A round budget too small to finish: the fallback still balances, and says it was needed.
   scores = np.tile(np.arange(4, dtype=np.float32)[None], (16, 1))
-  result = routing.balanced_assignment(jnp.asarray(scores), max_rounds=1)
+  result = assignment.balanced_assignment(jnp.asarray(scores), max_rounds=1)
   np.testing.assert_array_equal(np.bincount(np.asarray(result.assignment), minlength=4), 4)
   assert float(result.unassigned_fraction) > 0
   with pytest.raises(ValueError, match="divisible"):
-    routing.balanced_assignment(jnp.ones((10, 4)))
+    assignment.balanced_assignment(jnp.ones((10, 4)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,7 +188,7 @@ def _prev_tokens_numpy(ids, segment_ids):
 
 def test_hash_router_token_key_matches_numpy_gather():
   ids, hidden = _data()
-  table = hashing.build_table("balanced", num_experts=NUM_EXPERTS, vocab_size=VOCAB,
+  table = hash_functions.build_table("balanced", num_experts=NUM_EXPERTS, vocab_size=VOCAB,
                               token_counts=np.arange(1, VOCAB + 1))
   router = routing.HashRouter(NUM_EXPERTS, tables=(table,))
   features = RouterFeatures(jnp.asarray(ids))
@@ -212,7 +213,7 @@ def test_hash_router_token_key_matches_numpy_gather():
 def test_multihash_with_context_keys_matches_numpy(key):
   ids, hidden = _data(seed=3)
   segment_ids = np.array([[1] * 5 + [2] * 7, [1] * 12], np.int32)
-  tables = hashing.build_multihash("random", 2, num_experts=NUM_EXPERTS, vocab_size=VOCAB, seed=5)
+  tables = hash_functions.build_multihash("random", 2, num_experts=NUM_EXPERTS, vocab_size=VOCAB, seed=5)
   router = routing.HashRouter(NUM_EXPERTS, key=key, num_hashes=2, key_space=VOCAB, tables=tables)
   features = RouterFeatures(jnp.asarray(ids), segment_ids=jnp.asarray(segment_ids))
   variables = router.init(jax.random.key(0), jnp.asarray(hidden), features, deterministic=True)
@@ -236,7 +237,7 @@ def test_hash_router_position_key_and_random_default_table():
   variables = router.init(jax.random.key(0), jnp.asarray(hidden), features, deterministic=True)
   table = np.asarray(variables["hash_tables"]["table"])
   assert table.shape == (3, max_len) and table.dtype == np.int32
-  want_tables = hashing.build_multihash("random", 3, num_experts=NUM_EXPERTS, vocab_size=max_len,
+  want_tables = hash_functions.build_multihash("random", 3, num_experts=NUM_EXPERTS, vocab_size=max_len,
                                         seed=7)
   np.testing.assert_array_equal(table, np.stack([t.table for t in want_tables]))
   assert len({tuple(row) for row in table}) == 3  # the hashes differ
@@ -261,19 +262,19 @@ def test_hash_router_rejects_bad_ids_and_tables():
     routing.check_key_ids(jnp.asarray([0, 5, 41]), VOCAB, "token")
   routing.check_key_ids(jnp.asarray([0, 39]), VOCAB, "token")
 
-  table = hashing.build_table("random", num_experts=NUM_EXPERTS, vocab_size=VOCAB)
+  table = hash_functions.build_table("random", num_experts=NUM_EXPERTS, vocab_size=VOCAB)
   with pytest.raises(ValueError, match="num_experts=4.*num_experts=8"):
     routing.HashRouter(8, tables=(table,))
   with pytest.raises(ValueError, match="key_space=50.*vocab_size=40"):
     routing.HashRouter(NUM_EXPERTS, key_space=50, tables=(table,))
   with pytest.raises(ValueError, match="needs 2 tables"):
     routing.HashRouter(NUM_EXPERTS, num_hashes=2, tables=(table,))
-  other = hashing.build_table("random", num_experts=NUM_EXPERTS, vocab_size=VOCAB + 1)
+  other = hash_functions.build_table("random", num_experts=NUM_EXPERTS, vocab_size=VOCAB + 1)
   with pytest.raises(ValueError, match="share one key space"):
     routing.HashRouter(NUM_EXPERTS, num_hashes=2, tables=(table, other))
   with pytest.raises(TypeError, match="single HashTable"):
     routing.HashRouter(NUM_EXPERTS, tables=table)
-  topk = hashing.build_topk_table(2, num_experts=NUM_EXPERTS, vocab_size=VOCAB,
+  topk = hash_functions.build_topk_table(2, num_experts=NUM_EXPERTS, vocab_size=VOCAB,
                                   token_counts=np.ones(VOCAB))
   with pytest.raises(ValueError, match="one expert per key"):
     routing.HashRouter(NUM_EXPERTS, tables=(topk,))
@@ -294,7 +295,7 @@ def test_hash_router_rejects_bad_ids_and_tables():
 def test_hash_topk_router_weights_are_softmax_over_selected_gate_logits():
   ids, hidden = _data(seed=4)
   counts = np.random.default_rng(0).integers(1, 100, size=VOCAB)
-  table = hashing.build_topk_table(2, num_experts=NUM_EXPERTS, vocab_size=VOCAB,
+  table = hash_functions.build_topk_table(2, num_experts=NUM_EXPERTS, vocab_size=VOCAB,
                                    token_counts=counts)
   router = routing.HashTopKRouter(NUM_EXPERTS, 2, table=table)
   features = RouterFeatures(jnp.asarray(ids))
@@ -337,7 +338,7 @@ def test_hash_topk_router_default_table_and_mismatches():
   assert table.max() < NUM_EXPERTS
   table2 = routing.HashTopKRouter(NUM_EXPERTS, 3, key_space=VOCAB, seed=3)._initial_table()
   np.testing.assert_array_equal(table, table2)  # fixed by the seed
-  topk = hashing.build_topk_table(2, num_experts=NUM_EXPERTS, vocab_size=VOCAB,
+  topk = hash_functions.build_topk_table(2, num_experts=NUM_EXPERTS, vocab_size=VOCAB,
                                   token_counts=np.ones(VOCAB))
   with pytest.raises(ValueError, match="k=3"):
     routing.HashTopKRouter(NUM_EXPERTS, 3, table=topk)
@@ -568,11 +569,11 @@ def test_base_router_evaluation_is_greedy_and_gradients_flow_through_the_weight(
 
 def test_hash_router_passes_on_its_precomputed_routing():
   ids, hidden = _data(seed=6)
-  tables = hashing.build_multihash("random", 2, num_experts=NUM_EXPERTS, vocab_size=VOCAB, seed=1)
+  tables = hash_functions.build_multihash("random", 2, num_experts=NUM_EXPERTS, vocab_size=VOCAB, seed=1)
   router = routing.HashRouter(NUM_EXPERTS, num_hashes=2, tables=tables)
   assert router.routing_signature() == hashing.routing_signature("token", tables)
   mine = hashing.precompute_routing(tables, ids)
-  other_tables = hashing.build_multihash("random", 2, num_experts=NUM_EXPERTS, vocab_size=VOCAB,
+  other_tables = hash_functions.build_multihash("random", 2, num_experts=NUM_EXPERTS, vocab_size=VOCAB,
                                          seed=9)
   other = hashing.precompute_routing(other_tables, ids)
   precomputed = {router.routing_signature(): mine,
@@ -593,9 +594,9 @@ def test_hash_router_passes_on_its_precomputed_routing():
 def test_default_tables_and_topk_routers_have_signatures():
   ids, hidden = _data(seed=7)
   router = routing.HashRouter(NUM_EXPERTS, key="prev_token", key_space=VOCAB, seed=3)
-  want = hashing.build_multihash("random", 1, num_experts=NUM_EXPERTS, vocab_size=VOCAB, seed=3)
+  want = hash_functions.build_multihash("random", 1, num_experts=NUM_EXPERTS, vocab_size=VOCAB, seed=3)
   assert router.routing_signature() == hashing.routing_signature("prev_token", want)
-  table = hashing.build_topk_table(2, num_experts=NUM_EXPERTS, vocab_size=VOCAB,
+  table = hash_functions.build_topk_table(2, num_experts=NUM_EXPERTS, vocab_size=VOCAB,
                                    token_counts=np.arange(1, VOCAB + 1))
   topk = routing.HashTopKRouter(NUM_EXPERTS, 2, table=table)
   assert topk.routing_signature() == hashing.routing_signature("token", table)
@@ -640,7 +641,7 @@ def test_routing_metrics_count_only_the_masked_tokens():
 
 def test_hash_router_load_leaves_out_padding():
   # Two real tokens (ids 3, 4) and six padding positions (id 0): the load is over the real ones.
-  table = hashing.build_table("random", vocab_size=8, num_experts=4, seed=0)
+  table = hash_functions.build_table("random", vocab_size=8, num_experts=4, seed=0)
   router = routing.HashRouter(4, tables=(table,))
   ids = jnp.asarray([[3, 4, 0, 0], [0, 0, 0, 0]], jnp.int32)
   valid = ids > 0

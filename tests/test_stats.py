@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import seqio
 
+from hashmoe import hash_functions
 from hashmoe import hashing
 from hashmoe.data import stats, tasks, text_files, vocab as vocab_lib
 
@@ -147,7 +148,7 @@ def test_build_hash_table_from_a_task_writes_a_verified_table(task, tmp_path):
   assert loaded == table and loaded.vocab_fingerprint == fingerprint
   reference = collections.Counter(i for ids in _tokenized(task) for i in ids)
   counts = np.array([reference[i] for i in range(vocab.vocab_size)])
-  assert loaded == hashing.build_table("balanced", num_experts=4, vocab_size=vocab.vocab_size,
+  assert loaded == hash_functions.build_table("balanced", num_experts=4, vocab_size=vocab.vocab_size,
                                        token_counts=counts, vocab_fingerprint=fingerprint)
   # Balanced beats random on this corpus's Zipfian counts (paper Figure 4).
   random_table, = stats.build_hash_table("random", counts, num_experts=4,
@@ -187,7 +188,7 @@ def test_build_hash_table_kinds_and_multihash_files(tmp_path):
   clustered, = stats.build_hash_table("clustered", counts, num_experts=4,
                                       embeddings=tmp_path / "emb.npy",
                                       out_path=tmp_path / "clustered.npz")
-  assert clustered == hashing.build_table("clustered", num_experts=4, vocab_size=60,
+  assert clustered == hash_functions.build_table("clustered", num_experts=4, vocab_size=60,
                                           embeddings=embeddings)
   with pytest.raises(ValueError, match="needs embeddings"):
     stats.build_hash_table("dispersed", counts, num_experts=4, out_path=tmp_path / "d.npz")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hashmoe import hashing, models, routers, tables
+from hashmoe import hash_functions, hashing, models, routers, tables
 from hashmoe.training.errors import CheckpointError
 
 V = 32
@@ -53,7 +53,7 @@ def test_a_kind_is_built_from_the_split_s_counts_and_kept_under_model_dir(tmp_pa
       model_dir=tmp_path)
   # Decoder routers hash their inputs, so a token table is balanced on decoder-input counts.
   assert calls == [("token", V, True)]
-  want = hashing.build_table("balanced", num_experts=4, vocab_size=V, seed=3,
+  want = hash_functions.build_table("balanced", num_experts=4, vocab_size=V, seed=3,
                              token_counts=_counts([])("token", V, decoder_inputs=True))
   assert built == {"default": (want,)}
   assert hashing.HashTable.load(tmp_path / tables.HASH_TABLE_SUBDIR / "balanced.npz") == want
@@ -74,7 +74,7 @@ def test_a_kind_is_built_from_the_split_s_counts_and_kept_under_model_dir(tmp_pa
 
 
 def test_files_are_loaded_per_layer_and_refused_where_they_do_not_fit(tmp_path):
-  table = hashing.build_table("random", num_experts=4, vocab_size=V, seed=1)
+  table = hash_functions.build_table("random", num_experts=4, vocab_size=V, seed=1)
   table.save(tmp_path / "t.npz")
   spec = {"decoder_1": str(tmp_path / "t.npz")}
   built, described = tables.resolve_hash_tables(spec, config(), key_counts=None,
@@ -101,8 +101,8 @@ def test_files_are_loaded_per_layer_and_refused_where_they_do_not_fit(tmp_path):
 
 
 def test_check_same_tables_refuses_files_a_checkpoint_was_not_trained_with(tmp_path):
-  table = hashing.build_table("random", num_experts=4, vocab_size=V, seed=1)
-  other = hashing.build_table("random", num_experts=4, vocab_size=V, seed=2)
+  table = hash_functions.build_table("random", num_experts=4, vocab_size=V, seed=1)
+  other = hash_functions.build_table("random", num_experts=4, vocab_size=V, seed=2)
   table.save(tmp_path / "t.npz")
   other.save(tmp_path / "o.npz")
   meta = {"layers": {"decoder_1": [tables.table_description(table, "anywhere")]}}

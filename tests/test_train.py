@@ -30,7 +30,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from hashmoe import models, routers, sharding, tables
+from hashmoe import hash_functions, models, routers, sharding, tables
 from hashmoe import train as T
 from hashmoe.training import errors, optim, resume, run_dir
 from hashmoe.training import checkpoints as checkpoints_lib
@@ -486,7 +486,7 @@ def test_hash_tables_travel_with_checkpoints(tmp_path):
     loads[want[token]] += counts[token]
   assert np.bincount(loaded.table, weights=counts, minlength=4).max() == pytest.approx(loads.max())
   # Resuming with another table file than the checkpoint's is refused.
-  other = hashing.build_table("random", num_experts=4, vocab_size=V, seed=7)
+  other = hash_functions.build_table("random", num_experts=4, vocab_size=V, seed=7)
   other.save(tmp_path / "other.npz")
   with pytest.raises(errors.CheckpointError, match="not trained with"):
     run(model_dir, 3, hash_tables=str(tmp_path / "other.npz"))

@@ -40,6 +40,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from hashmoe import hash_functions
 from hashmoe import hashing
 from hashmoe.data import tasks as tasks_lib
 from hashmoe.data import vocab as vocab_lib
@@ -424,13 +425,13 @@ def build_hash_table(kind: str, task_or_counts: TableSource, *, num_experts: int
                        "k experts per token: expected num_hashes=1.")
     if k is None:
       raise ValueError(f"kind={kind!r} needs k (experts per token).")
-    tables = (hashing.build_topk_table(k, num_experts=num_experts, vocab_size=vocab_size,
+    tables = (hash_functions.build_topk_table(k, num_experts=num_experts, vocab_size=vocab_size,
                                        token_counts=counts, seed=seed,
                                        vocab_fingerprint=fingerprint),)
   elif kind in hashing.TABLE_KINDS:
     if k is not None:
       raise ValueError(f"k={k} is only for kind={hashing.TOPK_KIND!r}, not {kind!r}.")
-    tables = hashing.build_multihash(kind, num_hashes, num_experts=num_experts,
+    tables = hash_functions.build_multihash(kind, num_hashes, num_experts=num_experts,
                                      vocab_size=vocab_size, token_counts=counts,
                                      embeddings=embeddings, seed=seed,
                                      vocab_fingerprint=fingerprint, kmeans_iters=kmeans_iters)
