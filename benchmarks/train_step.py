@@ -36,6 +36,7 @@ import optax  # noqa: E402
 
 from hashmoe import hash_functions  # noqa: E402
 from hashmoe import models  # noqa: E402
+from hashmoe import routers  # noqa: E402
 import moe_layer  # noqa: E402  (real-text token ids, machine description, timing helpers)
 
 MODELS = ("dense", "switch", "hash")
@@ -44,7 +45,7 @@ MODELS = ("dense", "switch", "hash")
 def make_config(kind: str, args: argparse.Namespace, vocab_size: int) -> models.TransformerConfig:
   sparse = None
   if kind != "dense":
-    sparse = models.SparseConfig(router=kind, num_experts=args.experts,
+    sparse = models.SparseConfig(router=routers.router_config(kind), num_experts=args.experts,
                                  layers=(args.sparse_layer,), dispatch=args.dispatch)
   return models.TransformerConfig(
       vocab_size=vocab_size, d_model=args.d_model, d_ff=args.d_ff, num_heads=args.num_heads,
@@ -121,7 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   for kind in args.models:
     config = make_config(kind, args, vocab_size)
     tables = None
-    if kind == "hash":
+    if config.sparse is not None and config.sparse.router.uses_tables:
       tables = {"default": (hash_functions.build_table("balanced", num_experts=args.experts,
                                                 vocab_size=vocab_size, token_counts=counts),)}
     model = models.build_model(config, tables)

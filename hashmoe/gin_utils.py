@@ -317,6 +317,11 @@ def _explain_gin_message(message: str) -> str:
   found = re.match(r"Configurable '(.+?)' doesn't have a parameter named '(.+?)'\.", message)
   if found:
     name, param = found.groups()
+    # Imported here as the rest of the library is (jax, flax); by now gin's registrations have.
+    from hashmoe import routers  # pylint: disable=g-import-not-at-top
+    moved = routers.moved_binding(name, param)
+    if moved:
+      return moved
     return f"{name} has no parameter {param}{_did_you_mean(param, _parameters(name))}"
   found = re.match(r"No configurable matching (?:reference )?'@?([^'(]+)(?:\(\))?'\.", message)
   if found:

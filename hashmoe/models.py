@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import flax
 import flax.linen as nn
@@ -47,7 +47,7 @@ import numpy as np
 
 from hashmoe import experts as experts_lib
 from hashmoe import hashing
-from hashmoe import routing as routing_lib
+from hashmoe import routers
 from hashmoe.layers import (AUX_LOSS_KEY, METRICS_KEY, MOE_COLLECTION, Embed, LayerNorm,
                             PositionEmbed, SparseMlpBlock, TransformerLayer, combine_masks,
                             get_activation, make_attention_mask, make_causal_mask,
@@ -56,8 +56,6 @@ from hashmoe.routing import RouterFeatures
 
 Array = jax.Array
 
-ROUTERS = ("hash", "switch", "token_switch", "base", "hash_topk")
-_HASH_ROUTERS = ("hash", "hash_topk")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -67,58 +65,40 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclasses.dataclass(frozen=True)
 class SparseConfig:
-  """Which FFNs are sparse, and how they route (frozen, so gin can bind it and jit can hash it).
+  """Which FFNs are sparse, and the router they use (frozen, so gin can bind it and jit can hash
+  it).
 
   Attributes:
-    router: "hash" (fixed lookup table, Section 3; MultiHash when num_hashes > 1), "switch" (learned
-      top-1 on the hidden state), "token_switch" (Switch whose input is a learned embedding of the
-      current token, the paper's hybrid, Table 6), "base" (balanced assignment, BASE layers), or
-      "hash_topk" (a hash picks `topk` experts per token).
+    router: a `hashmoe.routers` config: `routers.Hash()` (fixed lookup table, Section 3; MultiHash
+      with num_hashes > 1), `routers.Switch()` (learned top-1 on the hidden state),
+      `routers.TokenSwitch()` (Switch on a learned embedding of the current token, the paper's
+      hybrid, Table 6), `routers.Base()` (balanced assignment, BASE layers) or `routers.HashTopK()`
+      (a hash picks `topk` experts per token). A family name ("switch") stands for that family's
+      defaults. The router's own settings (hash key, MultiHash N, Switch's loss coefficients, ...)
+      live in its config.
     num_experts: E.
     layers: 0-based indices of the decoder layers whose FFN is sparse (the paper's main runs use one
       sparse decoder layer late in the stack).
     encoder_layers: 0-based indices of sparse encoder layers (encoder-decoder only).
-    num_hashes: MultiHash N (hash router only): the expert FFN splits into N slices, each picked by
-      its own hash; parameters and FLOPs stay those of one expert. N must divide d_model and D.
-    hash_key: what the hash looks at, one of `hashmoe.hashing.KEYS`: "token", "prev_token",
-      "bigram", "position", "oracle_future", "predicted_future" (Sections 3.1 and 5.3.2).
-    key_space: number of distinct key ids a table covers. None: taken from the given tables, or
-      without tables `hashing.key_space_size` (the vocabulary; max_len for "position").
-    hash_seed: seed of the random tables made when no tables are given; each sparse layer gets its
-      own (hash_seed + num_hashes * ordinal, encoder layers first), so layers hash independently.
-    topk: experts per token for "hash_topk".
-    balance_coef, z_loss_coef, jitter: Switch's load-balancing loss coefficient, router z-loss
-      coefficient and multiplicative input jitter.
     capacity_factor: capacity per expert as a multiple of tokens/E; None = dropless. Switch's
       router decides the drops with it, and the experts size their dispatch buffers with it (a
       capacity dispatch under "auto"); with hash routing only the dispatch drops.
     dispatch: the experts' dispatch strategy ("auto", or one `hashmoe.experts.Experts` names).
     expert_d_ff: hidden size D of each expert (None: the dense `d_ff`).
-    router_embed_dim: width of token-Switch's token embedding (None: the router's default).
   """
-  router: str = "hash"
+  router: Union[routers.RouterConfig, str] = dataclasses.field(default_factory=routers.Hash)
   num_experts: int = 16
   layers: tuple[int, ...] = ()
   encoder_layers: tuple[int, ...] = ()
-  num_hashes: int = 1
-  hash_key: str = "token"
-  key_space: Optional[int] = None
-  hash_seed: int = 0
-  topk: int = 1
-  balance_coef: float = 0.01
-  z_loss_coef: float = 0.0
-  jitter: float = 0.0
   capacity_factor: Optional[float] = None
   dispatch: str = "auto"
   expert_d_ff: Optional[int] = None
-  router_embed_dim: Optional[int] = None
 
   def __post_init__(self):
+    object.__setattr__(self, "router", routers.router_config(self.router))
     # gin and YAML hand over lists; freeze them so the config stays hashable.
     object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
     object.__setattr__(self, "encoder_layers", tuple(int(i) for i in self.encoder_layers))
-    if self.router not in ROUTERS:
-      raise ValueError(f"unknown router {self.router!r}; expected one of {ROUTERS}")
     if self.num_experts < 1:
       raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
     if not self.layers and not self.encoder_layers:
@@ -127,26 +107,16 @@ class SparseConfig:
     for name, idx in (("layers", self.layers), ("encoder_layers", self.encoder_layers)):
       if len(set(idx)) != len(idx):
         raise ValueError(f"SparseConfig.{name} repeats an index: {idx}")
-    if self.num_hashes < 1:
-      raise ValueError(f"num_hashes must be >= 1, got {self.num_hashes}")
-    if self.num_hashes > 1 and self.router != "hash":
-      raise ValueError(f"num_hashes={self.num_hashes} (MultiHash) needs router='hash', "
-                       f"got router={self.router!r}")
-    if self.router == "hash_topk" and not 1 <= self.topk <= self.num_experts:
-      raise ValueError(f"topk must be in [1, num_experts={self.num_experts}], got {self.topk}")
-    if self.router != "hash_topk" and self.topk != 1:
-      raise ValueError(f"topk={self.topk} only applies to router='hash_topk', got "
-                       f"router={self.router!r}")
-    if self.hash_key not in hashing.KEYS:
-      raise ValueError(f"unknown hash_key {self.hash_key!r}; expected one of {hashing.KEYS}")
+    self.router.check(self.num_experts)
     if self.capacity_factor is not None and self.capacity_factor <= 0:
       raise ValueError(f"capacity_factor must be positive or None, got {self.capacity_factor}")
 
-  @property
-  def experts_per_token(self) -> int:
-    """Experts whose full FFN a token uses: `topk` for hash_topk, else 1 (MultiHash's N slices add
-    up to one expert's size)."""
-    return self.topk if self.router == "hash_topk" else 1
+  def flat_fields(self) -> dict[str, Any]:
+    """{field: value} under the flat field names SparseConfig had before routers were objects
+    ("router" the family's name, "hash_key", "num_hashes", "balance_coef", ...): what checkpoints
+    record, so that one written before the change compares equal to the same model now."""
+    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    return {**fields, **self.router.flat_fields()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,8 +189,9 @@ class TransformerConfig:
         raise ValueError(f"SparseConfig.{name} has indices {bad} outside [0, {n}) "
                          f"(the model has {n} such layers)")
     expert_d_ff = s.expert_d_ff or self.d_ff
-    if self.d_model % s.num_hashes or expert_d_ff % s.num_hashes:
-      raise ValueError(f"MultiHash with num_hashes={s.num_hashes} splits d_model={self.d_model} "
+    slices = s.router.num_slices
+    if self.d_model % slices or expert_d_ff % slices:
+      raise ValueError(f"MultiHash with num_hashes={slices} splits d_model={self.d_model} "
                        f"and expert_d_ff={expert_d_ff} into equal slices; both must divide by it")
 
   @property
@@ -335,7 +306,7 @@ def _check_hash_tables(config: TransformerConfig, hash_tables: Optional[Mapping[
   if not hash_tables:
     return
   s = config.sparse
-  if s is None or s.router not in _HASH_ROUTERS:
+  if s is None or not s.router.uses_tables:
     router = None if s is None else s.router
     raise ValueError(f"hash_tables were given but the model has no hash layers "
                      f"(sparse router: {router!r})")
@@ -344,20 +315,12 @@ def _check_hash_tables(config: TransformerConfig, hash_tables: Optional[Mapping[
   if unknown:
     raise ValueError(f"hash_tables has keys {unknown} that name no sparse hash layer; expected "
                      f"'default' or one of {sorted(hashed)}")
-  expected = s.num_hashes if s.router == "hash" else 1
+  expected = s.router.num_tables
   for name in hash_tables:
     n = len(_tables_for(name, hash_tables))
     if n != expected:
-      raise ValueError(f"hash_tables[{name!r}] holds {n} tables; router {s.router!r} with "
-                       f"num_hashes={s.num_hashes} needs {expected}")
-
-
-def _key_space(config: TransformerConfig, tables: Optional[tuple]) -> Optional[int]:
-  s = config.sparse
-  if s.key_space is not None or tables:
-    return s.key_space  # the router checks it against (or reads it from) the tables
-  return hashing.key_space_size(s.hash_key, vocab_size=config.vocab_size,
-                                max_positions=config.max_len)
+      raise ValueError(f"hash_tables[{name!r}] holds {n} tables; router {s.router!r} needs "
+                       f"{expected}")
 
 
 def _sparse_layer_names(config: TransformerConfig) -> list[str]:
@@ -370,32 +333,16 @@ def make_router(config: TransformerConfig, tables: Optional[tuple], layer: str) 
   """The router `config.sparse` asks for in sparse layer `layer` ("decoder_7"), unbound
   (parent=None) so that the sparse block adopts it."""
   s = config.sparse
-  seed = s.hash_seed + s.num_hashes * _sparse_layer_names(config).index(layer)
-  if s.router == "hash":
-    return routing_lib.HashRouter(s.num_experts, key=s.hash_key, num_hashes=s.num_hashes,
-                                  key_space=_key_space(config, tables), tables=tables, seed=seed,
-                                  parent=None)
-  if s.router == "hash_topk":
-    return routing_lib.HashTopKRouter(s.num_experts, s.topk, key=s.hash_key,
-                                      key_space=_key_space(config, tables),
-                                      table=tables[0] if tables else None, seed=seed, parent=None)
-  if s.router in ("switch", "token_switch"):
-    token_based = s.router == "token_switch"
-    return routing_lib.SwitchRouter(
-        s.num_experts, balance_coef=s.balance_coef, z_loss_coef=s.z_loss_coef, jitter=s.jitter,
-        capacity_factor=s.capacity_factor, token_based=token_based,
-        vocab_size=config.vocab_size if token_based else None,
-        router_embed_dim=s.router_embed_dim if token_based else None, parent=None)
-  if s.router == "base":
-    return routing_lib.BaseRouter(s.num_experts, parent=None)
-  raise ValueError(f"unknown router {s.router!r}; expected one of {ROUTERS}")
+  return s.router.build(num_experts=s.num_experts, vocab_size=config.vocab_size,
+                        max_len=config.max_len, capacity_factor=s.capacity_factor, tables=tables,
+                        ordinal=_sparse_layer_names(config).index(layer))
 
 
 def make_experts(config: TransformerConfig) -> nn.Module:
   """Stacked expert FFNs for `config.sparse`, unbound (parent=None)."""
   s = config.sparse
   return experts_lib.Experts(
-      s.num_experts, s.expert_d_ff or config.d_ff, num_slices=s.num_hashes,
+      s.num_experts, s.expert_d_ff or config.d_ff, num_slices=s.router.num_slices,
       activation=config.activation, dispatch=s.dispatch, capacity_factor=s.capacity_factor,
       dtype=config.compute_dtype, parent=None)
 
@@ -731,7 +678,7 @@ def init_batch_spec(config: TransformerConfig) -> dict[str, jax.ShapeDtypeStruct
   batch = {"decoder_input_tokens": spec, "decoder_target_tokens": spec}
   if config.is_encoder_decoder:
     batch["encoder_input_tokens"] = spec
-  if config.sparse is not None and config.sparse.hash_key == "predicted_future":
+  if config.sparse is not None and config.sparse.router.key == "predicted_future":
     batch["predicted_ids"] = spec  # the predicted-future hash routes on it even at init
   return batch
 
@@ -752,7 +699,7 @@ def param_counts(config: TransformerConfig,
   variables = jax.eval_shape(
       lambda key, batch: model.init({"params": key}, batch, deterministic=True),
       jax.random.key(0), init_batch_spec(config))
-  per_token = config.sparse.experts_per_token if config.sparse else 1
+  per_token = config.sparse.router.experts_per_token if config.sparse else 1
   total = active = experts = 0
   leaves = jax.tree_util.tree_flatten_with_path(
       variables["params"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]

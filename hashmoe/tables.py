@@ -37,9 +37,6 @@ HASH_TABLES = "hash_tables"  # The model's variable collection that holds the ta
 HASH_TABLE_SUBDIR = "hash_tables"  # Where a run keeps the table files it built (under MODEL_DIR).
 # Kinds that cluster a trained model's token embeddings: built offline by `hashmoe build-hash`.
 EMBEDDING_KINDS = ("clustered", "dispersed")
-# The routers that look experts up in tables: "hash" (MultiHash with num_hashes > 1) and
-# "hash_topk". The one place that asks a config which router it has.
-_HASH_ROUTERS = ("hash", "hash_topk")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -47,24 +44,25 @@ _HASH_ROUTERS = ("hash", "hash_topk")
 
 
 def hash_layer_names(config: models.TransformerConfig) -> list[str]:
-  """The layers ("encoder_0", "decoder_6", ...) whose router looks experts up in hash tables; []
-  for a dense model and for learned routers."""
+  """The layers ("encoder_0", "decoder_6", ...) whose router looks experts up in hash tables
+  (`router.uses_tables`); [] for a dense model and for learned routers."""
   s = config.sparse
-  if s is None or s.router not in _HASH_ROUTERS:
+  if s is None or not s.router.uses_tables:
     return []
   return [f"encoder_{i}" for i in s.encoder_layers] + [f"decoder_{i}" for i in s.layers]
 
 
 def tables_per_layer(config: models.TransformerConfig) -> int:
-  """Tables each hash layer holds: MultiHash's num_hashes for "hash", one (of topk experts per
-  key) for "hash_topk"."""
-  return config.sparse.num_hashes if config.sparse.router == "hash" else 1
+  """Tables each hash layer holds (`router.num_tables`): MultiHash's num_hashes for
+  `routers.Hash`, one (of topk experts per key) for `routers.HashTopK`."""
+  return config.sparse.router.num_tables
 
 
 def default_table_kind(config: models.TransformerConfig) -> str:
-  """The kind a run builds when `train.hash_tables` is None: "random" for "hash", a balanced
-  top-k table (`hashing.TOPK_KIND`) for "hash_topk"."""
-  return "random" if config.sparse.router == "hash" else hashing.TOPK_KIND
+  """The kind a run builds when `train.hash_tables` is None (`router.default_table_kind`):
+  "random" for `routers.Hash`, a balanced top-k table (`hashing.TOPK_KIND`) for
+  `routers.HashTopK`."""
+  return config.sparse.router.default_table_kind
 
 
 def is_table_kind(spec: Any) -> bool:
@@ -74,11 +72,7 @@ def is_table_kind(spec: Any) -> bool:
 
 def hash_key_space(config: models.TransformerConfig) -> int:
   """Rows of the config's hash tables (`hashing.key_space_size` of its hash key)."""
-  s = config.sparse
-  if s.key_space is not None:
-    return s.key_space
-  return hashing.key_space_size(s.hash_key, vocab_size=config.vocab_size,
-                                max_positions=config.max_len)
+  return config.sparse.router.table_key_space(config.vocab_size, config.max_len)
 
 
 # The counted statistic behind each hash key (hashmoe.data.stats counts token, prev_token and
@@ -115,9 +109,10 @@ def make_hash_tables(config: models.TransformerConfig, kind: str, *, out_path: P
   """Builds the tables one hash layer of `config` needs and writes them (`stats.build_hash_table`).
 
   Args:
-    config: a model whose `sparse.router` is "hash" (num_hashes tables, one expert per key) or
-      "hash_topk" (one table of topk experts per key).
-    kind: one of `hashing.TABLE_KINDS`, or `hashing.TOPK_KIND` for hash_topk.
+    config: a model whose `sparse.router` uses tables: `routers.Hash` (num_hashes tables, one
+      expert per key) or `routers.HashTopK` (one table of topk experts per key).
+    kind: one of the router's `table_kinds` (`hashing.TABLE_KINDS` for Hash, `hashing.TOPK_KIND`
+      for HashTopK).
     out_path: the .npz written (MultiHash: `stats.hash_table_paths(out_path, N)`).
     key_counts: returns int[key_space] occurrences of each key id over the training split; called
       only for the kinds that need it (balanced, dispersed, balanced_topk).
@@ -130,12 +125,12 @@ def make_hash_tables(config: models.TransformerConfig, kind: str, *, out_path: P
   """
   s = config.sparse
   if not hash_layer_names(config):
-    router = None if s is None else s.router
-    raise ValueError(f"hash tables need a hash router (sparse.router 'hash' or 'hash_topk'), the "
-                     f"model has {router!r}")
-  if (s.router == "hash_topk") != (kind == hashing.TOPK_KIND):
-    raise ValueError(f"router {s.router!r} cannot use a {kind!r} table: 'hash_topk' takes "
-                     f"{hashing.TOPK_KIND!r} tables, 'hash' one of {hashing.TABLE_KINDS}")
+    router = None if s is None else s.router.name
+    raise ValueError(f"hash tables need a router with tables (sparse.router routers.Hash or "
+                     f"routers.HashTopK), the model has {router!r}")
+  if kind not in s.router.table_kinds:
+    raise ValueError(f"router {s.router.name!r} cannot use a {kind!r} table: it takes one of "
+                     f"{s.router.table_kinds}")
   key_space = hash_key_space(config)
   if kind in _COUNTED_KINDS:
     if key_counts is None:
@@ -144,11 +139,12 @@ def make_hash_tables(config: models.TransformerConfig, kind: str, *, out_path: P
   else:
     counts = np.zeros(key_space, np.int64)  # Only its length (the key space) is used.
   if counts.shape != (key_space,):
-    raise ValueError(f"key counts cover {counts.shape} ids, the hash key {s.hash_key!r} has a key "
-                     f"space of {key_space}")
+    raise ValueError(f"key counts cover {counts.shape} ids, the hash key {s.router.key!r} has a "
+                     f"key space of {key_space}")
   return stats_lib.build_hash_table(
       kind, counts, num_experts=s.num_experts, out_path=out_path,
-      num_hashes=tables_per_layer(config), k=s.topk if kind == hashing.TOPK_KIND else None,
+      num_hashes=tables_per_layer(config),
+      k=s.router.experts_per_token if kind == hashing.TOPK_KIND else None,
       embeddings=embeddings, seed=seed, vocab_fingerprint=vocab_fingerprint or None,
       kmeans_iters=kmeans_iters)
 
@@ -182,14 +178,13 @@ def load_hash_table_files(files: Union[str, Sequence[str], Mapping[str, Any]],
     paths = [os.fspath(p) for p in paths]
     if len(paths) != needed:
       raise ValueError(f"train.hash_tables[{layer!r}] lists {len(paths)} files; router "
-                       f"{config.sparse.router!r} with num_hashes={config.sparse.num_hashes} needs "
-                       f"{needed}")
+                       f"{config.sparse.router!r} needs {needed}")
     group = []
     for path in paths:
       table = hashing.HashTable.load(path, vocab_fingerprint=vocab_fingerprint or None)
       if table.vocab_size != key_space:
         raise ValueError(f"{path}: hash table covers {table.vocab_size} key ids, but the model's "
-                         f"hash key {config.sparse.hash_key!r} has a key space of {key_space}")
+                         f"hash key {config.sparse.router.key!r} has a key space of {key_space}")
       if table.num_experts != config.sparse.num_experts:
         raise ValueError(f"{path}: hash table was built for {table.num_experts} experts, the "
                          f"model has num_experts={config.sparse.num_experts}")
@@ -264,7 +259,8 @@ def resolve_hash_tables(spec: Any, config: models.TransformerConfig, *,
   """Tables for a fresh run and their descriptions, from a run's table spec (`train.hash_tables`,
   t5x's `hash_tables.tables`):
 
-    None                      random tables ("hash") / a balanced top-k table ("hash_topk");
+    None                      the router's `default_table_kind`: random tables (routers.Hash), a
+                              balanced top-k table (routers.HashTopK);
     a kind ("balanced", ...)  built now from the training split's key counts;
     paths / {layer: paths}    files written by `hashmoe build-hash`.
 
@@ -297,7 +293,7 @@ def resolve_hash_tables(spec: Any, config: models.TransformerConfig, *,
           f"{spec!r} tables cluster a trained model's token embeddings: build them once with "
           f"`hashmoe build-hash --kind={spec} --embeddings_from=BASELINE_MODEL_DIR ...` and pass "
           f"the file as {binding}")
-    key = config.sparse.hash_key
+    key = config.sparse.router.key
     counts = lambda: key_counts(counted_key(key), hash_key_space(config),
                                 decoder_inputs=counts_decoder_inputs(key))
     with tempfile.TemporaryDirectory() as scratch:
@@ -385,7 +381,7 @@ def build_hash_files(*, kind: str, output: PathLike, seed: int = 0,
     if embeddings.shape[0] != hash_key_space(config):
       raise ValueError(f"{embeddings_from}: embeddings cover {embeddings.shape[0]} tokens, the "
                        f"hash key space is {hash_key_space(config)}")
-  key = config.sparse.hash_key
+  key = config.sparse.router.key
   tables = make_hash_tables(
       config, kind, out_path=output, seed=seed, vocab_fingerprint=data.vocab_fingerprint,
       key_counts=lambda: data.key_counts(counted_key(key), hash_key_space(config),

@@ -209,8 +209,8 @@ def train(*,
     init_checkpoint: INIT_CHECKPOINT: start a fresh run from this run's parameters and hash
       tables (a MODEL_DIR, its checkpoints/ folder, or a step folder). Ignored when MODEL_DIR
       already has a checkpoint (that one is resumed).
-    hash_tables: the hash layers' tables for a fresh run: None (random tables for "hash", a
-      balanced top-k table for "hash_topk"); a kind ("random", "balanced", "balanced_topk"),
+    hash_tables: the hash layers' tables for a fresh run: None (the router's default kind:
+      random tables for routers.Hash, a balanced top-k table for routers.HashTopK); a kind ("random", "balanced", "balanced_topk"),
       built at the start from the training split's key counts; or files from `hashmoe
       build-hash`: one path (MultiHash: the path build-hash was given), a list of paths, or
       {layer name or "default": path(s)}. A resumed run keeps its checkpoint's tables (files

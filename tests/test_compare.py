@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from hashmoe import compare, hashing, models, plots
+from hashmoe import compare, hashing, models, plots, routers
 from hashmoe.compare.comparison import Comparison, run_order, select_balance_coef
 from hashmoe.compare.configs import RUN_CONFIG, make_optimizer, model_config, validate_experiment
 from hashmoe.compare.report import sweep_series
@@ -94,15 +94,16 @@ Experiment.models = [@dense/ModelSpec(), @switch/ModelSpec(), @hash/ModelSpec(),
                      @clustered/ModelSpec(), @predicted/ModelSpec()]
 dense/ModelSpec.name = 'dense'
 switch/ModelSpec.name = 'switch'
-switch/ModelSpec.router = 'switch'
+switch/ModelSpec.router = @routers.Switch()
+switch/ModelSpec.tuned = True
 hash/ModelSpec.name = 'hash'
-hash/ModelSpec.router = 'hash'
+hash/ModelSpec.router = @routers.Hash()
 clustered/ModelSpec.name = 'clustered'
-clustered/ModelSpec.router = 'hash'
+clustered/ModelSpec.router = @routers.Hash()
 clustered/ModelSpec.table = 'clustered'
 predicted/ModelSpec.name = 'predicted'
-predicted/ModelSpec.router = 'hash'
-predicted/ModelSpec.hash_key = 'predicted_future'
+predicted/ModelSpec.router = @routers.Hash()
+predicted/routers.Hash.key = 'predicted_future'
 """
 
 
@@ -265,8 +266,8 @@ def test_predicted_future_keys_are_the_baselines_argmax(default_run, text_dir):
   runner = TrainRunner(corpus, settings, progress_bar=False, log=lambda _: None)
   baseline = compare.ModelSpec("dense")
   request = compare.RunRequest(
-      model="predicted", spec=compare.ModelSpec("predicted", router="hash",
-                                                hash_key="predicted_future"),
+      model="predicted", spec=compare.ModelSpec("predicted",
+                                                router=routers.Hash(key="predicted_future")),
       seed=0, balance_coef=None, model_dir=str(out / "unused"), settings=settings,
       baseline_dir=str(out / "runs" / "dense" / "seed0"), baseline=baseline)
   data = runner._data(request)  # pylint: disable=protected-access
@@ -351,7 +352,7 @@ def test_select_balance_coef_is_the_argmin_ignoring_non_finite_and_breaking_ties
 def test_fixed_coefficient_and_single_value_grid_are_not_tuned(tmp_path):
   runner = FakeRunner(fake_ppl)
   experiment = compare.Experiment(models=(
-      compare.ModelSpec("switch", router="switch", balance_coef=0.1),))
+      compare.ModelSpec("switch", router=routers.Switch(balance_coef=0.1)),))
   results = Comparison(experiment, fake_settings(seeds=2), tmp_path, runner,
                                corpus="fake", log=lambda _: None).run()
   assert [(r.seed, r.balance_coef) for r in runner.requests] == [(0, 0.1), (1, 0.1)]
@@ -499,7 +500,9 @@ def test_every_experiment_file_parses_and_builds_every_model(name):
     if spec.router is None:
       assert config.sparse is None
     else:
-      assert config.sparse.router == spec.router
+      # A tuned router is validated with the first coefficient of the grid.
+      tuned = {"balance_coef": settings.balance_coefs[0]} if spec.tuned else {}
+      assert config.sparse.router == spec.router.replace(**tuned)
       assert config.sparse.num_experts == (spec.num_experts or settings.num_experts)
   assert set(compare.list_experiments()) == set(EXPECTED_EXPERIMENTS)
 
@@ -508,11 +511,11 @@ def test_experiment_specific_settings():
   hash_functions = compare.load_experiment("hash_functions")
   by_name = {m.name: m for m in hash_functions.models}
   assert by_name["clustered"].table == "clustered" and by_name["dispersed"].table == "dispersed"
-  assert by_name["oracle_future"].hash_key == "oracle_future"
+  assert by_name["oracle_future"].router == routers.Hash(key="oracle_future")
   assert run_order(hash_functions)[0].name == "dense"
   layers = {m.name: m.layers for m in compare.load_experiment("every_other_layer").models}
   assert layers["hash_every_other"] == (1, 3)
-  multihash = {m.name: m.num_hashes for m in compare.load_experiment("multihash").models}
+  multihash = {m.name: m.router.num_hashes for m in compare.load_experiment("multihash").models}
   assert multihash["hash_32_n8"] == 8
 
 
@@ -528,21 +531,38 @@ def test_experiment_validation_errors():
     compare.Experiment(models=(compare.ModelSpec("c", router="hash", table="clustered"),))
   with pytest.raises(ValueError, match="not Settings fields"):
     compare.Experiment(models=(compare.ModelSpec("a"),), overrides={"stepz": 3})
-  with pytest.raises(ValueError, match="router must be"):
+  with pytest.raises(ValueError, match=r"'x': router must be None \(dense\) or unknown router "
+                     r"'moe'"):
     compare.ModelSpec("x", router="moe")
   with pytest.raises(ValueError, match="table must be"):
     compare.ModelSpec("x", router="hash", table="sorted")
+  with pytest.raises(ValueError, match="table applies to routers with tables, the router is "
+                     "'switch'"):
+    compare.ModelSpec("x", router="switch", table="random")
   with pytest.raises(ValueError, match="is dense"):
     compare.ModelSpec("x", num_experts=4)
-  with pytest.raises(ValueError, match="balance_coef applies to Switch"):
-    compare.ModelSpec("x", router="hash", balance_coef=0.1)
+  with pytest.raises(ValueError, match="tuned tunes the router's balance_coef, which router "
+                     "'hash' does not have"):
+    compare.ModelSpec("x", router="hash", tuned=True)
+  # The model's own checks, named by the model.
   settings = fake_settings()
-  with pytest.raises(ValueError, match="outside the 2 decoder layers"):
+  with pytest.raises(ValueError, match=r"model 'x': SparseConfig.layers has indices \[5\] "
+                     r"outside \[0, 2\)"):
     model_config(compare.ModelSpec("x", router="hash", layers=(5,)), settings,
                          vocab_size=300)
-  with pytest.raises(ValueError, match="num_hashes=3 must divide"):
-    model_config(compare.ModelSpec("x", router="hash", num_hashes=3), settings,
+  with pytest.raises(ValueError, match="model 'x': MultiHash with num_hashes=3 splits"):
+    model_config(compare.ModelSpec("x", router=routers.Hash(num_hashes=3)), settings,
                          vocab_size=300)
+
+
+def test_an_experiment_file_with_flat_router_fields_names_the_new_binding(tmp_path):
+  """Files written when ModelSpec held the router's fields (ModelSpec.hash_key, ...)."""
+  old = tmp_path / "old.gin"
+  old.write_text(compare.experiment_path("hash_functions").read_text().replace(
+      "bigram/routers.Hash.key", "bigram/ModelSpec.hash_key"))
+  with pytest.raises(ValueError, match=r"old.gin: ModelSpec.hash_key moved to the router config: "
+                     r"bind routers.Hash.key \(with ModelSpec.router = @routers.Hash\(\)\)"):
+    compare.load_experiment(old)
 
 
 def test_unknown_model_names_are_clear_errors(capsys, tmp_path):
@@ -675,7 +695,7 @@ def test_plots_write_png_and_the_numbers_drawn(tmp_path):
 
 def _entry(ppl, router=None, experts=None, **spec):
   entry = {"valid_ppl": ppl, "valid_ppl_std": 0.5,
-           "spec": dataclasses.asdict(compare.ModelSpec("m", router=router, **spec))}
+           "spec": compare.ModelSpec("m", router=router, **spec).record()}
   if router is not None:
     entry["num_experts"] = experts
   return entry
@@ -684,14 +704,14 @@ def _entry(ppl, router=None, experts=None, **spec):
 def test_sweep_series_groups_models_that_differ_only_in_the_swept_field():
   models_ = {"dense": _entry(50.0), "hash_16": _entry(30.0, "hash", 16, num_experts=16),
              "hash_32": _entry(28.0, "hash", 32, num_experts=32),
-             "switch_16": _entry(40.0, "switch", 16, num_experts=16, balance_coef=0.01),
-             "switch_32": _entry(41.0, "switch", 32, num_experts=32, balance_coef=0.1),
+             "switch_16": _entry(40.0, routers.Switch(balance_coef=0.01), 16, num_experts=16),
+             "switch_32": _entry(41.0, routers.Switch(balance_coef=0.1), 32, num_experts=32),
              "random_16": _entry(33.0, "hash", 16, num_experts=16, table="random")}
   assert sweep_series(models_, "num_experts") == {
       "hash": {16.0: (30.0, 0.5), 32.0: (28.0, 0.5)},
       "switch": {16.0: (40.0, 0.5), 32.0: (41.0, 0.5)}}
-  multihash = {f"e{e}n{n}": _entry(20.0 + e / 16 - n, "hash", e, num_experts=e, num_hashes=n)
-               for e in (16, 32) for n in (1, 2)}
+  multihash = {f"e{e}n{n}": _entry(20.0 + e / 16 - n, routers.Hash(num_hashes=n), e,
+                                   num_experts=e) for e in (16, 32) for n in (1, 2)}
   assert sweep_series(multihash, "num_hashes") == {
       "hash, experts 16": {1.0: (20.0, 0.5), 2.0: (19.0, 0.5)},
       "hash, experts 32": {1.0: (21.0, 0.5), 2.0: (20.0, 0.5)}}

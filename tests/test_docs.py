@@ -521,8 +521,8 @@ def test_hashmoe_command(command, reference, doc_runs, world):
 
 def test_the_docs_run_the_commands_they_should(doc_runs):
   """What runs for real, so that a change of the rules cannot quietly turn every run into a
-  parse: the README's training command, the CLI docstring's eval and build-hash, the tiny hash
-  models' build-hash; not the paper-size ones."""
+  parse: the README's training command, the CLI docstring's eval and build-hash, the hash router
+  file's build-hash; not the paper-size ones."""
   ran = {" ".join(argv[1:]) for argv in doc_runs}
   assert {"prepare --gin_file=configs/runs/cpu_tiny.gin",
           "train --gin_file=configs/runs/cpu_tiny.gin --gin.MODEL_DIR='/tmp/tiny' "
@@ -531,7 +531,7 @@ def test_the_docs_run_the_commands_they_should(doc_runs):
           "--gin.MODEL_DIR='/tmp/tiny' --gin.SEQ_LEN=64 --gin.BATCH_SIZE=8 --gin.EVAL_BATCHES=4",
           "build-hash --gin_file=configs/runs/cpu_tiny.gin --kind=balanced "
           "--output=/tmp/tables/balanced.npz"} <= ran
-  assert sum(argv[1] == "build-hash" for argv in doc_runs) == 5  # the CLI's, 4 tiny hash files
+  assert sum(argv[1] == "build-hash" for argv in doc_runs) == 2  # the CLI's, routers/hash.gin's
   assert not any("configs/models/paper" in w for argv in doc_runs for w in argv)
   # The README's train command trained on the rows its prepare command wrote: its checkpoint's
   # data position is the prepared loader's.
@@ -546,20 +546,22 @@ def test_the_docs_run_the_commands_they_should(doc_runs):
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT / "configs").as_posix()
                                         for p in (ROOT / "configs" / "models").rglob("*.gin")))
 def test_a_model_file_after_an_lm_task_keeps_it_decoder_only(path):
-  """What cpu_tiny.gin's header suggests: a model file given after the run (whose task is the LM
-  embedded corpus) replaces the model, not the task's decoder-only shape."""
-  run = "runs/cpu_tiny.gin" if "/tiny/" in path else "runs/pretrain.gin"
+  """What cpu_tiny.gin's header suggests: a model or router file given after the run (whose task
+  is the LM embedded corpus) replaces the model or its router, not the task's decoder-only
+  shape. (A router file follows a size: cpu_tiny.gin's, or the tiny Baseline after a task.)"""
+  run = "runs/pretrain.gin" if "/paper/" in path else "runs/cpu_tiny.gin"
   argv = ["hashmoe", "train", f"--gin_file={run}"]
   if run == "runs/pretrain.gin":
     argv += ["--gin_file=tasks/text_dir.gin", "--gin.TEXT_DIR='/my/texts'"]
   argv += [f"--gin_file={path}", "--gin.MODEL_DIR='/tmp/x'"]
+  size = ["--gin_file=models/tiny/baseline.gin"] if "/routers/" in path else []
   parsed = parse_hashmoe(argv)
   assert parsed.shape == "lm" and parsed.config.num_encoder_layers == 0, (
       f"{path} after {run}: {parsed.config.num_encoder_layers} encoder layers for {parsed.task}")
   # After a seq2seq task, the encoder depth the model file gives (ENCODER_LAYERS: 2 in both
   # baselines).
   seq2seq = parse_hashmoe(["hashmoe", "train", "--gin_file=runs/pretrain.gin",
-                           "--gin_file=tasks/text_dir_seq2seq.gin", f"--gin_file={path}",
+                           "--gin_file=tasks/text_dir_seq2seq.gin", *size, f"--gin_file={path}",
                            "--gin.MODEL_DIR='/tmp/x'", "--gin.TEXT_DIR='/my/texts'"])
   assert seq2seq.shape == "seq2seq" and seq2seq.config.num_encoder_layers == 2
 

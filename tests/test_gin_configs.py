@@ -1,9 +1,12 @@
 """Every gin file under configs/models, configs/tasks and configs/runs parses, finalises and builds.
 
-Like flaxformer's gin_configs_test: a config can never rot unnoticed. Model files are initialised
-abstractly (`jax.eval_shape` of `model.init`; paper sizes are never materialised) and their
-parameter counts are checked against a closed-form count of the architecture the file describes
-(the paper's Baseline: 219,043,840 = 219.0M without biases, Section 5.1). Task files are composed
+Like flaxformer's gin_configs_test: a config can never rot unnoticed. Model files are a size
+(models/{tiny,paper}/{baseline,wider,deeper}.gin), a router file given after a size
+(models/routers/*.gin), or a preset that names one size and router for the docs' commands; each
+size is built alone and with every router. Models are initialised abstractly (`jax.eval_shape` of
+`model.init`; paper sizes are never materialised) and their parameter counts are checked against a
+closed-form count of the architecture the files describe (the paper's Baseline: 219,043,840 =
+219.0M without biases, Section 5.1). Task files are composed
 with a model, run files with a model and a task, the way the command line composes them, and every
 macro a run promises (MODEL_DIR, TRAIN_STEPS, BATCH_SIZE, SEQ_LEN, CHECKPOINT_PERIOD, EVAL_PERIOD,
 SEED) is evaluated.
@@ -23,11 +26,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hashmoe import cli, models
+from hashmoe import cli, models, routers
 from hashmoe.data import pipeline as pipeline_lib
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MODEL_FILES = sorted(p.relative_to(CONFIGS).as_posix() for p in (CONFIGS / "models").rglob("*.gin"))
+SIZES = ("baseline", "wider", "deeper")
+ROUTER_FILES = [p for p in MODEL_FILES if p.startswith("models/routers/")]
+# Files that name one size and one router, for the commands the docs and scripts print.
+PRESETS = {"models/tiny/hash_16.gin": ("models/tiny/baseline.gin", "models/routers/hash.gin", 16),
+           "models/paper/hash_64.gin": ("models/paper/baseline.gin", "models/routers/hash.gin", 64)}
+# What a model is built from: a size alone, a size then a router file, or a preset.
+MODEL_COMPOSITIONS = (
+    [(f"models/{scale}/{size}.gin",) + router for scale in ("tiny", "paper") for size in SIZES
+     for router in [()] + [(r,) for r in ROUTER_FILES]]
+    + [(preset,) for preset in PRESETS])
 TASK_FILES = sorted(p.relative_to(CONFIGS).as_posix() for p in (CONFIGS / "tasks").glob("*.gin"))
 RUN_FILES = sorted(p.relative_to(CONFIGS).as_posix() for p in (CONFIGS / "runs").glob("*.gin"))
 RUN_MACROS = ("MODEL_DIR", "TRAIN_STEPS", "BATCH_SIZE", "SEQ_LEN", "CHECKPOINT_PERIOD",
@@ -85,7 +98,8 @@ def closed_form_count(c: models.TransformerConfig) -> int:
     s = c.sparse
     experts = s.num_experts * 2 * d * (s.expert_d_ff or c.d_ff)
     router = {"hash": 0, "switch": d * s.num_experts, "hash_topk": d * s.num_experts,
-              "token_switch": c.vocab_size * d + d * s.num_experts}[s.router]
+              "base": s.num_experts * d,
+              "token_switch": c.vocab_size * d + d * s.num_experts}[s.router.name]
     return experts + router
 
   sparse_dec = set(c.sparse.layers) if c.sparse else set()
@@ -100,36 +114,69 @@ def closed_form_count(c: models.TransformerConfig) -> int:
   return total
 
 
-@pytest.mark.parametrize("path", MODEL_FILES)
-def test_model_file_builds(path):
-  config, _ = parse([path])
+@pytest.mark.parametrize("files", MODEL_COMPOSITIONS, ids=lambda f: "+".join(
+    p[len("models/"):-len(".gin")] for p in f))
+def test_model_file_builds(files):
+  config, _ = parse(list(files))
   assert isinstance(config, models.TransformerConfig)
-  scale = path.split("/")[1]
+  scale = files[0].split("/")[1]
   assert scale in ("paper", "tiny")
   if scale == "paper":  # the paper's shape: 11 decoder layers (22 for Deeper), d=1024, layer 7
     assert (config.d_model, config.num_encoder_layers) == (1024, 2)
-    assert config.num_layers == (22 if path.endswith("deeper.gin") else 11)
+    assert config.num_layers == (22 if files[0].endswith("deeper.gin") else 11)
     if config.sparse is not None:
       assert config.sparse.layers == (6,)
+  assert (config.sparse is not None) == (len(files) > 1 or files[0] in PRESETS)
   count = abstract_param_count(config)
-  if config.sparse is None or config.sparse.router in ("hash", "switch", "token_switch",
-                                                      "hash_topk"):
-    assert count == closed_form_count(config)
-  if path == "models/paper/baseline.gin":
+  assert count == closed_form_count(config)
+  if files == ("models/paper/baseline.gin",):
     assert count == 219_043_840  # the paper's "222M" Baseline, less ParlAI's biases
   if config.sparse is not None:
     counts = models.param_counts(config)
     assert counts["total"] == count and counts["active"] < counts["total"]
 
 
-def test_model_files_come_in_paper_and_tiny_pairs():
-  paper = {p.split("/")[-1] for p in MODEL_FILES if p.startswith("models/paper/")}
-  tiny = {p.split("/")[-1] for p in MODEL_FILES if p.startswith("models/tiny/")}
-  assert paper == tiny
-  expected = {"baseline.gin", "wider.gin", "deeper.gin", "multihash_16.gin",
-              "token_switch_64.gin", "base_64.gin", "hash_topk_64.gin"}
-  expected |= {f"{r}_{e}.gin" for r in ("switch", "hash") for e in (16, 32, 64, 128)}
-  assert expected <= paper
+def test_sizes_come_in_paper_and_tiny_pairs_and_every_router_has_a_file():
+  for scale in ("tiny", "paper"):
+    names = {p.split("/")[-1] for p in MODEL_FILES if p.startswith(f"models/{scale}/")}
+    assert names == {f"{size}.gin" for size in SIZES} | {
+        p.split("/")[-1] for p in PRESETS if p.startswith(f"models/{scale}/")}
+  families = set()
+  for path in ROUTER_FILES:
+    config, _ = parse(["models/tiny/baseline.gin", path])
+    families.add(config.sparse.router.name)
+    if path.endswith("multihash.gin"):
+      assert config.sparse.router.num_hashes == 4
+  assert families == set(routers.REGISTRY)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_a_preset_is_its_size_and_router_file(preset):
+  """A preset holds no settings of its own: it is its size and router file with NUM_EXPERTS."""
+  size, router, experts = PRESETS[preset]
+  config, _ = parse([preset])
+  composed, _ = parse([size, router], [f"NUM_EXPERTS = {experts}"])
+  assert config == composed and config.sparse.num_experts == experts
+
+
+def test_a_router_file_after_a_preset_keeps_its_size_and_experts():
+  """What configs/runs/cpu_tiny.gin's header suggests: a router file after the run swaps the
+  router and keeps the model's size and NUM_EXPERTS."""
+  config, _ = parse(["models/paper/hash_64.gin", "models/routers/token_switch.gin"])
+  assert config.sparse.router == routers.TokenSwitch()
+  assert (config.sparse.num_experts, config.d_model) == (64, 1024)
+
+
+def test_flat_router_fields_are_refused_naming_their_new_binding():
+  with pytest.raises(cli.UsageError, match=r"SparseConfig.hash_key moved to the router config: "
+                     r"bind routers.Hash.key \(with SparseConfig.router = @routers.Hash\(\)\)"):
+    parse(["models/tiny/hash_16.gin"], ["SparseConfig.hash_key = 'bigram'"])
+  with pytest.raises(cli.UsageError, match=r"bind routers.Switch.balance_coef"):
+    parse(["models/tiny/baseline.gin", "models/routers/switch.gin"],
+          ["SparseConfig.balance_coef = 0.1"])
+  # A family's name still stands for its defaults.
+  config, _ = parse(["models/tiny/hash_16.gin"], ["SparseConfig.router = 'switch'"])
+  assert config.sparse.router == routers.Switch()
 
 
 @pytest.mark.parametrize("path", TASK_FILES)
@@ -192,7 +239,7 @@ def test_run_file_binds_every_macro_and_the_trainer(path):
     gin.query_parameter("hashmoe.train.train.optimizer")
   assert abstract_param_count(config) == closed_form_count(config)
   if path == "runs/cpu_tiny.gin":
-    assert config.sparse.router == "hash" and config.num_encoder_layers == 0
+    assert config.sparse.router == routers.Hash() and config.num_encoder_layers == 0
     assert config.vocab_size == 512
 
 

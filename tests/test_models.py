@@ -18,6 +18,7 @@ import pytest
 from hashmoe import hash_functions
 from hashmoe import layers
 from hashmoe import models as M
+from hashmoe import routers
 from hashmoe.layers import MOE_COLLECTION
 from hashmoe.routing import RouterFeatures, Routing
 
@@ -32,11 +33,15 @@ def tiny(num_encoder_layers=0, sparse=None, **overrides):
                        **overrides)
 
 
+# The routers the tests name, as the configs a model takes.
+ROUTER_CONFIGS = {"hash": routers.Hash(), "multihash": routers.Hash(num_hashes=2),
+                  "switch": routers.Switch(), "token_switch": routers.TokenSwitch(),
+                  "base": routers.Base(), "hash_topk": routers.HashTopK(topk=2)}
+
+
 def sparse(router, layers=(1,), encoder_layers=(), **kw):
-  if router == "multihash":
-    router, kw = "hash", {"num_hashes": 2, **kw}
-  if router == "hash_topk":
-    kw = {"topk": 2, **kw}
+  """A SparseConfig with E experts; `router` a name of ROUTER_CONFIGS or a router config."""
+  router = ROUTER_CONFIGS.get(router, router)
   return M.SparseConfig(router=router, num_experts=E, layers=layers,
                         encoder_layers=encoder_layers, **kw)
 
@@ -233,7 +238,7 @@ def test_one_expert_hash_layer_equals_dense_model():
 # --------------------------------------------------------------------------------------------------
 # Every router, both architectures.
 
-ROUTERS = ["hash", "multihash", "switch", "token_switch", "base", "hash_topk"]
+ROUTERS = list(ROUTER_CONFIGS)
 
 
 @pytest.mark.parametrize("router", [None] + ROUTERS)
@@ -310,8 +315,8 @@ def test_encoder_decoder_forward(router):
                                          ("encdec", "hash")])
 def test_future_tokens_never_change_earlier_logits(arch, router):
   n_enc = 2 if arch == "encdec" else 0
-  cfg = tiny(n_enc, None if router is None else sparse(router, hash_key="bigram"
-                                                       if router == "hash" else "token"))
+  cfg = tiny(n_enc, None if router is None else sparse(routers.Hash(key="bigram")
+                                                       if router == "hash" else router))
   batch = random_batch(5, enc_length=8 if n_enc else None)
   model = M.build_model(cfg)
   variables = init(model, batch)
@@ -330,8 +335,8 @@ def test_packed_segments_equal_separate_rows(arch):
   """Two sequences packed in one row give the logits each gets alone (positions restart)."""
   n_enc = 2 if arch == "encdec" else 0
   # A prev_token hash layer also checks that routing keys see segment boundaries.
-  cfg = tiny(n_enc, sparse("hash", layers=(0,), encoder_layers=(1,) if n_enc else (),
-                           hash_key="prev_token"))
+  cfg = tiny(n_enc, sparse(routers.Hash(key="prev_token"), layers=(0,),
+                           encoder_layers=(1,) if n_enc else ()))
   rng = np.random.default_rng(6)
   lens, enc_lens, L, LE = (5, 3), (3, 5), 8, 8
   seqs = [rng.integers(1, V, n).astype(np.int32) for n in lens]
@@ -425,7 +430,7 @@ def test_param_counts_match_hand_count(case):
     cfg = tiny(0, sparse(case))
     kw = dict(experts_total=E * expert, experts_active=expert, router=d * E)
   else:
-    cfg = tiny(0, sparse(case, router_embed_dim=8))
+    cfg = tiny(0, sparse(routers.TokenSwitch(router_embed_dim=8)))
     kw = dict(experts_total=E * expert, experts_active=expert, router=V * 8 + 8 * E)
   total, active = _hand_count(cfg, **kw)
   counts = M.param_counts(cfg)
@@ -540,11 +545,13 @@ def test_config_errors_name_the_problem():
   with pytest.raises(ValueError, match=r"\[5\].*\[0, 2\)"):
     tiny(sparse=sparse("hash", layers=(5,)))
   with pytest.raises(ValueError, match="num_hashes=3"):
-    tiny(sparse=M.SparseConfig(router="hash", num_experts=E, layers=(0,), num_hashes=3))
+    tiny(sparse=sparse(routers.Hash(num_hashes=3), layers=(0,)))
   with pytest.raises(ValueError, match="unknown router"):
     M.SparseConfig(router="hashh", layers=(0,))
-  with pytest.raises(ValueError, match="hash_key"):
-    M.SparseConfig(router="hash", layers=(0,), hash_key="previous")
+  with pytest.raises(ValueError, match="unknown key 'previous'"):
+    routers.Hash(key="previous")
+  with pytest.raises(ValueError, match=r"topk must be in \[1, num_experts=4\], got 5"):
+    sparse(routers.HashTopK(topk=5))
   with pytest.raises(ValueError, match="no sparse layers"):
     M.SparseConfig(router="hash")
   with pytest.raises(ValueError, match="dtype"):
@@ -661,8 +668,8 @@ def test_merge_metrics_combines_drops():
 @pytest.mark.parametrize("encdec,experts,key", [(False, None, "token"), (True, 5, "token"),
                                                 (False, 64, "predicted_future")])
 def test_init_batch_spec_lists_what_init_needs(encdec, experts, key):
-  sparse = None if experts is None else M.SparseConfig(router="hash", num_experts=experts,
-                                                            layers=(0,), hash_key=key)
+  sparse = None if experts is None else M.SparseConfig(router=routers.Hash(key=key),
+                                                            num_experts=experts, layers=(0,))
   config = M.tiny_config(vocab_size=32, num_encoder_layers=2 if encdec else 0,
                               sparse=sparse)
   spec = M.init_batch_spec(config)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hashmoe import hash_functions, models
+from hashmoe import hash_functions, models, routers
 from hashmoe import sharding as sh
 
 VOCAB, EXPERTS = 32, 4
@@ -25,11 +25,11 @@ def _scopes(lowered) -> set[str]:
   return names
 
 
-@pytest.mark.parametrize("router", ["hash"])
+@pytest.mark.parametrize("router", [routers.Hash()], ids=lambda r: r.name)
 def test_sparse_layer_scopes_in_lowered_train_step(router):
   counts = np.arange(1, VOCAB + 1)
   tables = None
-  if router == "hash":
+  if router.uses_tables:
     table = hash_functions.build_table("balanced", num_experts=EXPERTS, vocab_size=VOCAB,
                                 token_counts=counts)
     tables = {"default": (table,)}

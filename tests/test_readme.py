@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from hashmoe import models
+from hashmoe import routers
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -27,28 +27,24 @@ def test_readme_python_example_runs():
 
 
 # The example's own router and tables, which the README's other routers replace.
-EXAMPLE_ROUTER = 'router="hash"'
+EXAMPLE_ROUTER = "router=routers.Hash()"
 EXAMPLE_TABLES = 'hash_tables={"default": (table,)}'
 
 
 def _router_edits() -> dict[str, dict[str, str]]:
-  """{router: {what the example prints: what replaces it}} as the README's text after its example
-  says: a line naming `router="R"...` and `hash_tables=...` gives both edits; a router named only
-  as `"R"` swaps the router and nothing else."""
+  """{router family: {what the example prints: what replaces it}} as the README's text after its
+  example says: a line naming `router=routers.R(...)` and `hash_tables=...` gives both edits."""
   section = README.read_text().split("## A hash layer in a few lines", 1)[1].split("\n## ", 1)[0]
   prose = re.sub(r"```.*?```", "", section, flags=re.S)
   edits = {}
   for item in re.split(r"\n(?=- )|\n\n", prose):
     spans = [" ".join(s.split()) for s in re.findall(r"`([^`]+)`", item)]
-    routers = [s for s in spans if re.match(r'router="\w+"', s) and s != EXAMPLE_ROUTER]
     tables = [s for s in spans if s.startswith("hash_tables=")]
-    for span in routers:
-      name = re.match(r'router="(\w+)"', span).group(1)
-      edits[name] = {EXAMPLE_ROUTER: span, **({EXAMPLE_TABLES: tables[0]} if tables else {})}
     for span in spans:
-      named = re.fullmatch(r'"(\w+)"', span)
-      if named and named.group(1) in models.ROUTERS and named.group(1) not in edits:
-        edits[named.group(1)] = {EXAMPLE_ROUTER: f'router="{named.group(1)}"'}
+      found = re.fullmatch(r"router=routers\.(\w+)\(.*\)", span)
+      if found and span != EXAMPLE_ROUTER:
+        name = getattr(routers, found.group(1)).name
+        edits[name] = {EXAMPLE_ROUTER: span, **({EXAMPLE_TABLES: tables[0]} if tables else {})}
   return edits
 
 
@@ -56,11 +52,11 @@ def _router_edits() -> dict[str, dict[str, str]]:
 BALANCE_LOSS = {"switch": True, "token_switch": True, "base": False, "hash_topk": False}
 
 
-@pytest.mark.parametrize("router", [r for r in models.ROUTERS if r != "hash"])
+@pytest.mark.parametrize("router", [r for r in routers.REGISTRY if r != "hash"])
 def test_readme_example_runs_with_every_router_it_names(router):
   """Each router in the example, with exactly the edits the README gives for it."""
   edits = _router_edits().get(router)
-  assert edits is not None, f"README.md does not say how its example uses router={router!r}"
+  assert edits is not None, f"README.md does not say how its example uses the {router!r} router"
   (block,) = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
   assert EXAMPLE_ROUTER in block and EXAMPLE_TABLES in block
   for printed, replacement in edits.items():
@@ -68,7 +64,7 @@ def test_readme_example_runs_with_every_router_it_names(router):
   namespace = {}
   exec(compile(block, f"{README} ({router})", "exec"), namespace)  # noqa: S102
   config = namespace["config"]
-  assert config.sparse.router == router
+  assert config.sparse.router.name == router
   assert namespace["logits"].shape == (2, 16, namespace["vocab"])
   aux_loss = float(namespace["aux_loss"])
   assert aux_loss > 0 if BALANCE_LOSS[router] else aux_loss == 0.0

@@ -40,7 +40,7 @@ from flax import traverse_util  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 from t5x import decoding, optimizers, trainer as t5x_trainer, utils as t5x_utils  # noqa: E402
 
-from hashmoe import hashing, models  # noqa: E402
+from hashmoe import hashing, models, routers  # noqa: E402
 from hashmoe.layers import MOE_COLLECTION  # noqa: E402
 from hashmoe.t5x import data as t5x_data  # noqa: E402
 from hashmoe.t5x import models as t5x_models  # noqa: E402
@@ -56,6 +56,7 @@ B, L = 8, 12
 
 
 def tiny(router="hash", encoder_decoder=False, num_experts=8, **sparse):
+  """`router`: a family name (its defaults) or a `hashmoe.routers` config."""
   cfg = models.SparseConfig(router=router, num_experts=num_experts, layers=(1,), **sparse)
   return models.tiny_config(V, num_encoder_layers=2 if encoder_decoder else 0, sparse=cfg,
                             max_len=32)
@@ -144,7 +145,7 @@ class Fixture:
 
 @pytest.fixture(scope="module")
 def switch_lm():
-  return Fixture(tiny("switch", balance_coef=0.5))
+  return Fixture(tiny(routers.Switch(balance_coef=0.5)))
 
 
 @pytest.fixture(scope="module")
@@ -419,7 +420,7 @@ def test_encoder_decoder_beam_scores_equal_score_batch(hash_seq2seq):
 
 
 def test_undecodable_hash_keys_are_refused():
-  model = make_model(tiny("hash", hash_key="oracle_future"))
+  model = make_model(tiny(routers.Hash(key="oracle_future")))
   with pytest.raises(ValueError, match="oracle_future"):
     model.predict_batch({}, {"decoder_input_tokens": np.zeros((1, 4), np.int32)})
 
@@ -544,7 +545,7 @@ def closed_form_count(c: models.TransformerConfig) -> int:
   attention = 4 * d * inner
   sparse = set(c.sparse.layers) if c.sparse else set()
   experts = c.sparse.num_experts if c.sparse else 1
-  router = d * experts if c.sparse and c.sparse.router == "switch" else 0
+  router = d * experts if c.sparse and not c.sparse.router.uses_tables else 0
   total = c.vocab_size * d + c.max_len * d + norm
   for i in range(c.num_layers):
     cross = attention + norm if c.is_encoder_decoder else 0
@@ -573,7 +574,7 @@ def test_gin_model_files_build_with_t5x(path, t5x_gin, fake_tasks, tmp_path):
   assert config.is_encoder_decoder == (shape == "seq2seq")
   assert config.d_model == (1024 if size == "paper" else 64)
   router = None if name.startswith("dense") else name.split("_")[0]
-  assert (config.sparse.router if config.sparse else None) == router
+  assert (config.sparse.router.name if config.sparse else None) == router
   assert model._loss_normalizing_factor == "NUM_REAL_TARGET_TOKENS"  # pylint: disable=protected-access
   variables = jax.eval_shape(functools.partial(
       model.get_initial_variables,

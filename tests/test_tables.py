@@ -12,13 +12,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hashmoe import hash_functions, hashing, models, tables
+from hashmoe import hash_functions, hashing, models, routers, tables
 from hashmoe.training.errors import CheckpointError
 
 V = 32
 
 
 def config(router="hash", *, layers=(1,), encoder_layers=(), **sparse):
+  """`router`: a family name (its defaults) or a `hashmoe.routers` config; None is dense."""
   s = None if router is None else models.SparseConfig(router=router, num_experts=4, layers=layers,
                                                       encoder_layers=encoder_layers, **sparse)
   return models.tiny_config(vocab_size=V, num_encoder_layers=2, sparse=s, max_len=16)
@@ -29,11 +30,11 @@ def test_hash_layers_and_tables_per_layer_follow_the_router():
   assert tables.hash_layer_names(config("switch")) == []
   both = config("hash", layers=(1,), encoder_layers=(0,))
   assert tables.hash_layer_names(both) == ["encoder_0", "decoder_1"]
-  assert tables.hash_layer_names(config("hash_topk", topk=2)) == ["decoder_1"]
-  assert tables.tables_per_layer(config("hash", num_hashes=4)) == 4
-  assert tables.tables_per_layer(config("hash_topk", topk=2)) == 1
+  assert tables.hash_layer_names(config(routers.HashTopK(topk=2))) == ["decoder_1"]
+  assert tables.tables_per_layer(config(routers.Hash(num_hashes=4))) == 4
+  assert tables.tables_per_layer(config(routers.HashTopK(topk=2))) == 1
   assert tables.default_table_kind(config("hash")) == "random"
-  assert tables.default_table_kind(config("hash_topk", topk=2)) == hashing.TOPK_KIND
+  assert tables.default_table_kind(config(routers.HashTopK(topk=2))) == hashing.TOPK_KIND
   assert tables.is_table_kind("balanced") and tables.is_table_kind(hashing.TOPK_KIND)
   assert not any(map(tables.is_table_kind, [None, "balanced.npz", ["balanced"], {"a": "b"}]))
 
@@ -61,7 +62,7 @@ def test_a_kind_is_built_from_the_split_s_counts_and_kept_under_model_dir(tmp_pa
 
   # The oracle next token estimates the target: its table is balanced on target counts.
   calls.clear()
-  oracle = config(hash_key="oracle_future")
+  oracle = config(routers.Hash(key="oracle_future"))
   tables.resolve_hash_tables("balanced", oracle, key_counts=_counts(calls), vocab_fingerprint="",
                              seed=0, model_dir=None)
   assert calls == [("token", V, False)]

@@ -30,7 +30,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from hashmoe import hash_functions, models, sharding, tables
+from hashmoe import hash_functions, models, routers, sharding, tables
 from hashmoe import train as T
 from hashmoe.training import errors, optim, resume, run_dir
 from hashmoe.training import checkpoints as checkpoints_lib
@@ -522,7 +522,7 @@ def test_resuming_with_another_model_is_refused_naming_each_change_and_writes_no
   run(model_dir, 2)
   assert not (model_dir / run_dir.LOCK_FILE).exists()  # released when the run ended
   before = snapshot(model_dir)
-  sparse = models.SparseConfig(router="hash", num_experts=4, layers=(1,), hash_key="prev_token")
+  sparse = models.SparseConfig(router=routers.Hash(key="prev_token"), num_experts=4, layers=(1,))
   # Same shapes (the checkpoint would load); dropout may change, the rest may not.
   other = models.tiny_config(vocab_size=V, num_encoder_layers=0, sparse=sparse, max_len=16,
                              activation="gelu", dropout_rate=0.1)

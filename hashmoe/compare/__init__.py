@@ -21,8 +21,9 @@ replace one FFN of the same Baseline, with the same training recipe):
     the grid trains seed 0, the best is kept and trained on the remaining seeds
     (`select_balance_coef`).
 
-Models are `ModelSpec`s (a router, a table, a key, ...) applied to a base model gin file of the
-chosen scale (`configs/models/tiny/baseline.gin` by default). An `Experiment` is a list of
+Models are `ModelSpec`s (a `hashmoe.routers` config, as a model file binds it, and the
+comparison's overrides: a table, the experts, the sparse layers, ...) applied to a base model gin
+file of the chosen scale (`configs/models/tiny/baseline.gin` by default). An `Experiment` is a list of
 ModelSpecs plus settings that the experiment fixes; the paper's sweeps are gin files under
 `configs/experiments/` (`load_experiment`). Hash functions that need a trained dense model
 (clustered and dispersed tables: k-means over its token embeddings; the predicted-future key: its

@@ -98,7 +98,7 @@ def summarize(result: ModelResult) -> dict[str, Any]:
       "curves": [{str(k): v for k, v in sorted(r.curve.items())} for r in runs],
       "steps": min(r.steps for r in runs),
       "description": result.spec.describe(),
-      "spec": dataclasses.asdict(result.spec),
+      "spec": result.spec.record(),
       "wall_s": float(sum(r.wall_s for r in runs)), "cpu_s": float(sum(r.cpu_s for r in runs)),
   }
   if sparse:
@@ -177,8 +177,8 @@ class Comparison:
                 if k not in ("seeds", "balance_coefs")}
     # The baseline is named by its spec (its run is the same seed's), not by its path, so that a
     # copied or moved output folder still reuses its runs.
-    baseline = None if request.baseline is None else dataclasses.asdict(request.baseline)
-    return {"spec": dataclasses.asdict(request.spec), "seed": request.seed,
+    baseline = None if request.baseline is None else request.baseline.record()
+    return {"spec": request.spec.record(), "seed": request.seed,
             "balance_coef": request.balance_coef, "corpus": self.corpus, "settings": settings,
             "baseline": baseline}
 

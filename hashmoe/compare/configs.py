@@ -82,13 +82,15 @@ def base_model(scale: str, base: str, vocab_size: int):
 
 def model_config(spec: ModelSpec, settings: Settings, *, vocab_size: int,
                  balance_coef: Optional[float] = None):
-  """The TransformerConfig of `spec` in this comparison (raises ValueError if invalid).
+  """The TransformerConfig of `spec` in this comparison: its base model with the spec's overrides
+  and router (raises ValueError, naming the model, if the model refuses them).
 
   Args:
     spec: the model.
-    settings: gives the scale and the default number of experts.
+    settings: gives the scale, the default number of experts and, for a tuned router without a
+      coefficient of this run, the first of the grid.
     vocab_size: the task's vocabulary.
-    balance_coef: the Switch coefficient of this run (tuned models); None keeps the spec's.
+    balance_coef: the router's coefficient in this run (tuned models); None keeps the spec's.
   """
   base, default_layers = base_model(settings.scale, spec.base, vocab_size)
   changes: dict[str, Any] = {}
@@ -96,28 +98,22 @@ def model_config(spec: ModelSpec, settings: Settings, *, vocab_size: int,
     changes["num_layers"] = int(spec.num_layers)
   if spec.d_ff is not None:
     changes["d_ff"] = int(spec.d_ff)
-  if spec.router is None:
-    changes["sparse"] = None
-  else:
-    coef = spec.balance_coef if balance_coef is None else balance_coef
-    if spec.router in ("switch", "token_switch") and coef is None:
-      coef = settings.balance_coefs[0]
-    layers = spec.layers if spec.layers is not None else default_layers
-    num_layers = changes.get("num_layers", base.num_layers)
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad:
-      raise ValueError(f"model {spec.name!r}: sparse layers {bad} are outside the "
-                       f"{num_layers} decoder layers")
-    d_ff = changes.get("d_ff", base.d_ff)
-    if spec.num_hashes > 1 and (base.d_model % spec.num_hashes or d_ff % spec.num_hashes):
-      raise ValueError(f"model {spec.name!r}: num_hashes={spec.num_hashes} must divide d_model="
-                       f"{base.d_model} and d_ff={d_ff}")
-    changes["sparse"] = models.SparseConfig(
-        router=spec.router, num_experts=int(spec.num_experts or settings.num_experts),
-        layers=layers, num_hashes=spec.num_hashes, hash_key=spec.hash_key,
-        topk=spec.topk, balance_coef=0.01 if coef is None else float(coef), z_loss_coef=0.0,
-        jitter=0.0, capacity_factor=spec.capacity_factor, expert_d_ff=spec.expert_d_ff)
-  return dataclasses.replace(base, **changes)
+  try:
+    if spec.router is None:
+      changes["sparse"] = None
+    else:
+      router = spec.router
+      if balance_coef is None and spec.tuned:
+        balance_coef = settings.balance_coefs[0]
+      if balance_coef is not None:
+        router = router.replace(balance_coef=float(balance_coef))
+      changes["sparse"] = models.SparseConfig(
+          router=router, num_experts=int(spec.num_experts or settings.num_experts),
+          layers=spec.layers if spec.layers is not None else default_layers,
+          capacity_factor=spec.capacity_factor, expert_d_ff=spec.expert_d_ff)
+    return dataclasses.replace(base, **changes)
+  except ValueError as e:
+    raise ValueError(f"model {spec.name!r}: {e}") from e
 
 
 def validate_experiment(experiment: Experiment, settings: Settings, *,
@@ -130,8 +126,8 @@ def validate_experiment(experiment: Experiment, settings: Settings, *,
 def param_counts(config) -> dict[str, int]:
   """`hashmoe.models.param_counts`; a predicted-future hash layer is counted as a token hash layer
   (hash routers have no parameters, and models' abstract init has no predictions to route on)."""
-  if config.sparse is not None and config.sparse.hash_key == "predicted_future":
-    config = dataclasses.replace(config, sparse=dataclasses.replace(config.sparse,
-                                                                    hash_key="token"))
+  if config.sparse is not None and config.sparse.router.key == "predicted_future":
+    config = dataclasses.replace(config, sparse=dataclasses.replace(
+        config.sparse, router=config.sparse.router.replace(key="token")))
   return models.param_counts(config)
 

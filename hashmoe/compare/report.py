@@ -70,8 +70,8 @@ def sweep_series(models: Mapping[str, Mapping[str, Any]], field: str
     families.setdefault(key, {})[float(value)] = (entry["valid_ppl"],
                                                   entry.get("valid_ppl_std") or 0.0)
     label = spec["router"]
-    if spec["router"] in ("hash", "hash_topk") and (spec.get("table"), spec.get("hash_key")) != (
-        "balanced", "token"):
+    # A table or key other than the defaults only a router with tables can have.
+    if (spec.get("table"), spec.get("hash_key")) != ("balanced", "token"):
       label += f" ({spec.get('table')}, {spec.get('hash_key')})"
     labels[key] = (label, other, spec.get(other))
   kept = {k: v for k, v in families.items() if len(v) >= 2}

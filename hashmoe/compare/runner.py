@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hashmoe import hashing, models
+from hashmoe import models
 from hashmoe import tables as tables_lib
 from hashmoe import train as train_lib
 from hashmoe.compare import configs
@@ -69,7 +69,7 @@ class TrainRunner:
 
   def _data(self, request: RunRequest):
     base = self.pipeline(request.seed)
-    if request.spec.hash_key != "predicted_future":
+    if request.spec.key != "predicted_future":
       return base
     key = (request.seed, request.baseline_dir)
     if key not in self._predicted:
@@ -101,20 +101,21 @@ class TrainRunner:
     split's key counts (max/mean of the keys' occurrences per expert, one value per table)."""
     spec = request.spec
     key_space = tables_lib.hash_key_space(config)
-    kind = hashing.TOPK_KIND if spec.router == "hash_topk" else spec.table
+    kind = spec.table_kind
     embeddings = None
     if spec.table in ("clustered", "dispersed"):
       embeddings = checkpoints.token_embeddings(request.baseline_dir)
     out_path = Path(request.model_dir) / "tables" / f"{kind}.npz"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    counts = lambda: data.key_counts(spec.hash_key, key_space)
+    counts = lambda: data.key_counts(spec.key, key_space)
     tables = tables_lib.make_hash_tables(config, kind, out_path=out_path, key_counts=counts,
                                         seed=request.seed,
                                         vocab_fingerprint=data.vocab_fingerprint,
                                         embeddings=embeddings)
     stats = None
-    if spec.router == "hash":
-      # How evenly the tables spread the training split's keys (what Figure 4 is about).
+    if all(t.table.ndim == 1 for t in tables):
+      # How evenly the tables spread the training split's keys (what Figure 4 is about; a
+      # top-k table's load is not one expert per key).
       weights = np.asarray(counts(), np.float64)
       loads = [np.bincount(t.table, weights=weights, minlength=t.num_experts) for t in tables]
       stats = {"train_split_max_over_mean": [float(l.max() / l.mean()) for l in loads]}
@@ -180,7 +181,7 @@ class TrainRunner:
     model_dir = Path(request.model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     tables, table_stats = None, None
-    if config.sparse is not None and config.sparse.router in ("hash", "hash_topk"):
+    if request.spec.uses_tables:
       tables, table_stats = self._tables(request, config, data)
     # Every argument explicit: no gin binding of the surrounding process can change a run (the
     # optimiser is read from configs/runs/compare.gin in a gin config of its own).

@@ -2,7 +2,7 @@
 
 Everything here is plain data, validated on construction: `Settings` (what every run of one
 comparison shares; `PRESETS` holds the default and --quick ones), `ModelSpec` (one model: a
-router, a table, a key, ... over a base model gin file) and `Experiment` (a list of ModelSpecs and
+router config and a table, experts, sparse layers ... over a base model gin file) and `Experiment` (a list of ModelSpecs and
 the settings it fixes). The paper's experiments are gin files under configs/experiments/
 (`load_experiment`); `model_preset` names the ModelSpecs `--models` takes without one.
 
@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
@@ -121,113 +122,148 @@ PRESETS: dict[str, Settings] = {
 # Models and experiments (gin-configurable: configs/experiments/*.gin).
 
 
+def _routers():
+  """`hashmoe.routers`, imported when a ModelSpec needs it: it imports JAX and Flax (seconds), and
+  every `hashmoe` command builds compare's flags from this module."""
+  from hashmoe import routers  # pylint: disable=g-import-not-at-top
+  return routers
+
+
 @gin.configurable(module="hashmoe.compare")
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """One model of a comparison: a base model, optionally with sparse layers.
+  """One model of a comparison: a base model (a size file, configs/models/<scale>/<base>.gin) and,
+  for a sparse model, a router config with the comparison's overrides of the sparse layers.
+
+  The router is a `hashmoe.routers` config, as a model file binds it; it holds its own settings
+  (hash key, MultiHash N, Switch's coefficient, top-k) and checks them. An experiment file reads:
+
+      bigram/ModelSpec.router = @routers.Hash()
+      bigram/routers.Hash.key = 'bigram'
 
   Attributes:
     name: the model's name in tables, files and `--models`.
-    router: None (dense), or a `hashmoe.models.ROUTERS` router: "hash", "switch", "token_switch",
-      "base", "hash_topk".
+    router: None (dense), a `hashmoe.routers` config, or a family name ("switch") for that
+      family's defaults.
     num_experts: E; None takes the comparison's `--experts`.
-    table: hash tables: "balanced" (greedy on the training split's counts of the hash key, §3.1),
-      "random", "clustered" / "dispersed" (k-means over the dense baseline's token embeddings).
-    hash_key: what is hashed (`hashmoe.hashing.KEYS`): "token", "prev_token", "bigram",
-      "position", "oracle_future", "predicted_future" (the dense baseline's next-token argmax).
-    num_hashes: MultiHash N (§3.2).
+    table: how a router with tables gets them: "balanced" (greedy on the training split's counts
+      of the hash key, §3.1; a balanced top-k table for `routers.HashTopK`), "random",
+      "clustered" / "dispersed" (k-means over the dense baseline's token embeddings).
+    tuned: tune the router's balance_coef on validation perplexity over the comparison's grid
+      (Section 5.1); for routers with a balance_coef (Switch, TokenSwitch). False keeps the
+      router's own.
     layers: 0-based decoder layers made sparse; None: the base model's SPARSE_LAYERS.
-    balance_coef: Switch/token-Switch load-balancing coefficient; None tunes it over the
-      comparison's grid on validation perplexity.
     capacity_factor: Switch capacity (None: dropless).
     base: the base model gin file under configs/models/<scale>/: "baseline", "wider", "deeper".
     num_layers: overrides the base model's decoder depth.
     d_ff: overrides the dense FFN width (and the experts', which default to it).
     expert_d_ff: hidden size of each expert (None: the dense FFN's d_ff).
-    topk: experts per token for "hash_topk".
   """
   name: str
-  router: Optional[str] = None
+  router: Any = None
   num_experts: Optional[int] = None
   table: str = "balanced"
-  hash_key: str = "token"
-  num_hashes: int = 1
+  tuned: bool = False
   layers: Optional[tuple[int, ...]] = None
-  balance_coef: Optional[float] = None
   capacity_factor: Optional[float] = None
   base: str = "baseline"
   num_layers: Optional[int] = None
   d_ff: Optional[int] = None
   expert_d_ff: Optional[int] = None
-  topk: int = 1
 
   def __post_init__(self):
-    # JAX and Flax take seconds to import, and every `hashmoe` command builds compare's flags from
-    # this module; only a ModelSpec needs the router and key names.
-    from hashmoe import hashing, models  # pylint: disable=g-import-not-at-top
     if not isinstance(self.name, str) or not self.name or not all(
         c.isalnum() or c in "_-." for c in self.name):
       raise ValueError(f"model name must be a non-empty string of letters, digits, '_', '-', "
                        f"'.', got {self.name!r}")
-    if self.router is not None and self.router not in models.ROUTERS:
-      raise ValueError(f"model {self.name!r}: router must be None (dense) or one of "
-                       f"{models.ROUTERS}, got {self.router!r}")
+    if self.router is not None:
+      try:
+        object.__setattr__(self, "router", _routers().router_config(self.router))
+      except ValueError as e:
+        raise ValueError(f"model {self.name!r}: router must be None (dense) or {e}") from e
     if self.table not in TABLE_KINDS:
       raise ValueError(f"model {self.name!r}: table must be one of {TABLE_KINDS}, got "
                        f"{self.table!r}")
-    if self.hash_key not in hashing.KEYS:
-      raise ValueError(f"model {self.name!r}: hash_key must be one of {hashing.KEYS}, got "
-                       f"{self.hash_key!r}")
     if self.base not in BASES:
       raise ValueError(f"model {self.name!r}: base must be one of {BASES}, got {self.base!r}")
     if self.layers is not None:
       object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
     if self.router is None and (self.num_experts is not None or self.layers is not None
-                                or self.num_hashes != 1 or self.balance_coef is not None
-                                or self.expert_d_ff is not None):
+                                or self.tuned or self.expert_d_ff is not None):
       raise ValueError(f"model {self.name!r} is dense (router=None) but sets sparse options")
-    hashed = self.router in ("hash", "hash_topk")
-    if not hashed and (self.table != "balanced" or self.hash_key != "token"):
-      raise ValueError(f"model {self.name!r}: table/hash_key apply to hash routers, the router "
-                       f"is {self.router!r}")
-    if self.balance_coef is not None and self.router not in ("switch", "token_switch"):
-      raise ValueError(f"model {self.name!r}: balance_coef applies to Switch routers, the "
-                       f"router is {self.router!r}")
-    if self.balance_coef is not None and not self.balance_coef >= 0:
-      raise ValueError(f"model {self.name!r}: balance_coef must be >= 0, got "
-                       f"{self.balance_coef}")
+    if not self.uses_tables and self.table != "balanced":
+      raise ValueError(f"model {self.name!r}: table applies to routers with tables, the router "
+                       f"is {self._router_name!r}")
+    if self.tuned and "balance_coef" not in {f.name for f in dataclasses.fields(self.router)}:
+      raise ValueError(f"model {self.name!r}: tuned tunes the router's balance_coef, which router "
+                       f"{self._router_name!r} does not have")
 
   @property
-  def tuned(self) -> bool:
-    """Whether the load-balancing coefficient is tuned on validation (Switch without one)."""
-    return self.router in ("switch", "token_switch") and self.balance_coef is None
+  def _router_name(self) -> Optional[str]:
+    return None if self.router is None else self.router.name
+
+  @property
+  def uses_tables(self) -> bool:
+    return self.router is not None and self.router.uses_tables
+
+  @property
+  def key(self) -> Optional[str]:
+    """What the router's hash looks at (None: dense, or a learned router)."""
+    return None if self.router is None else self.router.key
+
+  @property
+  def table_kind(self) -> Optional[str]:
+    """The kind of the run's hash tables (`hashing.TABLE_KINDS`, `hashing.TOPK_KIND`): `table`,
+    or the router's own kind where it takes no other (a top-k table); None without tables."""
+    if not self.uses_tables:
+      return None
+    return self.table if self.table in self.router.table_kinds else self.router.default_table_kind
+
+  @property
+  def balance_coef(self) -> Optional[float]:
+    """The router's fixed load-balancing coefficient (None: tuned, or a router without one)."""
+    return None if self.tuned else getattr(self.router, "balance_coef", None)
 
   @property
   def needs_baseline(self) -> bool:
     """Whether this model's hash tables or keys come from a trained dense baseline."""
-    return self.router in ("hash", "hash_topk") and (
-        self.table in ("clustered", "dispersed") or self.hash_key == "predicted_future")
+    return self.uses_tables and (self.table in ("clustered", "dispersed")
+                                 or self.key == "predicted_future")
 
   def describe(self) -> str:
     if self.router is None:
       return "dense" if self.base == "baseline" else f"dense ({self.base})"
-    parts = [self.router]
-    if self.router in ("hash", "hash_topk"):
-      parts.append(f"{self.table} table, key {self.hash_key}")
-      if self.num_hashes > 1:
-        parts.append(f"{self.num_hashes} hashes")
+    parts = [self.router.name]
+    if self.uses_tables:
+      parts.append(f"{self.table} table, key {self.key}")
+      if self.router.num_slices > 1:
+        parts.append(f"{self.router.num_slices} hashes")
     return ", ".join(parts)
+
+  def record(self) -> dict[str, Any]:
+    """The spec as results.json and a run's identity keep it: the flat fields ModelSpec had before
+    router configs (router by name, hash_key, num_hashes, balance_coef, topk), so that results and
+    finished runs of earlier comparisons read and match the same."""
+    flat = {"router": None, **_routers().LEGACY_DEFAULTS} if self.router is None else (
+        self.router.flat_fields())
+    return {"name": self.name, "router": flat["router"], "num_experts": self.num_experts,
+            "table": self.table, "hash_key": flat["hash_key"], "num_hashes": flat["num_hashes"],
+            "layers": self.layers, "balance_coef": self.balance_coef,
+            "capacity_factor": self.capacity_factor, "base": self.base,
+            "num_layers": self.num_layers, "d_ff": self.d_ff, "expert_d_ff": self.expert_d_ff,
+            "topk": flat["topk"]}
 
 
 # `--models` names without an experiment file (the default experiment uses the first three).
+# A router is named by its family and the settings that differ from the family's defaults.
 _PRESET_ARGS: dict[str, dict[str, Any]] = {
     "dense": {},
-    "switch": {"router": "switch"},
-    "hash": {"router": "hash", "table": "balanced"},
-    "hash_random": {"router": "hash", "table": "random"},
-    "multihash": {"router": "hash", "num_hashes": 4},
-    "token_switch": {"router": "token_switch"},
-    "base": {"router": "base"},
+    "switch": {"router": ("switch", {}), "tuned": True},
+    "hash": {"router": ("hash", {}), "table": "balanced"},
+    "hash_random": {"router": ("hash", {}), "table": "random"},
+    "multihash": {"router": ("hash", {"num_hashes": 4})},
+    "token_switch": {"router": ("token_switch", {}), "tuned": True},
+    "base": {"router": ("base", {})},
     "wider": {"base": "wider"},
     "deeper": {"base": "deeper"},
 }
@@ -239,7 +275,11 @@ def model_preset(name: str) -> ModelSpec:
   if name not in _PRESET_ARGS:
     raise ValueError(f"unknown model {name!r}; expected one of {list(PRESET_NAMES)} (or pass "
                      "--experiment to use an experiment file's models)")
-  return ModelSpec(name, **_PRESET_ARGS[name])
+  args = dict(_PRESET_ARGS[name])
+  if "router" in args:
+    family, settings = args["router"]
+    args["router"] = _routers().REGISTRY[family](**settings)
+  return ModelSpec(name, **args)
 
 
 @gin.configurable(module="hashmoe.compare")
@@ -365,12 +405,16 @@ def load_experiment(name_or_path: PathLike) -> Experiment:
   ...], overrides) and the scoped ModelSpecs; `include` resolves against configs/.
   """
   path = experiment_path(name_or_path)
+  routers = _routers()  # Registers the router configs the files bind (@routers.Hash()).
   with isolated_gin():
     gin.add_config_file_search_path(os.fspath(configs_dir()))
     try:
       gin.parse_config_file(os.fspath(path))
       experiment = Experiment()
     except (ValueError, TypeError) as e:
-      raise ValueError(f"{path}: {e}") from e
+      # A file written when ModelSpec held flat router fields (ModelSpec.hash_key, ...).
+      found = re.search(r"Configurable '(\w+)' doesn't have a parameter named '(\w+)'", str(e))
+      moved = found and routers.moved_binding(*found.groups())
+      raise ValueError(f"{path}: {moved or e}") from e
   return experiment
 

@@ -54,7 +54,7 @@ def hash_tables(config: models.TransformerConfig, *, task: Optional[str] = None,
     config: the model.
     task: the registered seqio task whose training split balances the tables and whose vocabulary
       they must match.
-    tables: None (the routers' own seeded random tables: `SparseConfig.hash_seed`); a kind
+    tables: None (the routers' own seeded random tables: `routers.Hash.seed`); a kind
       ("random", "balanced", or `hashing.TOPK_KIND` for hash_topk), built now from the task's
       training-split key counts (`hashmoe.data.stats.count_tokens`, cached) as hashmoe's trainer
       does; or files written by `hashmoe build-hash` (a path, a list of paths, or

@@ -213,7 +213,7 @@ class _HashMoeModelMixin:
     # shapes are t5x's, as t5x's own models initialise.
     batch = {f: jnp.ones(tuple(input_shapes[f]), jnp.int32) for f in features}
     sparse = self.module.config.sparse
-    if sparse is not None and sparse.hash_key == "predicted_future":
+    if sparse is not None and sparse.router.key == "predicted_future":
       batch["predicted_ids"] = jnp.ones(tuple(input_shapes["decoder_input_tokens"]), jnp.int32)
     return batch
 
@@ -341,9 +341,8 @@ class _HashMoeModelMixin:
 
   def _check_decodable(self) -> None:
     sparse = self.module.config.sparse
-    if sparse is not None and sparse.router in ("hash", "hash_topk") and (
-        sparse.hash_key in _UNDECODABLE_KEYS):
-      raise ValueError(f"hash_key={sparse.hash_key!r} routes on a feature that does not exist "
+    if sparse is not None and sparse.router.key in _UNDECODABLE_KEYS:
+      raise ValueError(f"the hash key {sparse.router.key!r} routes on a feature that does not exist "
                        "while decoding (the next token or a frozen model's prediction of it); "
                        "such models can be scored (score_batch) but not decoded")
 

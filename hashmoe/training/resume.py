@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional, Union
 
 from gin import config_parser as gin_config_parser
 
-from hashmoe import models, tables
+from hashmoe import models, routers, tables
 from hashmoe.training import multihost
 from hashmoe.training.errors import ChangedConfigError
 from hashmoe.training.run_dir import CONFIG_FILE
@@ -62,8 +62,10 @@ def run_settings(model_config: models.TransformerConfig, *, task: str, seq_len: 
   sparse = model_config.sparse
   settings["TransformerConfig.sparse"] = None if sparse is None else "SparseConfig"
   if sparse is not None:
-    settings.update({f"SparseConfig.{f.name}": getattr(sparse, f.name)
-                     for f in dataclasses.fields(sparse) if f.name not in RESUMABLE_SPARSE_FIELDS})
+    # Under the flat field names of SparseConfig before routers were objects: a checkpoint
+    # written then compares equal to the same model now.
+    settings.update({f"SparseConfig.{name}": value for name, value in sparse.flat_fields().items()
+                     if name not in RESUMABLE_SPARSE_FIELDS})
   settings.update({"train.task": task, "train.seq_len": int(seq_len),
                    "train.batch_size": int(batch_size), "train.seed": int(seed),
                    VOCABULARY_SETTING: vocab_fingerprint})
@@ -198,6 +200,18 @@ def _fixed_gin_binding(key: str, value: Any) -> bool:
   return False
 
 
+def _moved_router_field(change: ConfigChange) -> bool:
+  """Whether `change` is a checkpoint's binding of a flat SparseConfig router field (before router
+  configs) that this run's text no longer binds: the setting moved into a router config, and a
+  checkpoint that recorded only its gin text cannot tell whether its value changed."""
+  for key in change.keys:
+    configurable, _, arg = key.rsplit("/", 1)[-1].partition(".")
+    if (change.old is not _UNSET and change.new is _UNSET and configurable == "SparseConfig"
+        and arg in routers.LEGACY_DEFAULTS and arg not in RESUMABLE_SPARSE_FIELDS):
+      return True
+  return False
+
+
 def check_resume(saved: Mapping[str, Any], *, step: int, settings: Mapping[str, Any],
                  config_text: str, model_dir: PathLike) -> list[ConfigChange]:
   """Compares a run with the checkpoint it is about to resume.
@@ -236,15 +250,21 @@ def check_resume(saved: Mapping[str, Any], *, step: int, settings: Mapping[str, 
         name = f"{macros[key]} ({key})" if key in macros else key
         fixed.append(ConfigChange(name, saved_settings[key], current[key], (key,)))
   else:
-    fixed = [c for c in changes if c.old is not _UNSET and c.new is not _UNSET
-             and any(_fixed_gin_binding(k, c.new) for k in c.keys)]
+    fixed = [c for c in changes if (c.old is not _UNSET and c.new is not _UNSET
+                                    and any(_fixed_gin_binding(k, c.new) for k in c.keys))
+             or _moved_router_field(c)]
   if fixed:
     model_dir = os.fspath(model_dir)
     lines = "".join(f"\n  {c}" for c in fixed)
+    moved = ""
+    if any(_moved_router_field(c) for c in fixed):
+      moved = ("The checkpoint's gin text binds router settings as flat SparseConfig fields, "
+               "which now live in the router configs (e.g. SparseConfig.hash_key is "
+               "routers.Hash.key), so they cannot be compared with this run's. ")
     raise ChangedConfigError(
         f"MODEL_DIR {model_dir} holds a checkpoint (step {step}) of a run with other settings, "
         f"and these cannot change under a checkpoint (checkpoint -> this run):{lines}\n"
-        f"Nothing was written. Rerun with the checkpoint's settings (its run's config is "
+        f"{moved}Nothing was written. Rerun with the checkpoint's settings (its run's config is "
         f"{os.path.join(model_dir, CONFIG_FILE)}), or use a new MODEL_DIR; to fine-tune this "
         f"run's parameters under the new settings, start the new MODEL_DIR with "
         f"INIT_CHECKPOINT='{model_dir}'.")

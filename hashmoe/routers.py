@@ -1,0 +1,373 @@
+"""Router configs: which router a sparse layer uses, as a small frozen value gin passes in.
+
+flaxformer's gin binds `MoeLayer.router = @routing.TokensChooseMaskedRouter()`; hashmoe binds
+`SparseConfig.router = @routers.Hash()` the same way, and configures the router under its own
+name:
+
+    SparseConfig.router = @routers.Hash()        # Python: SparseConfig(router=routers.Hash(
+    routers.Hash.key = 'bigram'                  #             key="bigram"), ...)
+
+One config class per router family, each knowing what its router needs and building its Flax module
+(`hashmoe.routing`):
+
+  Hash        expert = table[key(x)], Roller et al. 2021 §3; MultiHash (§3.2) with num_hashes > 1
+  HashTopK    k experts per key from a fixed table, mixed by a learned gate (DeepSeek-V4)
+  Switch      learned top-1 over the hidden state (Fedus et al. 2021)
+  TokenSwitch Switch over a learned embedding of the current token (the paper's Table 6)
+  Base        BASE layers' balanced assignment (Lewis et al. 2021)
+
+The rest of the library asks the config, never its name: `uses_tables`, `num_tables` (tables per
+layer), `num_slices` (MultiHash's N), `experts_per_token`, `key` (what a hash looks at, None for
+learned routers), `table_kinds` / `default_table_kind`, `build(...)`. `name` is the family's label
+in reports and in the settings a checkpoint records. Adding a router is one class here (a subclass
+with a `name`: that registers it, by name and with gin) and one gin file under
+configs/models/routers/ (docs/ROUTING.md, "How to add a router").
+
+Checkpoints and configs written before routers were objects name flat `SparseConfig` fields
+(`SparseConfig.hash_key`, `.num_hashes`, `.balance_coef`, ...): `flat_fields` gives a router's
+values under those names (what `run_settings` records, so old checkpoints compare equal), and
+`moved_binding` names the new binding for a config that still binds an old one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Mapping, Optional, Union
+
+import flax.linen as nn
+import gin
+import numpy as np
+
+from hashmoe import hashing
+from hashmoe import routing
+
+# The flat SparseConfig fields the router configs replaced, with the defaults they had. Checkpoints
+# record a model's settings under these names (`SparseConfig.flat_fields`).
+LEGACY_DEFAULTS: Mapping[str, Any] = {
+    "num_hashes": 1, "hash_key": "token", "key_space": None, "hash_seed": 0, "topk": 1,
+    "balance_coef": 0.01, "z_loss_coef": 0.0, "jitter": 0.0, "router_embed_dim": None}
+
+# name -> router config class, filled as the classes are defined.
+REGISTRY: dict[str, type["RouterConfig"]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+  """What every router config answers. Subclasses set `name` (and are then registered) and
+  `legacy_names` ({field: old flat SparseConfig field}), and implement `build`."""
+  name: ClassVar[str] = ""
+  legacy_names: ClassVar[Mapping[str, str]] = {}
+  # What the hash looks at (`hashing.KEYS`); None for routers that look at no key.
+  key: ClassVar[Optional[str]] = None
+  # The table kinds the router takes (of `hashing.TABLE_KINDS` and `hashing.TOPK_KIND`).
+  table_kinds: ClassVar[tuple[str, ...]] = ()
+  # What the trainer gives it when `train.hash_tables` is None.
+  default_table_kind: ClassVar[Optional[str]] = None
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    # Only a class that names itself registers (gin's registration subclasses the config).
+    if "name" in cls.__dict__ and cls.name:
+      taken = REGISTRY.get(cls.name)
+      if taken is not None and taken.__qualname__ != cls.__qualname__:
+        raise ValueError(f"router name {cls.name!r} is taken by {REGISTRY[cls.name].__name__}")
+      REGISTRY[cls.name] = cls
+
+  @property
+  def num_tables(self) -> int:
+    """Hash tables one sparse layer holds (0: the router has none)."""
+    return 0
+
+  @property
+  def uses_tables(self) -> bool:
+    return self.num_tables > 0
+
+  @property
+  def num_slices(self) -> int:
+    """MultiHash's N: the expert FFN is cut into N slices, one per column of `expert_index`."""
+    return 1
+
+  @property
+  def experts_per_token(self) -> int:
+    """Experts whose full FFN a token uses (MultiHash's N slices add up to one expert)."""
+    return 1
+
+  def check(self, num_experts: int) -> None:
+    """Raises ValueError if the router cannot route to `num_experts` experts."""
+    del num_experts
+
+  def table_key_space(self, vocab_size: int, max_len: int) -> Optional[int]:
+    """Rows of each of the router's tables in a model of `vocab_size` and `max_len` (None for
+    routers without tables)."""
+    del vocab_size, max_len
+    return None
+
+  def build(self, *, num_experts: int, vocab_size: int, max_len: int,
+            capacity_factor: Optional[float], tables: Optional[tuple[hashing.HashTable, ...]],
+            ordinal: int) -> nn.Module:
+    """The `hashmoe.routing` router module, unbound (parent=None) so the sparse block adopts it.
+
+    Args:
+      num_experts: E.
+      vocab_size, max_len: the model's (key spaces, token embeddings).
+      capacity_factor: the sparse layer's (None: dropless).
+      tables: the layer's hash tables, or None for the router's own.
+      ordinal: the layer's place among the model's sparse layers (encoder layers first), so that
+        seeded random tables differ between layers.
+    """
+    raise NotImplementedError(f"{type(self).__name__} must implement build")
+
+  def flat_fields(self) -> dict[str, Any]:
+    """{"router": name, and every `LEGACY_DEFAULTS` field}: this router's values under the flat
+    SparseConfig names checkpoints record, the defaults for fields the family does not have."""
+    fields = {"router": self.name, **LEGACY_DEFAULTS}
+    fields.update({old: getattr(self, new) for new, old in self.legacy_names.items()})
+    return fields
+
+  def replace(self, **changes: Any) -> "RouterConfig":
+    return dataclasses.replace(self, **changes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hash routing.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Hashed(RouterConfig):
+  """A router whose experts come from a fixed table looked up by a key of the token ids.
+
+  Attributes:
+    key: what is hashed, one of `hashing.KEYS`: "token", "prev_token", "bigram", "position",
+      "oracle_future", "predicted_future" (Sections 3.1 and 5.3.2).
+    key_space: number of distinct key ids a table covers. None: taken from the given tables, or
+      without tables `hashing.key_space_size` (the vocabulary; max_len for "position").
+    seed: seed of the random tables made when no tables are given; each sparse layer gets its own
+      (seed + num_tables * ordinal, encoder layers first), so layers hash independently.
+  """
+  legacy_names: ClassVar[Mapping[str, str]] = {
+      "key": "hash_key", "key_space": "key_space", "seed": "hash_seed"}
+  # The subclass's count fields (num_hashes, topk): ints >= 1.
+  counts: ClassVar[tuple[str, ...]] = ()
+
+  key: str = "token"
+  key_space: Optional[int] = None
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.key not in hashing.KEYS:
+      raise ValueError(f"{type(self).__name__}: unknown key {self.key!r}; expected one of "
+                       f"{hashing.KEYS}")
+    for field in self.counts + (("key_space",) if self.key_space is not None else ()):
+      value = getattr(self, field)
+      if not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{type(self).__name__}: {field} must be an int >= 1, got {value!r}")
+
+  @property
+  def num_tables(self) -> int:
+    return 1
+
+  def table_key_space(self, vocab_size: int, max_len: int) -> int:
+    if self.key_space is not None:
+      return self.key_space
+    return hashing.key_space_size(self.key, vocab_size=vocab_size, max_positions=max_len)
+
+  def _build_args(self, tables: Optional[tuple], vocab_size: int, max_len: int,
+                  ordinal: int) -> dict[str, Any]:
+    """The arguments both hash router modules take: key, key_space (None with tables: the router
+    reads it from them) and the layer's seed."""
+    key_space = self.key_space
+    if key_space is None and not tables:
+      key_space = self.table_key_space(vocab_size, max_len)
+    return dict(key=self.key, key_space=key_space, seed=self.seed + self.num_tables * ordinal)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hash(_Hashed):
+  """The hash layer (Roller et al. 2021, §3): expert = table[key(x)], no parameters, no loss.
+
+  With num_hashes = N > 1 it is MultiHash (§3.2): the expert FFN is cut into N slices, slice m
+  picked by hash m; parameters and FLOPs stay those of one expert (N must divide d_model and D).
+
+  Attributes:
+    key, key_space, seed: see `_Hashed`.
+    num_hashes: MultiHash N; 1 is the plain hash layer.
+  """
+  name: ClassVar[str] = "hash"
+  legacy_names: ClassVar[Mapping[str, str]] = {**_Hashed.legacy_names, "num_hashes": "num_hashes"}
+  table_kinds: ClassVar[tuple[str, ...]] = hashing.TABLE_KINDS
+  default_table_kind: ClassVar[Optional[str]] = "random"
+
+  counts: ClassVar[tuple[str, ...]] = ("num_hashes",)
+
+  num_hashes: int = 1
+
+  @property
+  def num_tables(self) -> int:
+    return self.num_hashes
+
+  @property
+  def num_slices(self) -> int:
+    return self.num_hashes
+
+  def build(self, *, num_experts, vocab_size, max_len, capacity_factor, tables, ordinal):
+    del capacity_factor  # a hash router never drops; only a capacity dispatch does
+    return routing.HashRouter(num_experts, num_hashes=self.num_hashes, tables=tables,
+                              **self._build_args(tables, vocab_size, max_len, ordinal),
+                              parent=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class HashTopK(_Hashed):
+  """Hash-selected top-k (DeepSeek-V4's hash-routed first layers): a fixed table of k distinct
+  experts per key (`hash_functions.build_topk_table`) picks who runs, a learned gate weighs them.
+
+  Attributes:
+    key, key_space, seed: see `_Hashed`.
+    topk: experts per token, in [1, num_experts].
+  """
+  name: ClassVar[str] = "hash_topk"
+  legacy_names: ClassVar[Mapping[str, str]] = {**_Hashed.legacy_names, "topk": "topk"}
+  table_kinds: ClassVar[tuple[str, ...]] = (hashing.TOPK_KIND,)
+  default_table_kind: ClassVar[Optional[str]] = hashing.TOPK_KIND
+
+  counts: ClassVar[tuple[str, ...]] = ("topk",)
+
+  topk: int = 1
+
+  @property
+  def experts_per_token(self) -> int:
+    return self.topk
+
+  def check(self, num_experts: int) -> None:
+    if not 1 <= self.topk <= num_experts:
+      raise ValueError(f"HashTopK: topk must be in [1, num_experts={num_experts}], got "
+                       f"{self.topk}")
+
+  def build(self, *, num_experts, vocab_size, max_len, capacity_factor, tables, ordinal):
+    del capacity_factor
+    return routing.HashTopKRouter(num_experts, self.topk,
+                                  table=tables[0] if tables else None,
+                                  **self._build_args(tables, vocab_size, max_len, ordinal),
+                                  parent=None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Learned routing baselines.
+
+
+@dataclasses.dataclass(frozen=True)
+class Switch(RouterConfig):
+  """Switch Transformer routing (Fedus et al. 2021): top-1 of softmax(W h), trained with the
+  load-balancing loss; the sparse layer's capacity_factor, if any, decides the drops.
+
+  Attributes:
+    balance_coef: α of the load-balancing loss (0.01 is Switch's default; the paper tunes it).
+    z_loss_coef: coefficient of the router z-loss (ST-MoE uses 1e-3); 0 disables it.
+    jitter: ε of the multiplicative input jitter during training; 0 disables it.
+  """
+  name: ClassVar[str] = "switch"
+  legacy_names: ClassVar[Mapping[str, str]] = {
+      "balance_coef": "balance_coef", "z_loss_coef": "z_loss_coef", "jitter": "jitter"}
+
+  balance_coef: float = 0.01
+  z_loss_coef: float = 0.0
+  jitter: float = 0.0
+
+  def _router_args(self, vocab_size: int) -> dict[str, Any]:
+    del vocab_size
+    return {}
+
+  def build(self, *, num_experts, vocab_size, max_len, capacity_factor, tables, ordinal):
+    del max_len, tables, ordinal
+    return routing.SwitchRouter(num_experts, balance_coef=self.balance_coef,
+                                z_loss_coef=self.z_loss_coef, jitter=self.jitter,
+                                capacity_factor=capacity_factor,
+                                **self._router_args(vocab_size), parent=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSwitch(Switch):
+  """Switch with token-based routing (Roller et al. 2021, §5.3.3, Table 6): the router reads a
+  separate learned embedding of the current token instead of the hidden state.
+
+  Attributes:
+    balance_coef, z_loss_coef, jitter: as `Switch`.
+    router_embed_dim: width of the token embedding (None: d_model).
+  """
+  name: ClassVar[str] = "token_switch"
+  legacy_names: ClassVar[Mapping[str, str]] = {
+      **Switch.legacy_names, "router_embed_dim": "router_embed_dim"}
+
+  router_embed_dim: Optional[int] = None
+
+  def _router_args(self, vocab_size: int) -> dict[str, Any]:
+    return dict(token_based=True, vocab_size=vocab_size, router_embed_dim=self.router_embed_dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class Base(RouterConfig):
+  """BASE layers (Lewis et al. 2021): a balanced linear assignment during training (each expert
+  gets exactly tokens / E), greedy at evaluation; no auxiliary loss, nothing dropped."""
+  name: ClassVar[str] = "base"
+
+  def build(self, *, num_experts, vocab_size, max_len, capacity_factor, tables, ordinal):
+    del vocab_size, max_len, capacity_factor, tables, ordinal
+    return routing.BaseRouter(num_experts, parent=None)
+
+
+# Every family is a gin configurable: `SparseConfig.router = @routers.Hash()`. (A router config
+# defined in another module registers itself the same way.)
+for _cls in REGISTRY.values():
+  gin.register(_cls, module="hashmoe.routers")
+del _cls
+
+
+# --------------------------------------------------------------------------------------------------
+# Names: a family's defaults by name, and configs that still use the flat fields.
+
+
+def router_config(router: Union[RouterConfig, str]) -> RouterConfig:
+  """`router` itself, or for a family name ("switch") that family's defaults."""
+  if isinstance(router, RouterConfig):
+    return router
+  if isinstance(router, str) and router in REGISTRY:
+    return REGISTRY[router]()
+  raise ValueError(f"unknown router {router!r}; expected a router config "
+                   f"({', '.join('routers.' + c.__name__ + '()' for c in REGISTRY.values())}) or "
+                   f"one of the names {sorted(REGISTRY)}")
+
+
+def from_flat_fields(name: str, **fields: Any) -> RouterConfig:
+  """The router of family `name` from flat SparseConfig field values (`LEGACY_DEFAULTS` names);
+  a field the family does not have must keep its default."""
+  cls = type(router_config(name))
+  unknown = sorted(set(fields) - set(LEGACY_DEFAULTS))
+  if unknown:
+    raise TypeError(f"{unknown} are not flat router fields; expected some of "
+                    f"{sorted(LEGACY_DEFAULTS)}")
+  own = {old: new for new, old in cls.legacy_names.items()}
+  foreign = sorted(k for k, v in fields.items() if k not in own and v != LEGACY_DEFAULTS[k])
+  if foreign:
+    verb = "does" if len(foreign) == 1 else "do"
+    raise ValueError(f"{', '.join(f'{k}={fields[k]!r}' for k in foreign)} {verb} not apply to "
+                     f"router {name!r} ({cls.__name__} has {sorted(own) or 'no such fields'})")
+  return cls(**{own[k]: v for k, v in fields.items() if k in own})
+
+
+# The configurables that held the flat router fields: the model's, and the comparison's models.
+_FLAT_OWNERS = ("SparseConfig", "ModelSpec")
+
+
+def moved_binding(configurable: str, param: str) -> Optional[str]:
+  """For a binding of a flat field that moved into the router configs (`SparseConfig.hash_key`,
+  `ModelSpec.num_hashes`), the message naming its new binding; None for any other binding."""
+  owner = configurable.rsplit(".", 1)[-1]
+  if owner not in _FLAT_OWNERS or param not in LEGACY_DEFAULTS:
+    return None
+  homes = [(cls, new) for cls in REGISTRY.values() for new, old in cls.legacy_names.items()
+           if old == param]
+  # A field every Switch has is named once, on Switch (TokenSwitch inherits it).
+  homes = [(cls, new) for cls, new in homes
+           if not any(c is not cls and issubclass(cls, c) for c, _ in homes)]
+  ways = " or ".join(f"routers.{cls.__name__}.{new} (with {owner}.router = "
+                     f"@routers.{cls.__name__}())" for cls, new in homes)
+  return f"{owner}.{param} moved to the router config: bind {ways}"
