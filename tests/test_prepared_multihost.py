@@ -11,16 +11,17 @@ collectives over gloo, 4 emulated devices per process).
    single process resumes it to step 6, and steps 4-6 reproduce the uninterrupted single-process
    run's losses.
 
-The data are prepared once, by a real `hashmoe prepare`, into a folder all processes read.
+The data are prepared once into a folder all processes read, by two `hashmoe prepare` processes
+joined the same way: each prepares its own shards (every process-count-th from its index), and the
+one that finishes last writes the manifest.
 """
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
-from test_multihost import (DEVICES, HOSTS, MESH_2x4, REPO, RUN_FLAGS, env_for, free_port,
+from test_multihost import (DEVICES, HOSTS, MESH_2x4, RUN_FLAGS, SEQ_LEN, env_for, free_port,
                             hashmoe, records, run_together)
 from textdata import write_text_folder
 
@@ -34,13 +35,20 @@ def workspace(tmp_path_factory):
   texts = write_text_folder(base / "texts")
   space = {"texts": texts, "cache": base / "cache", "jax_cache": base / "jax_cache",
            "root": base / "prepared", "base": base}
-  done = subprocess.run(hashmoe("prepare", *RUN_FLAGS, f"--gin.TEXT_DIR='{texts}'",
-                                f"--gin.PREPARED_DIR='{space['root']}'", "--num_shards=2",
-                                "--workers=1", "--no_progress"),
-                        cwd=REPO, env=env_for(space, 1), capture_output=True, text=True,
-                        timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert json.loads(done.stdout.strip().splitlines()[-1])["complete"]
+  coordinator = f"127.0.0.1:{free_port()}"
+  done = run_together([(f"prepare{i}", hashmoe(
+      "prepare", *RUN_FLAGS, f"--gin.TEXT_DIR='{texts}'", f"--gin.PREPARED_DIR='{space['root']}'",
+      "--num_shards=2", "--workers=1", "--no_progress", f"--coordinator_address={coordinator}",
+      f"--num_processes={HOSTS}", f"--process_id={i}"), env_for(space, 1))
+                       for i in range(HOSTS)], base / "prepare_logs")
+  summaries = [done[f"prepare{i}"]["summary"] for i in range(HOSTS)]
+  # Each process prepared its own shard of each split (train, validation, test), none twice.
+  assert [s["prepared"] for s in summaries] == [3, 3]
+  assert any(s["complete"] for s in summaries)
+  folder = space["root"] / "hashmoe_text_lm" / f"len{SEQ_LEN}"
+  manifest = json.loads((folder / "manifest.json").read_text())
+  assert [s["file"] for s in manifest["split_info"]["train"]["shards"]] == [
+      "train/rows-00000-of-00002.arrayrecord", "train/rows-00001-of-00002.arrayrecord"]
   return space
 
 
