@@ -50,9 +50,14 @@ def make_optimizer(settings: Settings) -> optax.GradientTransformation:
     return optim.make_optimizer()
 
 
-@gin.configurable(module="hashmoe.compare")
 def _base_model_values(config=gin.REQUIRED, sparse_layers=gin.REQUIRED):
   return config, sparse_layers
+
+
+# compare is imported lazily, possibly in a process whose gin config a `hashmoe train` finalised
+# (and locked) before: registering then would raise.
+with gin.unlock_config():
+  _base_model_values = gin.configurable(_base_model_values, module="hashmoe.compare")
 
 
 _BASE_CACHE: dict[tuple[str, str, int], tuple[Any, tuple[int, ...]]] = {}

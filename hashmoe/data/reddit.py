@@ -238,12 +238,59 @@ def _link_key(link_id: str) -> str:
   return link_id if link_id.startswith("t3_") else "t3_" + link_id
 
 
-def _warn_if_nothing_read(path: PathLike, kind: str, read: int, rejected: int) -> None:
+def _read_records(path: PathLike, parse: Callable[[dict[str, Any]], Any], kind: str,
+                  stats: Stats | None, read_size: int) -> Iterator[Any]:
+  """`parse` of each record of a dump, skipping (and counting as `malformed_record`) the records
+  it rejects with KeyError/ValueError/TypeError/OverflowError; the rest count as `<kind>_read`.
+  A file none of whose records is a `kind[:-1]` gets a warning: it is probably the other kind."""
+  read = rejected = 0
+  for record in iter_json_lines(path, stats=stats, read_size=read_size):
+    try:
+      value = parse(record)
+    except (KeyError, ValueError, TypeError, OverflowError):
+      rejected += 1
+      _bump(stats, "malformed_record")
+      continue
+    read += 1
+    _bump(stats, f"{kind}_read")
+    yield value
   if rejected and not read:
     other = "submissions (RS_/_submissions)" if kind == "comments" else "comments (RC_/_comments)"
     warnings.warn(
         f"{path}: none of its {rejected} records is a {kind[:-1]}; is it a file of {other}?",
         RuntimeWarning, stacklevel=3)
+
+
+def _comment(record: dict[str, Any]) -> Comment:
+  comment_id, link_id = record["id"], record["link_id"]
+  parent_id, body = record["parent_id"], record["body"]
+  if not (isinstance(comment_id, str) and comment_id and isinstance(link_id, str) and link_id
+          and isinstance(body, str) and isinstance(parent_id, str)
+          and parent_id[:3] in ("t1_", "t3_")):
+    raise ValueError(record)
+  return Comment(
+      id=comment_id,
+      link_id=_link_key(link_id),
+      parent_id=parent_id,
+      author=str(record.get("author") or ""),
+      body=body,
+      created_utc=_parse_utc(record["created_utc"]),
+      subreddit=str(record.get("subreddit") or ""))
+
+
+def _submission(record: dict[str, Any]) -> Submission:
+  post_id, title = record["id"], record["title"]
+  selftext = record.get("selftext") or ""
+  if not (isinstance(post_id, str) and post_id and isinstance(title, str)
+          and isinstance(selftext, str)):
+    raise ValueError(record)
+  return Submission(
+      id=post_id[3:] if post_id.startswith("t3_") else post_id,
+      title=title,
+      selftext=selftext,
+      author=str(record.get("author") or ""),
+      created_utc=_parse_utc(record["created_utc"]),
+      subreddit=str(record.get("subreddit") or ""))
 
 
 def read_comments(path: PathLike, *, stats: Stats | None = None,
@@ -257,31 +304,7 @@ def read_comments(path: PathLike, *, stats: Stats | None = None,
   Yields:
     `Comment`s in file order.
   """
-  read = rejected = 0
-  for record in iter_json_lines(path, stats=stats, read_size=read_size):
-    try:
-      comment_id, link_id = record["id"], record["link_id"]
-      parent_id, body = record["parent_id"], record["body"]
-      if not (isinstance(comment_id, str) and comment_id and isinstance(link_id, str) and link_id
-              and isinstance(body, str) and isinstance(parent_id, str)
-              and parent_id[:3] in ("t1_", "t3_")):
-        raise ValueError(record)
-      comment = Comment(
-          id=comment_id,
-          link_id=_link_key(link_id),
-          parent_id=parent_id,
-          author=str(record.get("author") or ""),
-          body=body,
-          created_utc=_parse_utc(record["created_utc"]),
-          subreddit=str(record.get("subreddit") or ""))
-    except (KeyError, ValueError, TypeError, OverflowError):
-      rejected += 1
-      _bump(stats, "malformed_record")
-      continue
-    read += 1
-    _bump(stats, "comments_read")
-    yield comment
-  _warn_if_nothing_read(path, "comments", read, rejected)
+  return _read_records(path, _comment, "comments", stats, read_size)
 
 
 def read_submissions(path: PathLike, *, stats: Stats | None = None,
@@ -295,29 +318,7 @@ def read_submissions(path: PathLike, *, stats: Stats | None = None,
   Yields:
     `Submission`s in file order.
   """
-  read = rejected = 0
-  for record in iter_json_lines(path, stats=stats, read_size=read_size):
-    try:
-      post_id, title = record["id"], record["title"]
-      selftext = record.get("selftext") or ""
-      if not (isinstance(post_id, str) and post_id and isinstance(title, str)
-              and isinstance(selftext, str)):
-        raise ValueError(record)
-      submission = Submission(
-          id=post_id[3:] if post_id.startswith("t3_") else post_id,
-          title=title,
-          selftext=selftext,
-          author=str(record.get("author") or ""),
-          created_utc=_parse_utc(record["created_utc"]),
-          subreddit=str(record.get("subreddit") or ""))
-    except (KeyError, ValueError, TypeError, OverflowError):
-      rejected += 1
-      _bump(stats, "malformed_record")
-      continue
-    read += 1
-    _bump(stats, "submissions_read")
-    yield submission
-  _warn_if_nothing_read(path, "submissions", read, rejected)
+  return _read_records(path, _submission, "submissions", stats, read_size)
 
 
 # ------------------------------------------------------------------------------------------------
