@@ -163,3 +163,48 @@ def test_task_trains_and_evaluates_through_the_cli(task, corpora, tmp_path, fres
     assert list(corpora["reddit_index"].iterdir()) == []
   if task == "wikitext103_word":
     assert vocab_size == VOCAB_SIZE  # The same model shape as the BPE tasks (one compile).
+
+
+# The embedded corpus is the real 5 MB of Shakespeare (two minutes to prepare and stream twice
+# here); tests/test_docs.py prepares its stand-in in the same layout with the README's command.
+PREPARED_TASKS = tuple(t for t in TASKS if not t.startswith("embedded"))
+
+
+@pytest.mark.parametrize("task", PREPARED_TASKS)
+def test_task_prepares_through_the_cli_into_the_rows_training_streams(task, corpora, tmp_path,
+                                                                      fresh_task_names):
+  """`hashmoe prepare` with each task file, on the same real-format fixtures: every shard holds,
+  array for array, the rows the streaming pipeline gives for that shard's examples (unshuffled),
+  and a run on the prepared folder reads them (hashmoe.data.loader)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from hashmoe.data import loader, prepared, tasks  # pylint: disable=g-import-not-at-top
+  flags = [*MODEL, f"--gin_file=configs/tasks/{task}.gin", *task_flags(task, corpora),
+           f"--gin.PREPARED_DIR='{tmp_path / 'prepared'}'", "--gin.SEQ_LEN=32"]
+  code, out = run_main(["prepare", "--gin_file=configs/runs/cpu_tiny.gin", *flags,
+                        "--num_shards=2", "--workers=1", "--no_progress"])
+  assert code == 0, out
+  summary = json.loads(out.strip().splitlines()[-1])
+  assert summary["complete"] and summary["rows"] > 0 and summary["prepared"] == 6
+  manifest = prepared.read_manifest(summary["directory"])
+  rows = prepared.RowReader(manifest, "train")
+  start = 0
+  for shard in range(2):
+    iterator = tasks.get_batches(summary["task"], "train", batch_size=8, seq_len=32,
+                                 shuffle=False, repeat=False, drop_remainder=False,
+                                 shard_index=shard, num_shards=2)
+    with iterator:
+      batches = list(iterator)
+    want = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    real = want["decoder_segment_ids"].any(axis=1)
+    count = int(real.sum())
+    got = manifest.layout.decode(rows.read(range(start, start + count)))
+    assert sorted(got) == sorted(want)
+    for name, values in want.items():
+      np.testing.assert_array_equal(got[name], values[real], err_msg=f"shard {shard} {name}")
+    start += count
+  assert start == len(rows)
+  data = loader.make_input_pipeline(summary["task"], batch_size=8, seq_len=32, seed=0,
+                                    prepared_dir=str(tmp_path / "prepared"),
+                                    data_source="prepared")
+  batch = next(data.train_batches(None))
+  assert batch["decoder_target_tokens"].shape == (8, 32)
