@@ -80,6 +80,20 @@ def _make_config(tiling, preferred_element_type, interpret, backend):
   return _Config(tiling, jnp.dtype(preferred_element_type), interpret, backend)
 
 
+def _plan(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, mkn: tuple[int, int, int],
+          cfg: _Config, *, visit_empty_groups: bool, cover_tail: bool):
+  """(tiling, group metadata) of one grouped matmul of logical shape m x k x n."""
+  m, k, n = mkn
+  tiling = common.resolve_tiling(
+      m, k, n, cfg.tiling, backend=cfg.backend,
+      dtypes=(lhs.dtype, rhs.dtype, cfg.out_dtype),
+      check_hardware_alignment=not cfg.interpret)
+  metadata = common.make_group_metadata(
+      group_sizes, m=m, tm=tiling.tm, num_row_tiles=tiling.num_row_tiles,
+      visit_empty_groups=visit_empty_groups, cover_tail=cover_tail)
+  return tiling, metadata
+
+
 def _gmm_impl(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
               cfg: _Config, transpose_rhs: bool) -> jax.Array:
   """Pads, builds the metadata and runs the chosen kernel (no VJP)."""
@@ -88,13 +102,9 @@ def _gmm_impl(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   if m == 0 or n == 0:
     return jnp.zeros((m, n), cfg.out_dtype)
-  tiling = common.resolve_tiling(
-      m, k, n, cfg.tiling, backend=cfg.backend,
-      dtypes=(lhs.dtype, rhs.dtype, cfg.out_dtype),
-      check_hardware_alignment=not cfg.interpret)
-  metadata = common.make_group_metadata(
-      group_sizes, m=m, tm=tiling.tm, num_row_tiles=tiling.num_row_tiles,
-      visit_empty_groups=False, cover_tail=True)
+  # gmm skips empty groups; tiles past the last group's rows get a zero-filling sentinel visit.
+  tiling, metadata = _plan(lhs, rhs, group_sizes, (m, k, n), cfg, visit_empty_groups=False,
+                           cover_tail=True)
   lhs_p = common.pad_to(lhs, (tiling.m, tiling.k))
   rhs_p = common.pad_to(rhs, (num_groups, tiling.n, tiling.k) if transpose_rhs
                         else (num_groups, tiling.k, tiling.n))
@@ -114,13 +124,9 @@ def _tgmm_impl(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
   num_groups = group_sizes.shape[0]
   if m == 0 or k == 0 or n == 0:
     return jnp.zeros((num_groups, k, n), cfg.out_dtype)
-  tiling = common.resolve_tiling(
-      m, k, n, cfg.tiling, backend=cfg.backend,
-      dtypes=(lhs.dtype, rhs.dtype, cfg.out_dtype),
-      check_hardware_alignment=not cfg.interpret)
-  metadata = common.make_group_metadata(
-      group_sizes, m=m, tm=tiling.tm, num_row_tiles=tiling.num_row_tiles,
-      visit_empty_groups=True, cover_tail=False)
+  # tgmm writes every group's [k, n] block, so an empty group gets one visit too.
+  tiling, metadata = _plan(lhs, rhs, group_sizes, (m, k, n), cfg, visit_empty_groups=True,
+                           cover_tail=False)
   lhs_p = common.pad_to(lhs, (tiling.m, tiling.k))
   rhs_p = common.pad_to(rhs, (tiling.m, tiling.n))
   kernel = tpu_kernels.tgmm if cfg.backend == "tpu" else gpu_kernels.tgmm
