@@ -8,6 +8,7 @@ and asks a fresh interpreter where the configs are and to resolve an include cha
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -21,9 +22,18 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
   out = tmp_path_factory.mktemp("wheel")
+  # Built from a copy of the checkout's files (tracked, or new and not ignored): setuptools reuses a
+  # checkout's build/ folder, whose stale copies of deleted configs would otherwise land in the wheel.
+  source = tmp_path_factory.mktemp("source")
+  listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                          cwd=ROOT, check=True, capture_output=True).stdout.decode().split("\0")
+  for name in filter(None, listed):
+    if (ROOT / name).is_file():
+      (source / name).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(ROOT / name, source / name)
   # --no-build-isolation: the build uses this environment's setuptools (no index access).
   subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                  "-q", "-w", str(out), str(ROOT)], check=True, capture_output=True, text=True)
+                  "-q", "-w", str(out), str(source)], check=True, capture_output=True, text=True)
   wheels = list(out.glob("hashmoe-*.whl"))
   assert len(wheels) == 1, wheels
   return wheels[0]
