@@ -442,6 +442,29 @@ def test_resuming_at_any_batch_gives_the_uninterrupted_batches(world):
     resumed.close()
 
 
+def test_worker_processes_give_the_batches_that_threads_give(world):
+  # grain's worker processes read an absl flag; outside an absl app (the hashmoe CLI, a notebook)
+  # nobody parsed the flags, which once failed every run with worker_count > 0.
+  from absl import flags
+  parsed = flags.FLAGS.is_parsed()
+  flags.FLAGS.unparse_flags()
+  try:
+    manifest = manifest_of(world, LM)
+    threads = loader.batches(manifest, batch_size=8, seed=3, start_batch=7)
+    workers = loader.batches(manifest, batch_size=8, seed=3, start_batch=7, worker_count=1)
+    for b in range(3):
+      want, got = next(threads), next(workers)
+      assert sorted(got) == sorted(want)
+      for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=f"batch {7 + b} {name}")
+    assert workers.position() == threads.position()
+    threads.close()
+    workers.close()
+  finally:
+    if parsed:
+      flags.FLAGS.mark_as_parsed()
+
+
 def test_a_loader_position_of_other_data_seed_batch_size_or_the_streaming_pipeline_is_refused(
     world):
   manifest = manifest_of(world, LM)

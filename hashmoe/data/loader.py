@@ -49,6 +49,7 @@ from typing import Any, Optional
 import gin
 import grain
 import jax
+from absl import flags
 import numpy as np
 import seqio
 from grain.experimental import index_shuffle
@@ -123,6 +124,14 @@ class _BatchReader:
     return self._layout.decode(self._source.read(self.row_indices(batch)))
 
 
+def _parse_absl_flags() -> None:
+  """Leaves absl's flags at their defaults, parsed: grain's worker processes read one (its
+  profiler's), and outside an absl app (the hashmoe CLI, a notebook, a test) nothing parsed them,
+  so grain failed with UnparsedFlagAccessError. An absl app parses them itself, first."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 class PreparedBatches(tasks_lib.CountedBatches):
   """This process's training batches from prepared data (`batches`), with the position to resume
   from saved in checkpoints.
@@ -154,6 +163,7 @@ class PreparedBatches(tasks_lib.CountedBatches):
     iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                          prefetch_buffer_size=prefetch))
     if worker_count > 0:
+      _parse_absl_flags()
       iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     self._iterator = iter(iterable)
 
