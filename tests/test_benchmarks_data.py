@@ -93,6 +93,9 @@ def test_each_restart_is_timed_from_its_process_start_and_resumes_at_its_step(ru
     # The process starts after the parent's clock is read; the kernel counts 10 ms ticks.
     assert 0 < r["seconds_to_first_batch"] <= r["seconds_since_spawn"] + 0.05
     assert 0 < r["imports_done_s"] < r["seconds_to_first_batch"]
+    assert list(r["import_seconds"]) == ["interpreter_and_script", "tensorflow_seqio",
+                                         "jax_flax_optax_orbax", "hashmoe"]
+    assert sum(r["import_seconds"].values()) == pytest.approx(r["imports_done_s"])
     assert r["data_seconds"] == pytest.approx(r["seconds_to_first_batch"] - r["imports_done_s"])
     assert r["pipeline"] == {"prepared": "PreparedPipeline", "streaming": "TaskPipeline"}[loader]
   assert resume["prepared", PREPARED_STEP]["epoch"] == pytest.approx(
