@@ -33,8 +33,9 @@ never among the measured "resume" entries.
 The machine is shared: every measurement records the 1-minute load average before and after it,
 and the in-process ones their process CPU time.
 
-Run from the repository root:
-  python benchmarks/data.py --json docs/results/data_loader/data.json
+Run from the repository root (718 s and 767 s in two runs at load 8-10 on 2 cores, over half of
+it the streaming restart at step 1,000; docs/PERFORMANCE.md has the figures):
+  python benchmarks/data.py --profile --json docs/results/data_loader/data.json
 With --json the figure (restart time against step, throughput bars) is written beside it as PNG.
 """
 from __future__ import annotations

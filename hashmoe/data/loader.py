@@ -67,8 +67,10 @@ logger = logging.getLogger(__name__)
 
 POSITION_FORMAT = prepared_lib.POSITION_FORMAT
 DATA_SOURCES = ("auto", "prepared", "streaming")
-# grain's read-ahead: threads reading records and batches buffered per process. Two threads fill
-# a 2-core host; more only contend for the GIL (docs/PERFORMANCE.md).
+# grain's read-ahead: threads reading records and batches buffered per process. Threads read
+# ahead while the training step runs; reading alone, 1, 2 and 4 threads gave the same rate within
+# a loaded 2-core machine's noise (6-9M tokens/s in batches of 64 x 512, docs/PERFORMANCE.md), so
+# more buy nothing there.
 DEFAULT_READ_THREADS = 2
 DEFAULT_PREFETCH_BATCHES = 8
 # The batch indices a training iterator walks through: endless in practice (2^62 batches).
