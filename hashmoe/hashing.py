@@ -17,7 +17,10 @@ parameters. This module holds the two halves of that expression:
   a token depends on token ids alone, the permutation that groups a batch's tokens by expert and the
   group sizes can be computed on the host, once per batch and per (key, tables), and shared by every
   hash layer that routes the same way (`routing_signature` names them). The experts then skip their
-  argsort; the result is identical.
+  argsort; the result is identical. A batch sharded over hosts is routed row by row instead
+  (`row_routing`: each host its own rows) and assembled on device with cumulative sums and one
+  scatter (`assemble_sorted_assignments`), into the same permutation; `hashmoe.host_routing` does
+  this for a run's input pipeline.
 
 Lookups use jnp; tables are numpy and never touch a device.
 """

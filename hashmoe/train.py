@@ -14,7 +14,9 @@ What one run does (`train`):
      from `INIT_CHECKPOINT`), with the hash tables `train.hash_tables` names (`hashmoe.tables`).
   3. Steps (`hashmoe.training.trainer.Trainer`): every batch passes `hashmoe.models.validate_batch`
      on the host, then one jitted step computes cross-entropy + the routers' aux losses and applies
-     the update. Each step is a `jax.profiler.StepTraceAnnotation` ("train"), so a profile shows
+     the update. Hash layers get each batch's grouping by expert from the input pipeline
+     (`hashmoe.host_routing`; `precompute_routing=False` sorts on device instead, with the same
+     results), so their expert loads are known, and logged, before the step. Each step is a `jax.profiler.StepTraceAnnotation` ("train"), so a profile shows
      steps by number, and the MoE pieces inside them by their `jax.named_scope`.
   4. Logs every `log_period` steps to `MODEL_DIR/metrics.jsonl`, TensorBoard
      (`MODEL_DIR/tensorboard`) and a tqdm bar (`hashmoe.training.metrics`); evaluates every

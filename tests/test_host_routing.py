@@ -175,29 +175,40 @@ def test_host_keys_are_the_keys_the_model_hands_its_routers(key):
 
 
 MODEL_CASES = {
-    # router, encoder-decoder, predicted ids in the batch
-    "multihash_bigram_encdec": (routers.Hash(num_hashes=2, key="bigram"), True, False),
-    "topk_predicted": (routers.HashTopK(topk=2, key="predicted_future"), False, True),
+    # MultiHash on the bigram in an encoder and a decoder layer (keyed on each stack's features);
+    # hash top-k on predicted next tokens in two decoder layers that share one table (and so one
+    # host computation and one pair of arrays).
+    "multihash_bigram_encdec": routers.Hash(num_hashes=2, key="bigram"),
+    "topk_predicted_shared": routers.HashTopK(topk=2, key="predicted_future"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(MODEL_CASES))
 def test_models_take_their_routing_from_the_host_and_compute_the_same(case):
-  router, encdec, predicted = MODEL_CASES[case]
-  sparse = models.SparseConfig(router=router, num_experts=4, layers=(0, 1),
-                               encoder_layers=(1,) if encdec else ())
-  config = models.tiny_config(vocab_size=V, max_len=L, num_encoder_layers=2 if encdec else 0,
-                              d_model=16, d_ff=32, num_heads=2, head_dim=8, sparse=sparse)
-  model = models.build_model(config)
-  batch = packed_batch(np.random.default_rng(7), encoder=encdec, predicted=predicted)
+  router = MODEL_CASES[case]
+  encdec = case.endswith("encdec")
+  layers = ["encoder_0", "decoder_0"] if encdec else ["decoder_0", "decoder_1"]
+  sparse = models.SparseConfig(router=router, num_experts=4, layers=(0,) if encdec else (0, 1),
+                               encoder_layers=(0,) if encdec else ())
+  config = models.tiny_config(vocab_size=V, max_len=L, num_layers=1 if encdec else 2,
+                              num_encoder_layers=1 if encdec else 0, d_model=16, d_ff=32,
+                              num_heads=2, head_dim=8, sparse=sparse)
+  shared = None
+  if not encdec:
+    table = np.argsort(np.random.default_rng(1).random((V, 4)), axis=1)[:, :2]
+    shared = {"default": (hashing.HashTable(hashing.TOPK_KIND, table, 4, V),)}
+  model = models.build_model(config, shared)
+  batch = packed_batch(np.random.default_rng(7), encoder=encdec, predicted=not encdec)
   variables = jax.jit(model.init)(jax.random.key(0), batch)
   constants = {k: v for k, v in variables.items() if k != "params"}
   host = host_routing.plan(config, constants)
   routed = host(batch)
-  paths = [f"{layer}/moe/router" for layer in ["decoder_0", "decoder_1"] + (
-      ["encoder_1"] if encdec else [])]
+  paths = [f"{layer}/moe/router" for layer in layers]
   assert sorted(layer.path for layer in host.layers) == sorted(paths)
-  assert all(hashing.row_routing_feature_names(p)[0] in routed for p in paths)
+  names = [hashing.row_routing_feature_names(p) for p in paths]
+  assert all(n in routed for pair in names for n in pair)
+  # Layers with one table share the arrays; different tables get their own.
+  assert (routed[names[0][0]] is routed[names[1][0]]) == (not encdec)
 
   @jax.jit
   def forward(b):
@@ -208,7 +219,7 @@ def test_models_take_their_routing_from_the_host_and_compute_the_same(case):
   got_logits, got_moe = forward(routed)
   np.testing.assert_array_equal(np.asarray(got_logits), np.asarray(want_logits))
   loads = host.expert_counts(routed)
-  assert sorted(got_moe) == sorted(loads) == sorted(p.split("/")[0] for p in paths)
+  assert sorted(got_moe) == sorted(loads) == sorted(layers)
   for layer, metrics in got_moe.items():
     # The experts found the assembled routing to be their stable sort, and used it.
     assert float(metrics["sort_precomputed"]) == 1.0, layer
@@ -292,9 +303,11 @@ def test_mapped_batches_keep_the_position_and_close():
 def test_training_with_and_without_host_routing_gives_the_same_losses_and_logs_the_loads(
     tmp_path):
   sparse = models.SparseConfig(router=routers.Hash(num_hashes=2, key="prev_token"),
-                               num_experts=4, layers=(1,))
-  config = models.tiny_config(vocab_size=64, num_encoder_layers=0, sparse=sparse, max_len=16)
-  steps = 3
+                               num_experts=4, layers=(0,))
+  # One layer: each run compiles a train and an eval step, most of this test's time.
+  config = models.tiny_config(vocab_size=64, num_layers=1, num_encoder_layers=0, sparse=sparse,
+                              max_len=16)
+  steps = 2
   for on in (True, False):
     run(tmp_path / str(on), steps, config=config, input_pipeline=NumpyPipeline(),
         precompute_routing=on, eval_period=steps, checkpoint_period=steps)
@@ -311,12 +324,12 @@ def test_training_with_and_without_host_routing_gives_the_same_losses_and_logs_t
   # once per MultiHash table, padding included, keyed on the previous token), which the run that
   # sorted on device also reports (its experts' group sizes).
   _, constants = saved_params(tmp_path / "True", steps)
-  table = np.asarray(constants["hash_tables"]["decoder_1"]["moe"]["router"]["table"])
+  table = np.asarray(constants["hash_tables"]["decoder_0"]["moe"]["router"]["table"])
   for step, (on, off) in enumerate(zip(records[True], records[False])):
     inputs = NumpyPipeline().batch(step)["decoder_input_tokens"]
     previous = np.concatenate([np.zeros_like(inputs[:, :1]), inputs[:, :-1]], axis=1)
     want = sum(np.bincount(table[m][previous].ravel(), minlength=4) for m in range(2))
-    moe, moe_off = on["moe"]["decoder_1"], off["moe"]["decoder_1"]
+    moe, moe_off = on["moe"]["decoder_0"], off["moe"]["decoder_0"]
     assert moe["sort_precomputed"] == 1.0 and "sort_precomputed" not in moe_off
     assert moe["host_expert_counts"] == want.tolist() == moe_off["group_sizes"]
     assert moe["host_load_max"] == want.max()
@@ -324,12 +337,12 @@ def test_training_with_and_without_host_routing_gives_the_same_losses_and_logs_t
     assert moe["host_load_max_over_mean"] == pytest.approx(want.max() / (want.sum() / 4))
     assert "host_expert_counts" not in moe_off
 
-  # `hashmoe eval` honours the switch the same way.
-  evaluated = {on: T.evaluate(model_dir=str(tmp_path / "True"), model_config=config, task="numpy",
-                              batch_size=8, seq_len=16, eval_batches=2, mesh=sharding.make_mesh(),
-                              precompute_routing=on, input_pipeline=NumpyPipeline())
-               for on in (True, False)}
-  assert evaluated[True]["loss"] == evaluated[False]["loss"] == evals[True]["loss"]
+  # `hashmoe eval` honours the switch: its batches carry their routing (and its eval step is the
+  # run's program, which the compilation cache has).
+  evaluated = T.evaluate(model_dir=str(tmp_path / "True"), model_config=config, task="numpy",
+                         batch_size=8, seq_len=16, eval_batches=2, mesh=sharding.make_mesh(),
+                         precompute_routing=True, input_pipeline=NumpyPipeline())
+  assert evaluated["loss"] == evals[True]["loss"]
 
 
 def test_host_load_record_reads_the_logged_step_and_the_peak_of_the_window():
