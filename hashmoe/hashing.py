@@ -772,7 +772,7 @@ def precompute_hash_routing(
 
 
 class RowRouting(NamedTuple):
-  """A batch's hash-routing assignments grouped per row (host side of `assemble_sorted_assignments`).
+  """A batch's hash-routing assignments grouped row by row (`assemble_sorted_assignments`'s input).
 
   Column c of a row is the row's tokens' column-c experts (`Routing.expert_index[:, c]`).
 

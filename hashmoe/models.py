@@ -16,11 +16,12 @@ Calling convention (both models):
 "predicted_ids"?}; the encoder-decoder adds {"encoder_input_tokens", "encoder_positions"?,
 "encoder_segment_ids"?}, and a batch may carry hash routing precomputed on the host
 (`hashmoe.host_routing`: two int32 features per hash router, "hash_routing:<router path>:ranks"
-and ":counts", handed to the routers in `RouterFeatures.row_routing`). Token id 0 is padding for targets and encoder inputs (seqio's convention;
-0 is also the decoder's BOS in `decoder_input_tokens`, so decoder padding is read from
-`decoder_target_tokens`). Concrete batches are checked on the host by `validate_batch`; traced
-batches inside `jit` cannot be (a traced gather cannot raise: a bad id wraps, clamps in a hash table
-lookup, or turns into NaN), so check batches in the input pipeline before the jitted step.
+and ":counts", handed to the routers in `RouterFeatures.row_routing`). Token id 0 is padding for
+targets and encoder inputs (seqio's convention; 0 is also the decoder's BOS in
+`decoder_input_tokens`, so decoder padding is read from `decoder_target_tokens`). Concrete batches
+are checked on the host by `validate_batch`; traced batches inside `jit` cannot be (a traced gather
+cannot raise: a bad id wraps, clamps in a hash table lookup, or turns into NaN), so check batches
+in the input pipeline before the jitted step.
 
 Hash tables are data, not config: `hash_tables` maps a layer name ("decoder_7", "encoder_0") or
 "default" to a tuple of `hashmoe.hashing.HashTable` (one per MultiHash hash). The routers store them

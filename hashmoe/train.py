@@ -16,8 +16,9 @@ What one run does (`train`):
      on the host, then one jitted step computes cross-entropy + the routers' aux losses and applies
      the update. Hash layers get each batch's grouping by expert from the input pipeline
      (`hashmoe.host_routing`; `precompute_routing=False` sorts on device instead, with the same
-     results), so their expert loads are known, and logged, before the step. Each step is a `jax.profiler.StepTraceAnnotation` ("train"), so a profile shows
-     steps by number, and the MoE pieces inside them by their `jax.named_scope`.
+     results), so their expert loads are known, and logged, before the step. Each step is a
+     `jax.profiler.StepTraceAnnotation` ("train"), so a profile shows steps by number, and the MoE
+     pieces inside them by their `jax.named_scope`.
   4. Logs every `log_period` steps to `MODEL_DIR/metrics.jsonl`, TensorBoard
      (`MODEL_DIR/tensorboard`) and a tqdm bar (`hashmoe.training.metrics`); evaluates every
      `eval_period` steps on a fixed set of validation batches (`MODEL_DIR/eval.jsonl`);
@@ -329,7 +330,8 @@ def train(*,
     max_loss = None if divergence_factor is None else divergence_factor * math.log(
         max(data.vocab_size, 2))
     host_routing = _host_routing(model_config, state, precompute_routing)
-    return _loop(host_routing=host_routing, trainer=trainer, state=state, position=position, data=data,
+    return _loop(host_routing=host_routing, trainer=trainer, state=state, position=position,
+                 data=data,
                  checkpointer=checkpointer, metrics_logger=metrics_logger, hash_meta=hash_meta,
                  config_text=config_text, settings=settings, train_steps=int(train_steps),
                  checkpoint_period=checkpoint_period, eval_period=eval_period,

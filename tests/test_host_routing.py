@@ -153,8 +153,8 @@ def test_host_keys_are_the_keys_the_model_hands_its_routers(key):
   del batch["decoder_segment_ids"]  # decoder: no segments, positions 0..L-1; encoder: given
   batch["decoder_positions"] = np.tile(np.arange(L, dtype=np.int32), (8, 1)) % 5  # packed rows
   tokens = jnp.asarray(batch["decoder_input_tokens"])
-  decoder = models._decoder_features(batch, tokens, models._positions(batch, "decoder", tokens.shape),
-                                     tokens > 0)
+  positions = models._positions(batch, "decoder", tokens.shape)
+  decoder = models._decoder_features(batch, tokens, positions, tokens > 0)
   stacks = {"decoder": decoder}
   if key not in ("oracle_future", "predicted_future"):  # the encoder has no next tokens
     enc = jnp.asarray(batch["encoder_input_tokens"])
@@ -301,7 +301,7 @@ def test_mapped_batches_keep_the_position_and_close():
 
 
 def test_training_with_and_without_host_routing_gives_the_same_losses_and_logs_the_loads(
-    tmp_path):
+    tmp_path, caplog):
   sparse = models.SparseConfig(router=routers.Hash(num_hashes=2, key="prev_token"),
                                num_experts=4, layers=(0,))
   # One layer: each run compiles a train and an eval step, most of this test's time.
@@ -339,10 +339,14 @@ def test_training_with_and_without_host_routing_gives_the_same_losses_and_logs_t
 
   # `hashmoe eval` honours the switch: its batches carry their routing (and its eval step is the
   # run's program, which the compilation cache has).
+  caplog.clear()
+  caplog.set_level(logging.INFO, logger="hashmoe.host_routing")
   evaluated = T.evaluate(model_dir=str(tmp_path / "True"), model_config=config, task="numpy",
                          batch_size=8, seq_len=16, eval_batches=2, mesh=sharding.make_mesh(),
                          precompute_routing=True, input_pipeline=NumpyPipeline())
   assert evaluated["loss"] == evals[True]["loss"]
+  assert any("the input pipeline groups the tokens of decoder_0/moe/router" in r.getMessage()
+             for r in caplog.records)
 
 
 def test_host_load_record_reads_the_logged_step_and_the_peak_of_the_window():
