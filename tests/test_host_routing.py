@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,41 +175,62 @@ def test_host_keys_are_the_keys_the_model_hands_its_routers(key):
                                 np.asarray(models.positions_from_segments(jnp.asarray(segments))))
 
 
-MODEL_CASES = {
-    # MultiHash on the bigram in an encoder and a decoder layer (keyed on each stack's features);
-    # hash top-k on predicted next tokens in two decoder layers that share one table (and so one
-    # host computation and one pair of arrays).
-    "multihash_bigram_encdec": routers.Hash(num_hashes=2, key="bigram"),
-    "topk_predicted_shared": routers.HashTopK(topk=2, key="predicted_future"),
-}
+def test_routers_assemble_the_rows_of_their_own_path():
+  """Top-k here (the encoder-decoder model below is MultiHash): the router takes the entry named
+  by its module path, assembles it against its own expert_index, and ignores other paths."""
+
+  class Holder(nn.Module):
+    @nn.compact
+    def __call__(self, hidden, features):
+      return routing.HashTopKRouter(4, 2, key_space=V, name="router")(hidden, features,
+                                                                       deterministic=True)
+
+  ids = np.random.default_rng(5).integers(0, V, (4, 6))
+  hidden = jnp.ones((24, 8))
+  holder = Holder()
+  variables = holder.init(jax.random.key(0), hidden, routing.RouterFeatures(jnp.asarray(ids)))
+  table = hashing.HashTable(hashing.TOPK_KIND, np.asarray(
+      variables["hash_tables"]["router"]["table"]), 4, V)
+  pieces = hashing.row_routing(table, ids)
+  apply = jax.jit(lambda rows: holder.apply(variables, hidden, routing.RouterFeatures(
+      jnp.asarray(ids), row_routing=rows)).sorted_assignments)
+  got = apply({"router": pieces, "decoder_0/moe/router": pieces})
+  for g, w in zip(got, hashing.precompute_routing(table, ids)):
+    np.testing.assert_array_equal(np.asarray(g), w)
+  assert apply({"decoder_0/moe/router": pieces}) is None
 
 
-@pytest.mark.parametrize("case", sorted(MODEL_CASES))
-def test_models_take_their_routing_from_the_host_and_compute_the_same(case):
-  router = MODEL_CASES[case]
-  encdec = case.endswith("encdec")
-  layers = ["encoder_0", "decoder_0"] if encdec else ["decoder_0", "decoder_1"]
-  sparse = models.SparseConfig(router=router, num_experts=4, layers=(0,) if encdec else (0, 1),
-                               encoder_layers=(0,) if encdec else ())
-  config = models.tiny_config(vocab_size=V, max_len=L, num_layers=1 if encdec else 2,
-                              num_encoder_layers=1 if encdec else 0, d_model=16, d_ff=32,
-                              num_heads=2, head_dim=8, sparse=sparse)
-  shared = None
-  if not encdec:
-    table = np.argsort(np.random.default_rng(1).random((V, 4)), axis=1)[:, :2]
-    shared = {"default": (hashing.HashTable(hashing.TOPK_KIND, table, 4, V),)}
-  model = models.build_model(config, shared)
-  batch = packed_batch(np.random.default_rng(7), encoder=encdec, predicted=not encdec)
+def test_layers_with_one_table_share_one_computation_and_its_arrays():
+  columns = np.random.default_rng(2).integers(0, 4, (1, V)).astype(np.int32)
+  other = (columns + 1) % 4
+  layers = [host_routing.HashLayer(f"decoder_{i}/moe/router", "decoder", "token", c, 4)
+            for i, c in enumerate([columns, columns, other])]
+  host = host_routing.HostRouting(layers, vocab_size=V, max_len=L)
+  routed = host(packed_batch(np.random.default_rng(0)))
+  ranks = [routed[hashing.row_routing_feature_names(layer.path)[0]] for layer in layers]
+  assert ranks[0] is ranks[1] and ranks[2] is not ranks[0]
+  counts = host.expert_counts(routed)
+  np.testing.assert_array_equal(counts["decoder_0"], counts["decoder_1"])
+  assert counts["decoder_0"].tolist() != counts["decoder_2"].tolist()
+
+
+def test_an_encoder_decoder_takes_its_routing_from_the_host_and_computes_the_same():
+  """MultiHash on the bigram in an encoder and a decoder layer, each keyed on its own stack's
+  (packed) features: the same logits, and the experts used the assembled sorts."""
+  layers = ["encoder_0", "decoder_0"]
+  sparse = models.SparseConfig(router=routers.Hash(num_hashes=2, key="bigram"), num_experts=4,
+                               layers=(0,), encoder_layers=(0,))
+  config = models.tiny_config(vocab_size=V, max_len=L, num_layers=1, num_encoder_layers=1,
+                              d_model=16, d_ff=32, num_heads=2, head_dim=8, sparse=sparse)
+  model = models.build_model(config)
+  batch = packed_batch(np.random.default_rng(7), encoder=True)
   variables = jax.jit(model.init)(jax.random.key(0), batch)
   constants = {k: v for k, v in variables.items() if k != "params"}
   host = host_routing.plan(config, constants)
   routed = host(batch)
   paths = [f"{layer}/moe/router" for layer in layers]
   assert sorted(layer.path for layer in host.layers) == sorted(paths)
-  names = [hashing.row_routing_feature_names(p) for p in paths]
-  assert all(n in routed for pair in names for n in pair)
-  # Layers with one table share the arrays; different tables get their own.
-  assert (routed[names[0][0]] is routed[names[1][0]]) == (not encdec)
+  assert all(n in routed for p in paths for n in hashing.row_routing_feature_names(p))
 
   @jax.jit
   def forward(b):
