@@ -233,20 +233,21 @@ def plan(config: models.TransformerConfig, constants: PyTree, *,
     columns = router.table_columns(np.asarray(jax.device_get(leaf)))
     if columns is None:
       continue
-    layer_name = names[0]  # "encoder_0" / "decoder_7": models names its stacks' layers so
-    stack = layer_name.rsplit("_", 1)[0]
+    # The layer ("encoder_0", "decoder_7", as models names its stacks' layers) says whose
+    # features the key reads.
+    stack = names[0].rsplit("_", 1)[0]
     if stack not in ("encoder", "decoder"):
       raise ValueError(f"hash table at {'/'.join(names)} is in no encoder_i or decoder_i layer")
     layers.append(HashLayer(path="/".join(names[:-1]), stack=stack, key=router.key,
                             columns=columns, num_experts=sparse.num_experts))
   if not layers:
-    _log_once("precomputed routing: the state holds no hash tables; nothing to precompute")
+    _log_once("precomputed routing: the state holds no hash table the host can route with; "
+              "the hash layers sort on device")
     return None
-  host = HostRouting(layers, vocab_size=config.vocab_size, max_len=config.max_len)
   logger.info("precomputed routing: the input pipeline groups the tokens of %s by expert "
               "(%d distinct computations per batch); the device sorts nothing for them",
-              ", ".join(layer.path for layer in layers), len(set(host._groups)))
-  return host
+              ", ".join(layer.path for layer in layers), len({layer.group() for layer in layers}))
+  return HostRouting(layers, vocab_size=config.vocab_size, max_len=config.max_len)
 
 
 def host_load_record(steps: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:

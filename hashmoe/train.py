@@ -331,13 +331,12 @@ def train(*,
         max(data.vocab_size, 2))
     host_routing = _host_routing(model_config, state, precompute_routing)
     return _loop(host_routing=host_routing, trainer=trainer, state=state, position=position,
-                 data=data,
-                 checkpointer=checkpointer, metrics_logger=metrics_logger, hash_meta=hash_meta,
-                 config_text=config_text, settings=settings, train_steps=int(train_steps),
-                 checkpoint_period=checkpoint_period, eval_period=eval_period,
-                 eval_batches=eval_batches, eval_split=eval_split, log_period=log_period,
-                 progress_bar=progress_bar, model_dir=model_dir, max_loss=max_loss,
-                 divergence_factor=divergence_factor)
+                 data=data, checkpointer=checkpointer, metrics_logger=metrics_logger,
+                 hash_meta=hash_meta, config_text=config_text, settings=settings,
+                 train_steps=int(train_steps), checkpoint_period=checkpoint_period,
+                 eval_period=eval_period, eval_batches=eval_batches, eval_split=eval_split,
+                 log_period=log_period, progress_bar=progress_bar, model_dir=model_dir,
+                 max_loss=max_loss, divergence_factor=divergence_factor)
   finally:
     try:
       if checkpointer is not None:
