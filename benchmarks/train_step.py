@@ -1,5 +1,10 @@
 """One full training step of a small decoder-only LM: dense vs one Switch-64 vs one Hash-64 layer.
 
+`hash_host` is the Hash model again, its batch carrying the routing the input pipeline computes
+on the host (`hashmoe.host_routing`, what `train.precompute_routing` does): the step assembles the
+permutation from the rows' grouping and sorts nothing. The host's own time per batch (spent in
+the loader's threads, beside the step) is printed apart.
+
 The three models differ in one config line (`TransformerConfig.sparse`): the dense baseline, and
 the same model with the FFN of one decoder layer replaced by 64 experts of the same d_ff, routed by
 a randomly initialised Switch router (load-balancing loss 0.01) or by the balanced hash table built
@@ -35,17 +40,19 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from hashmoe import hash_functions  # noqa: E402
+from hashmoe import host_routing  # noqa: E402
 from hashmoe import models  # noqa: E402
 from hashmoe import routers  # noqa: E402
 import moe_layer  # noqa: E402  (real-text token ids, machine description, timing helpers)
 
-MODELS = ("dense", "switch", "hash")
+MODELS = ("dense", "switch", "hash", "hash_host")
 
 
 def make_config(kind: str, args: argparse.Namespace, vocab_size: int) -> models.TransformerConfig:
   sparse = None
   if kind != "dense":
-    sparse = models.SparseConfig(router=routers.router_config(kind), num_experts=args.experts,
+    router = "hash" if kind == "hash_host" else kind
+    sparse = models.SparseConfig(router=routers.router_config(router), num_experts=args.experts,
                                  layers=(args.sparse_layer,), dispatch=args.dispatch)
   return models.TransformerConfig(
       vocab_size=vocab_size, d_model=args.d_model, d_ff=args.d_ff, num_heads=args.num_heads,
@@ -132,23 +139,34 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     other = {k: v for k, v in variables.items() if k != models.MOE_COLLECTION}
     params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), params,
                                     is_leaf=lambda x: hasattr(x, "names"))
+    model_batch, host_seconds = batch, None
+    if kind == "hash_host":
+      host = host_routing.plan(config, other)
+      numpy_batch = {k: np.asarray(v) for k, v in batch.items()}
+      times = []
+      for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        routed = host(numpy_batch)
+        times.append(time.perf_counter() - t0)
+      host_seconds = statistics.median(times)
+      model_batch = {k: jnp.asarray(v) for k, v in routed.items()}
     opt_state = optimizer.init(params)
     step = make_step(model, optimizer)
     rng = jax.random.key(args.seed + 1)
     t0 = time.perf_counter()
-    compiled = step.lower(params, opt_state, other, batch, rng).compile()
+    compiled = step.lower(params, opt_state, other, model_batch, rng).compile()
     compile_seconds = time.perf_counter() - t0
     stats = compiled.memory_analysis()
     counts_ = models.param_counts(config, tables)
     runs[kind] = {"compiled": compiled, "state": [params, opt_state], "other": other, "rng": rng,
                   "peak_bytes": int(stats.temp_size_in_bytes + stats.output_size_in_bytes),
                   "params": counts_, "compile_seconds": compile_seconds, "wall": [], "cpu": [],
-                  "loss": None}
+                  "loss": None, "batch": model_batch, "host_seconds": host_seconds}
 
   def run_once(kind):
     r = runs[kind]
     t0, c0 = time.perf_counter(), time.process_time()
-    params, opt_state, loss = r["compiled"](*r["state"], r["other"], batch, r["rng"])
+    params, opt_state, loss = r["compiled"](*r["state"], r["other"], r["batch"], r["rng"])
     loss = float(jax.block_until_ready(loss))
     r["state"] = [params, opt_state]
     r["loss"] = loss
@@ -179,10 +197,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
            "cpu_ratio_vs_dense": round(cpu / dense_cpu, 4),
            "tokens_per_second": round(tokens / wall, 1), "peak_bytes": r["peak_bytes"],
            "compile_seconds": round(r["compile_seconds"], 2), "last_loss": round(r["loss"], 4)}
+    if r["host_seconds"] is not None:
+      row["host_routing_seconds"] = round(r["host_seconds"], 5)
     rows.append(row)
     print(f"{kind:8s} {row['total_params']:11,d} {row['active_params']:11,d} {wall:8.4f} "
           f"{row['ratio_vs_dense']:6.3f} {cpu:8.4f} {row['cpu_ratio_vs_dense']:9.3f} "
           f"{row['tokens_per_second']:9.1f} {r['peak_bytes'] / 2**20:9.1f} {r['loss']:7.4f}")
+    if r["host_seconds"] is not None:
+      print(f"{'':8s} host routing of one batch (input pipeline): {r['host_seconds']:.5f} s")
   result = {"rows": rows, "meta": {
       "command": command, "machine": machine, "corpus": corpus, "tokens_per_batch": tokens,
       "config": {k: v for k, v in vars(args).items() if k != "json"},

@@ -48,10 +48,11 @@ Conventions every dispatch shares:
 
 Precomputed routing (hash layers). `sorted`, `ragged_dot`, `pallas` and `capacity` take an optional
 `sorted_assignments` (`hashing.SortedAssignments`: permutation, inverse and group sizes computed on
-the host from token ids, see `hashing.precompute_routing`). It replaces the argsort, the inverse
-scatter and the bincount. It is checked on device against the actual assignments (a few integer
-gathers); if it does not describe them, the dispatch sorts as usual, so a stale or mismatched
-permutation can cost time but never change a result.
+the host from token ids, see `hashing.precompute_routing`, or assembled by the router from the rows
+the input pipeline grouped, `hashing.assemble_sorted_assignments`). It replaces the argsort, the
+inverse scatter and the bincount. It is checked on device against the actual assignments (a few
+integer gathers); if it does not describe them, the dispatch sorts as usual, so a stale or
+mismatched permutation can cost time but never change a result.
 """
 from __future__ import annotations
 

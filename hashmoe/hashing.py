@@ -17,7 +17,10 @@ parameters. This module holds the two halves of that expression:
   a token depends on token ids alone, the permutation that groups a batch's tokens by expert and the
   group sizes can be computed on the host, once per batch and per (key, tables), and shared by every
   hash layer that routes the same way (`routing_signature` names them). The experts then skip their
-  argsort; the result is identical.
+  argsort; the result is identical. A batch sharded over hosts is routed row by row instead
+  (`row_routing`: each host its own rows) and assembled on device with cumulative sums and one
+  scatter (`assemble_sorted_assignments`), into the same permutation; `hashmoe.host_routing` does
+  this for a run's input pipeline.
 
 Lookups use jnp; tables are numpy and never touch a device.
 """
@@ -755,3 +758,157 @@ def precompute_hash_routing(
                         predicted_ids=host(predicted_ids), key_space=columns.shape[1])
     out[name] = precompute_routing(tables, keys)
   return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Row-local routing: what each host computes for its own rows, assembled on device.
+#
+# A global batch is split over hosts (and devices), so no host can compute the batch's global
+# permutation: it knows only its rows. It can compute, per row, where each of the row's assignments
+# falls among the row's assignments of the same expert (`row_routing`); the device then adds the
+# offsets that depend on the other rows, with cumulative sums over the per-row counts
+# (`assemble_sorted_assignments`). The result is `precompute_routing` of the global batch, bit for
+# bit, and no sort runs on device.
+
+
+class RowRouting(NamedTuple):
+  """A batch's hash-routing assignments grouped row by row (`assemble_sorted_assignments`'s input).
+
+  Column c of a row is the row's tokens' column-c experts (`Routing.expert_index[:, c]`).
+
+  Attributes:
+    ranks: int32[rows, H, length]: ranks[b, c, j] is how many tokens before j in row b have the
+      same column-c expert as token j (its place among them, in token order).
+    counts: int32[rows, H, E]: counts[b, c, e] is how many tokens of row b have column-c expert e.
+  """
+  ranks: Any
+  counts: Any
+
+
+# How row routing travels in a batch: two int32 features per router, named by the router's module
+# path ("decoder_1/moe/router"), so every host and device can tell whose they are without a
+# mapping beside the batch; the model hands them to its routers (`row_routing_from_features`).
+ROW_ROUTING_PREFIX = "hash_routing:"
+
+
+def row_routing_feature_names(path: str) -> tuple[str, str]:
+  """The batch features ("hash_routing:<path>:ranks", "...:counts") of router `path`'s row
+  routing."""
+  if not path or ":" in path:
+    raise ValueError(f"router path must be non-empty and free of ':', got {path!r}")
+  return f"{ROW_ROUTING_PREFIX}{path}:ranks", f"{ROW_ROUTING_PREFIX}{path}:counts"
+
+
+def row_routing_from_features(features: Any) -> dict[str, RowRouting]:
+  """{router path: RowRouting} of the row-routing features in a batch (a mapping of arrays)."""
+  out: dict[str, RowRouting] = {}
+  for name in features:
+    if not (isinstance(name, str) and name.startswith(ROW_ROUTING_PREFIX)
+            and name.endswith(":ranks")):
+      continue
+    path = name[len(ROW_ROUTING_PREFIX):-len(":ranks")]
+    ranks_name, counts_name = row_routing_feature_names(path)
+    if counts_name not in features:
+      raise ValueError(f"the batch has {ranks_name!r} but not {counts_name!r}; row routing "
+                       "travels as both")
+    out[path] = RowRouting(features[ranks_name], features[counts_name])
+  return out
+
+
+def row_routing(tables: RoutingTables, keys: ArrayLike) -> RowRouting:
+  """Each row's grouping of its assignments by expert, on the host (numpy, vectorised over rows).
+
+  Args:
+    tables: as for `precompute_routing`.
+    keys: int[rows, length] routing keys (`routing_keys` with the layer's key) of this host's rows.
+
+  Returns:
+    RowRouting of numpy int32 arrays; `assemble_sorted_assignments` turns the rows of a whole
+    batch into its `SortedAssignments`.
+  """
+  columns, num_experts, _ = _routing_columns(tables)
+  return row_routing_of_columns(columns, num_experts, keys)
+
+
+def row_routing_of_columns(columns: np.ndarray, num_experts: int, keys: ArrayLike) -> RowRouting:
+  """`row_routing` from the tables' columns: int[H, key_space], the column-c expert of each key
+  id (a `Routing.expert_index` column)."""
+  columns = np.asarray(columns)
+  if columns.ndim != 2:
+    raise ValueError(f"columns must be int[H, key_space], got shape {columns.shape}")
+  keys = np.asarray(keys)
+  if keys.ndim != 2:
+    raise ValueError(f"keys must be int[rows, length], got shape {keys.shape}")
+  check_token_ids(keys, columns.shape[1], name="keys")
+  rows, length = keys.shape
+  num_columns = columns.shape[0]
+  lanes = rows * num_columns  # one lane per (row, column)
+  experts = columns[:, keys].transpose(1, 0, 2).reshape(lanes, length).astype(np.int64)
+  # A stable sort of each lane by expert puts the lane's tokens of one expert together, in token
+  # order; a token's rank is then its sorted place minus its expert's first place.
+  order = np.argsort(experts, axis=1, kind="stable")
+  counts = np.bincount((np.arange(lanes)[:, None] * num_experts + experts).reshape(-1),
+                       minlength=lanes * num_experts).reshape(lanes, num_experts)
+  starts = np.cumsum(counts, axis=1) - counts
+  sorted_ranks = np.arange(length)[None, :] - np.take_along_axis(
+      starts, np.take_along_axis(experts, order, axis=1), axis=1)
+  ranks = np.empty((lanes, length), np.int32)
+  np.put_along_axis(ranks, order, sorted_ranks.astype(np.int32), axis=1)
+  return RowRouting(ranks.reshape(rows, num_columns, length),
+                    counts.astype(np.int32).reshape(rows, num_columns, num_experts))
+
+
+def assemble_sorted_assignments(expert_index: ArrayLike, pieces: RowRouting, *, num_experts: int,
+                                multihash: bool) -> SortedAssignments:
+  """A whole batch's `SortedAssignments` from its rows' `RowRouting`, with no sort (jnp; jit-able).
+
+  The stable order sorts assignments a = column * tokens + token by group, so within a group they
+  come column by column, then row by row, then in token order. An assignment (column c, row b,
+  token j) of expert e therefore lands at
+    offset of its group (exclusive cumsum of the group sizes)
+    + its group's assignments in earlier columns (top-k only: a MultiHash group is one column)
+    + column-c assignments of expert e in earlier rows (exclusive cumsum of counts over rows)
+    + ranks[b, c, j],
+  which is the inverse permutation; the permutation is one scatter of it. Equal to
+  `precompute_routing` of the global batch when `pieces` describe `expert_index` (the experts
+  check that they do, `hashmoe.experts.sort_matches`, and sort on device otherwise).
+
+  Args:
+    expert_index: int[tokens, H] the router's experts, tokens = rows * length flattened row-major.
+    pieces: RowRouting of every row of the batch, ranks int[rows, H, length] and counts
+      int[rows, H, E].
+    num_experts: E.
+    multihash: groups are (column, expert) pairs (MultiHash, §3.2), else experts (one hash, top-k).
+
+  Returns:
+    SortedAssignments of int32 jax arrays (A = tokens * H; G = H * E for MultiHash, else E).
+  """
+  ranks = jnp.asarray(pieces.ranks).astype(jnp.int32)
+  counts = jnp.asarray(pieces.counts).astype(jnp.int32)
+  expert_index = jnp.asarray(expert_index).astype(jnp.int32)
+  if ranks.ndim != 3:
+    raise ValueError(f"row routing ranks must be int[rows, H, length], got shape {ranks.shape}")
+  rows, num_columns, length = ranks.shape
+  if counts.shape != (rows, num_columns, num_experts):
+    raise ValueError(f"row routing counts must be int[rows, H, E] = "
+                     f"{(rows, num_columns, num_experts)} for ranks of shape {ranks.shape} and "
+                     f"num_experts={num_experts}, got {counts.shape}")
+  if expert_index.shape != (rows * length, num_columns):
+    raise ValueError(f"expert_index must be int[tokens, H] = {(rows * length, num_columns)} for "
+                     f"row routing of {rows} rows of {length} tokens and H={num_columns}, got "
+                     f"{expert_index.shape}")
+  per_column = jnp.sum(counts, axis=0)  # [H, E]
+  if multihash:
+    sizes = per_column.reshape(-1)
+    base = (jnp.cumsum(sizes) - sizes).reshape(num_columns, num_experts)
+  else:
+    sizes = jnp.sum(per_column, axis=0)
+    base = (jnp.cumsum(sizes) - sizes)[None, :] + jnp.cumsum(per_column, axis=0) - per_column
+  start = base[None] + jnp.cumsum(counts, axis=0) - counts  # [rows, H, E]
+  experts = expert_index.reshape(rows, length, num_columns).transpose(0, 2, 1)
+  position = jnp.take_along_axis(start, experts, axis=2, mode="clip") + ranks
+  inverse = position.transpose(1, 0, 2).reshape(-1)  # column-major assignment order
+  num = inverse.shape[0]
+  permutation = jnp.zeros((num,), jnp.int32).at[inverse].set(
+      jnp.arange(num, dtype=jnp.int32), mode="drop")
+  return SortedAssignments(permutation, inverse, sizes.astype(jnp.int32))

@@ -14,11 +14,14 @@ Calling convention (both models):
 `batch` holds the features seqio's feature converters produce: decoder-only
 {"decoder_input_tokens", "decoder_target_tokens", "decoder_positions"?, "decoder_segment_ids"?,
 "predicted_ids"?}; the encoder-decoder adds {"encoder_input_tokens", "encoder_positions"?,
-"encoder_segment_ids"?}. Token id 0 is padding for targets and encoder inputs (seqio's convention;
-0 is also the decoder's BOS in `decoder_input_tokens`, so decoder padding is read from
-`decoder_target_tokens`). Concrete batches are checked on the host by `validate_batch`; traced
-batches inside `jit` cannot be (a traced gather cannot raise: a bad id wraps, clamps in a hash table
-lookup, or turns into NaN), so check batches in the input pipeline before the jitted step.
+"encoder_segment_ids"?}, and a batch may carry hash routing precomputed on the host
+(`hashmoe.host_routing`: two int32 features per hash router, "hash_routing:<router path>:ranks"
+and ":counts", handed to the routers in `RouterFeatures.row_routing`). Token id 0 is padding for
+targets and encoder inputs (seqio's convention; 0 is also the decoder's BOS in
+`decoder_input_tokens`, so decoder padding is read from `decoder_target_tokens`). Concrete batches
+are checked on the host by `validate_batch`; traced batches inside `jit` cannot be (a traced gather
+cannot raise: a bad id wraps, clamps in a hash table lookup, or turns into NaN), so check batches
+in the input pipeline before the jitted step.
 
 Hash tables are data, not config: `hash_tables` maps a layer name ("decoder_7", "encoder_0") or
 "default" to a tuple of `hashmoe.hashing.HashTable` (one per MultiHash hash). The routers store them
@@ -412,7 +415,13 @@ def _decoder_features(batch: Mapping[str, Array], tokens: Array, positions: Arra
   return RouterFeatures(token_ids=tokens, positions=positions, valid=valid,
                         segment_ids=_optional(batch, "decoder_segment_ids"),
                         targets=_optional(batch, "decoder_target_tokens"),
-                        predicted_ids=_optional(batch, "predicted_ids"))
+                        predicted_ids=_optional(batch, "predicted_ids"),
+                        row_routing=_row_routing(batch))
+
+
+def _row_routing(batch: Mapping[str, Array]) -> Optional[dict[str, hashing.RowRouting]]:
+  # Every stack gets all of the batch's row routing: each router takes the entry of its own path.
+  return hashing.row_routing_from_features(batch) or None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -571,7 +580,7 @@ class EncoderDecoder(_Transformer):
     mask = combine_masks(make_attention_mask(valid, valid),
                          None if segments is None else make_segment_mask(segments, segments))
     features = RouterFeatures(token_ids=tokens, positions=positions, segment_ids=segments,
-                              valid=valid)
+                              valid=valid, row_routing=_row_routing(batch))
     x = self._embed(tokens, positions, self.encoder_position_embedder, deterministic)
     for layer in self.encoder_layers:
       x = layer(x, mask, features=features, deterministic=deterministic)

@@ -18,7 +18,8 @@ One config class per router family, each knowing what its router needs and build
 
 The rest of the library asks the config, never its name: `uses_tables`, `num_tables` (tables per
 layer), `num_slices` (MultiHash's N), `experts_per_token`, `key` (what a hash looks at, None for
-learned routers), `table_kinds` / `default_table_kind`, `build(...)`. `name` is the family's label
+learned routers), `table_kinds` / `default_table_kind`, `table_columns` (the expert columns a stored
+table gives, for routing on the host), `build(...)`. `name` is the family's label
 in reports and in the settings a checkpoint records. Adding a router is one class here (a subclass
 with a `name`: that registers it, by name and with gin) and one gin file under
 configs/models/routers/ (docs/ROUTING.md, "How to add a router").
@@ -99,6 +100,14 @@ class RouterConfig:
     """Rows of each of the router's tables in a model of `vocab_size` and `max_len` (None for
     routers without tables)."""
     del vocab_size, max_len
+    return None
+
+  def table_columns(self, stored: np.ndarray) -> Optional[np.ndarray]:
+    """int32[H, key_space]: column c is the expert of `Routing.expert_index[:, c]` for each key id,
+    read from the router's stored table (its "hash_tables" variable "table"); None for routers
+    whose experts are no table lookup. What the input pipeline routes with
+    (`hashmoe.host_routing`)."""
+    del stored
     return None
 
   def build(self, *, num_experts: int, vocab_size: int, max_len: int,
@@ -208,6 +217,10 @@ class Hash(_Hashed):
   def num_slices(self) -> int:
     return self.num_hashes
 
+  def table_columns(self, stored: np.ndarray) -> np.ndarray:
+    # HashRouter stores int32[num_hashes, key_space]: one row per MultiHash column.
+    return np.asarray(stored, np.int32)
+
   def build(self, *, num_experts, vocab_size, max_len, capacity_factor, tables, ordinal):
     del capacity_factor  # a hash router never drops; only a capacity dispatch does
     return routing.HashRouter(num_experts, num_hashes=self.num_hashes, tables=tables,
@@ -241,6 +254,10 @@ class HashTopK(_Hashed):
     if not 1 <= self.topk <= num_experts:
       raise ValueError(f"HashTopK: topk must be in [1, num_experts={num_experts}], got "
                        f"{self.topk}")
+
+  def table_columns(self, stored: np.ndarray) -> np.ndarray:
+    # HashTopKRouter stores int32[key_space, k]: column c holds each key's c-th expert.
+    return np.ascontiguousarray(np.asarray(stored, np.int32).T)
 
   def build(self, *, num_experts, vocab_size, max_len, capacity_factor, tables, ordinal):
     del capacity_factor

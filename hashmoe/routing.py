@@ -58,6 +58,12 @@ class RouterFeatures:
   `hashing.SortedAssignments`}. A hash router whose signature is present hands its entry on in
   `Routing.sorted_assignments`, and the experts use it instead of sorting on device.
 
+  `row_routing` is the same precomputation done row by row, the way a batch sharded over hosts
+  can do it (`hashmoe.host_routing`): {router module path ("decoder_1/moe/router"):
+  `hashing.RowRouting`}. A hash router finds its entry by its own path, assembles the batch's
+  `SortedAssignments` from it with cumulative sums and one scatter
+  (`hashing.assemble_sorted_assignments`) and hands that on, as above.
+
   `valid` (bool[batch, length]) marks real tokens; padding is still routed (shapes are static) but
   left out of the routing metrics (expert load, dropped fraction, entropy), which would otherwise
   report the padding id's expert as loaded. None counts every position.
@@ -69,6 +75,7 @@ class RouterFeatures:
   predicted_ids: Optional[jax.Array] = None
   sorted_assignments: Optional[Mapping[str, hashing.SortedAssignments]] = None
   valid: Optional[jax.Array] = None
+  row_routing: Optional[Mapping[str, hashing.RowRouting]] = None
 
 
 @flax.struct.dataclass
@@ -387,12 +394,22 @@ def _keys(key: str, features: RouterFeatures, key_space: int) -> Array:
   return keys
 
 
-def _precomputed(features: RouterFeatures, signature: Callable[[], str]
-                 ) -> Optional[hashing.SortedAssignments]:
-  """The features' precomputed routing for this router's signature, if the batch carries it."""
-  if not features.sorted_assignments:
+def _precomputed(router: "Router", features: RouterFeatures, expert_index: Array, *,
+                 multihash: bool) -> Optional[hashing.SortedAssignments]:
+  """The batch's precomputed grouping of this router's assignments, if it carries one: whole
+  (`sorted_assignments`, by the router's `routing_signature`) or row by row (`row_routing`, by
+  the router's module path; assembled here from `expert_index`, int32[tokens, H])."""
+  if features.sorted_assignments:
+    found = features.sorted_assignments.get(router.routing_signature())
+    if found is not None:
+      return found
+  if not features.row_routing:
     return None
-  return features.sorted_assignments.get(signature())
+  pieces = features.row_routing.get("/".join(router.path))
+  if pieces is None:
+    return None
+  return hashing.assemble_sorted_assignments(expert_index, pieces, num_experts=router.num_experts,
+                                             multihash=multihash)
 
 
 def _check_key(router: str, key: str) -> None:
@@ -519,7 +536,8 @@ class HashRouter(Router):
     expert_index = jnp.take(table, keys, axis=1, mode="clip").T  # [tokens, num_hashes]
     return RoutingInstructions(expert_index=expert_index,
                                combine_weight=jnp.ones(expert_index.shape, jnp.float32),
-                               sorted_assignments=_precomputed(features, self.routing_signature))
+                               sorted_assignments=_precomputed(self, features, expert_index,
+                                                               multihash=self.num_hashes > 1))
 
 
 class HashTopKRouter(Router):
@@ -616,7 +634,8 @@ class HashTopKRouter(Router):
         jnp.arange(logits.shape[0])[:, None], expert_index].set(combine_weight)
     return RoutingInstructions(expert_index=expert_index, combine_weight=combine_weight,
                                router_probs=dense,
-                               sorted_assignments=_precomputed(features, self.routing_signature))
+                               sorted_assignments=_precomputed(self, features, expert_index,
+                                                               multihash=False))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,8 +14,11 @@ What one run does (`train`):
      from `INIT_CHECKPOINT`), with the hash tables `train.hash_tables` names (`hashmoe.tables`).
   3. Steps (`hashmoe.training.trainer.Trainer`): every batch passes `hashmoe.models.validate_batch`
      on the host, then one jitted step computes cross-entropy + the routers' aux losses and applies
-     the update. Each step is a `jax.profiler.StepTraceAnnotation` ("train"), so a profile shows
-     steps by number, and the MoE pieces inside them by their `jax.named_scope`.
+     the update. Hash layers get each batch's grouping by expert from the input pipeline
+     (`hashmoe.host_routing`; `precompute_routing=False` sorts on device instead, with the same
+     results), so their expert loads are known, and logged, before the step. Each step is a
+     `jax.profiler.StepTraceAnnotation` ("train"), so a profile shows steps by number, and the MoE
+     pieces inside them by their `jax.named_scope`.
   4. Logs every `log_period` steps to `MODEL_DIR/metrics.jsonl`, TensorBoard
      (`MODEL_DIR/tensorboard`) and a tqdm bar (`hashmoe.training.metrics`); evaluates every
      `eval_period` steps on a fixed set of validation batches (`MODEL_DIR/eval.jsonl`);
@@ -67,10 +70,11 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import auto as tqdm_auto
 
+from hashmoe import host_routing as host_routing_lib
 from hashmoe import models, sharding, tables
 from hashmoe.data import loader
 from hashmoe.data import pipeline as pipeline_lib
-from hashmoe.training import checkpoints, optim, resume, run_dir
+from hashmoe.training import checkpoints, multihost, optim, resume, run_dir
 from hashmoe.training import metrics as metrics_lib
 from hashmoe.training.errors import ConfigError, LossDivergedError
 from hashmoe.training.trainer import Evaluator, Trainer, TrainState
@@ -186,6 +190,7 @@ def train(*,
           progress_bar: bool = True,
           tensorboard: bool = True,
           divergence_factor: Optional[float] = 4.0,
+          precompute_routing: bool = True,
           input_pipeline: Optional[pipeline_lib.InputPipeline] = None) -> TrainResult:
   """Trains `model_config` on `task` until `train_steps`, resuming from MODEL_DIR if possible.
 
@@ -222,6 +227,12 @@ def train(*,
       size), so a loss several times that means the run blew up, even while it is still finite
       (its perplexity would overflow what the logs can hold). None disables the bound; a NaN or
       infinite loss or update always stops the run.
+    precompute_routing: hash layers get their routing from the input pipeline
+      (`hashmoe.host_routing`: each batch's grouping by expert computed on the host, assembled on
+      device without a sort) and the loop logs each step's expert loads known before it
+      (`host_load_*` under each layer in "moe"). False sorts on device. The losses are the same
+      either way; layers that cannot (learned routers, a dispatch without a precomputed sort)
+      sort on device, which is logged once.
     input_pipeline: the data (default: `hashmoe.data.loader.make_input_pipeline`: the task's
       prepared rows where `hashmoe prepare` wrote them, else the streaming `TaskPipeline`; gin's
       PREPARED_DIR and DATA_SOURCE choose); tests pass their own.
@@ -318,13 +329,14 @@ def train(*,
       (model_dir / run_dir.CONFIG_FILE).write_text(config_text)
     max_loss = None if divergence_factor is None else divergence_factor * math.log(
         max(data.vocab_size, 2))
-    return _loop(trainer=trainer, state=state, position=position, data=data,
-                 checkpointer=checkpointer, metrics_logger=metrics_logger, hash_meta=hash_meta,
-                 config_text=config_text, settings=settings, train_steps=int(train_steps),
-                 checkpoint_period=checkpoint_period, eval_period=eval_period,
-                 eval_batches=eval_batches, eval_split=eval_split, log_period=log_period,
-                 progress_bar=progress_bar, model_dir=model_dir, max_loss=max_loss,
-                 divergence_factor=divergence_factor)
+    host_routing = _host_routing(model_config, state, precompute_routing)
+    return _loop(host_routing=host_routing, trainer=trainer, state=state, position=position,
+                 data=data, checkpointer=checkpointer, metrics_logger=metrics_logger,
+                 hash_meta=hash_meta, config_text=config_text, settings=settings,
+                 train_steps=int(train_steps), checkpoint_period=checkpoint_period,
+                 eval_period=eval_period, eval_batches=eval_batches, eval_split=eval_split,
+                 log_period=log_period, progress_bar=progress_bar, model_dir=model_dir,
+                 max_loss=max_loss, divergence_factor=divergence_factor)
   finally:
     try:
       if checkpointer is not None:
@@ -337,6 +349,18 @@ def train(*,
       if created and jax.process_index() == 0 and not run_dir.is_remote(model_dir):
         with contextlib.suppress(OSError):
           os.rmdir(model_dir)  # Only when empty: a run refused before writing leaves no trace.
+
+
+def _host_routing(config: models.TransformerConfig, state: TrainState,
+                  enabled: bool) -> Optional[host_routing_lib.HostRouting]:
+  """The input pipeline's hash routing for the tables `state` holds, or None (switched off, or
+  no layer can take it; `host_routing_lib.plan` logs why)."""
+  if not enabled:
+    if config.sparse is not None and config.sparse.router.uses_tables:
+      logger.info("precomputed routing is off (train.precompute_routing=False): the hash layers "
+                  "sort on device")
+    return None
+  return host_routing_lib.plan(config, state.constants)
 
 
 def _fresh_state(trainer: Trainer, data: pipeline_lib.InputPipeline, hash_tables: Any,
@@ -375,7 +399,8 @@ def _reinit_opt(trainer: Trainer, params: PyTree) -> PyTree:
     return jax.jit(trainer.tx.init, out_shardings=trainer.state_shardings.opt_state)(params)
 
 
-def _loop(*, trainer: Trainer, state: TrainState, position: Any, data: pipeline_lib.InputPipeline,
+def _loop(*, host_routing: Optional[host_routing_lib.HostRouting], trainer: Trainer,
+          state: TrainState, position: Any, data: pipeline_lib.InputPipeline,
           checkpointer: checkpoints.Checkpointer, metrics_logger: metrics_lib.MetricsLogger,
           hash_meta: dict[str, Any], config_text: str, settings: Mapping[str, Any],
           train_steps: int, checkpoint_period: int, eval_period: int, eval_batches: int,
@@ -389,8 +414,9 @@ def _loop(*, trainer: Trainer, state: TrainState, position: Any, data: pipeline_
                 train_steps)
     return TrainResult(step=start_step, start_step=start_step, preempted=False, last_train=None,
                        last_eval=None, model_dir=os.fspath(model_dir))
-  batches = data.train_batches(position)
-  evaluator = Evaluator(trainer, data, split=eval_split, num_batches=eval_batches)
+  batches = pipeline_lib.train_batches(data, position, host_routing)
+  evaluator = Evaluator(trainer, data, split=eval_split, num_batches=eval_batches,
+                        batch_map=host_routing)
   saved_step = start_step if start_step > 0 else None
 
   def save():
@@ -400,6 +426,8 @@ def _loop(*, trainer: Trainer, state: TrainState, position: Any, data: pipeline_
     saved_step = step
 
   pending: list[tuple[int, dict]] = []
+  # This process's host-known expert counts of every step since the last record.
+  host_counts: list[dict[str, Any]] = []
   window_start, window_tokens = time.perf_counter(), 0.0
 
   def diverged(s: int, m: Mapping[str, Any]) -> Optional[str]:
@@ -447,6 +475,9 @@ def _loop(*, trainer: Trainer, state: TrainState, position: Any, data: pipeline_
               "update_norm": float(m["update_norm"]), "tokens": float(m["tokens"]),
               "tokens_per_s": window_tokens / elapsed, "time": time.time(),
               "moe": metrics_lib.moe_record(m["moe"])}
+    for layer, loads in _global_host_loads(host_counts).items():
+      record["moe"].setdefault(layer, {}).update(loads)
+    host_counts.clear()
     metrics_logger.write_train(record)
     last_train = record
     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
@@ -462,6 +493,8 @@ def _loop(*, trainer: Trainer, state: TrainState, position: Any, data: pipeline_
       # profile shows the steps by number. It costs nothing while no profiler runs.
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         local = next(batches)
+        if host_routing is not None:
+          host_counts.append(host_routing.expert_counts(local))
         batch = trainer.global_batch(local)
         if step == start_step:
           logger.info("compiling the train step for batch shapes %s",
@@ -498,6 +531,22 @@ def _loop(*, trainer: Trainer, state: TrainState, position: Any, data: pipeline_
                      stop_signal=stop_signal or None)
 
 
+def _global_host_loads(local_steps: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+  """`host_routing_lib.host_load_record` of the global batches: every process's counts of its own
+  rows, summed (one gather per record, at the loop's existing sync)."""
+  if not local_steps:
+    return {}
+  per_process = multihost.allgather_json(local_steps)
+  steps = []
+  for i in range(len(local_steps)):
+    total: dict[str, np.ndarray] = {}
+    for process in per_process:
+      for layer, counts in process[i].items():
+        total[layer] = total.get(layer, 0) + np.asarray(counts, np.int64)
+    steps.append(total)
+  return host_routing_lib.host_load_record(steps)
+
+
 # --------------------------------------------------------------------------------------------------
 # Evaluation.
 
@@ -516,6 +565,7 @@ def evaluate(*,
              seed: int = 0,
              mesh: Optional[Mesh] = None,
              output_file: Optional[str] = None,
+             precompute_routing: bool = True,
              input_pipeline: Optional[pipeline_lib.InputPipeline] = None) -> dict[str, Any]:
   """Perplexity of a trained checkpoint on `split` (per token, and per word where defined).
 
@@ -527,6 +577,7 @@ def evaluate(*,
       It need not be the mesh the checkpoint was written on: every array is read straight into
       this mesh's shardings, so a checkpoint of 8 devices evaluates on 1 or 4.
     output_file: also write the record as JSON here.
+    precompute_routing: as `train`'s (the evaluation batches carry their hash routing).
     (the rest as in `train`)
 
   Returns:
@@ -548,7 +599,8 @@ def evaluate(*,
                             where=f"{source} (step {restored_step})")
   state = TrainState(step=jnp.asarray(restored_step, jnp.int32), params=params, opt_state=(),
                      constants=constants)
-  record = Evaluator(trainer, data, split=split, num_batches=eval_batches).run(state)
+  record = Evaluator(trainer, data, split=split, num_batches=eval_batches,
+                     batch_map=_host_routing(model_config, state, precompute_routing)).run(state)
   record["checkpoint"] = os.fspath(source)
   record["mesh"] = {name: int(size) for name, size in mesh.shape.items()}
   if output_file and jax.process_index() == 0:

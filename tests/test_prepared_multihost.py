@@ -5,7 +5,14 @@ collectives over gloo, 4 emulated devices per process).
 1. Two `hashmoe train` processes on prepared data each read only their slice of every global batch
    (`hashmoe.data.loader`: rows [b*B + p*B/2, b*B + (p+1)*B/2) of the shuffled stream); one process
    with 8 devices and the same mesh reads whole global batches. Both must report the same losses:
-   the slices assemble into the global batches the single process reads.
+   the slices assemble into the global batches the single process reads. The two processes route
+   their hash layer on the host (`hashmoe.host_routing`, the default: each groups its own rows in
+   the loader's read threads, and the device assembles the global permutation from both hosts'
+   rows without a sort); the single process sorts on device (`train.precompute_routing=False`).
+   The same losses, the experts' report that they used the assembled permutation, and the loads
+   the hosts logged before each step (summed over both) equal to the single process's on-device
+   group sizes show that the pieces of the two hosts make the global batch's routing. Both use the
+   `sorted` dispatch (expert_parallel takes no precomputed sort; test_multihost.py covers it).
 2. A change of host count between stop and restart keeps the global batch order: the two-process
    run stops at step 3 (its checkpoint holds one loader position per process, all equal), a
    single process resumes it to step 6, and steps 4-6 reproduce the uninterrupted single-process
@@ -27,6 +34,9 @@ from textdata import write_text_folder
 
 STEPS, STOP = 6, 3
 PREPARED_FLAGS = ("--gin.DATA_SOURCE='prepared'",)
+# Later bindings win: RUN_FLAGS's expert_parallel dispatch takes no precomputed routing.
+SORTED_FLAGS = ("--gin.SparseConfig.dispatch='sorted'",)
+DEVICE_SORT_FLAGS = ("--gin.train.precompute_routing=False",)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +63,8 @@ def workspace(tmp_path_factory):
 
 
 def train_flags(workspace, model_dir, steps):
-  return (*RUN_FLAGS, *MESH_2x4, *PREPARED_FLAGS, f"--gin.TEXT_DIR='{workspace['texts']}'",
+  return (*RUN_FLAGS, *MESH_2x4, *PREPARED_FLAGS, *SORTED_FLAGS,
+          f"--gin.TEXT_DIR='{workspace['texts']}'",
           f"--gin.PREPARED_DIR='{workspace['root']}'", f"--gin.MODEL_DIR='{model_dir}'",
           f"--gin.TRAIN_STEPS={steps}", "--gin.BATCH_SIZE=8", "--gin.EVAL_PERIOD=0",
           "--gin.CHECKPOINT_PERIOD=1000", "--gin.train.progress_bar=False",
@@ -69,14 +80,16 @@ def test_two_processes_read_their_slices_and_a_restart_on_one_process_keeps_the_
                                   f"--coordinator_address={coordinator}",
                                   f"--num_processes={HOSTS}", f"--process_id={i}"),
            env_for(workspace, DEVICES // HOSTS)) for i in range(HOSTS)]
-  jobs.append(("single", hashmoe("train", *train_flags(workspace, single, STEPS)),
-               env_for(workspace, DEVICES)))
+  jobs.append(("single", hashmoe("train", *train_flags(workspace, single, STEPS),
+                                 *DEVICE_SORT_FLAGS), env_for(workspace, DEVICES)))
   done = run_together(jobs, base / "logs")
   for name in done:
     assert "data: prepared rows of task hashmoe_text_lm" in done[name]["stderr"], name
     assert "mesh {'data': 2, 'expert': 4, 'model': 1}" in done[name]["stderr"], name
   for i in range(HOSTS):
     assert f"jax.distributed: process {i} of {HOSTS}" in done[f"process{i}"]["stderr"]
+    assert "precomputed routing: the input pipeline groups" in done[f"process{i}"]["stderr"]
+  assert "precomputed routing is off" in done["single"]["stderr"]
 
   # 1. The same global batches: the losses agree to float32 reassociation (gloo between the
   # processes, XLA's all-reduce within one: test_multihost.py measured 1 ulp; 1e-6 relative
@@ -86,6 +99,13 @@ def test_two_processes_read_their_slices_and_a_restart_on_one_process_keeps_the_
   for m, s in zip(two, one):
     assert m["tokens"] == s["tokens"]
     assert m["loss"] == pytest.approx(s["loss"], rel=1e-6), m["step"]
+    hashed = [layer for layer, moe in m["moe"].items() if "host_expert_counts" in moe]
+    assert hashed and hashed == [layer for layer in s["moe"] if "group_sizes" in s["moe"][layer]]
+    for layer in hashed:
+      assert m["moe"][layer]["sort_precomputed"] == 1.0, (m["step"], layer)
+      assert "sort_precomputed" not in s["moe"][layer]
+      assert m["moe"][layer]["host_expert_counts"] == s["moe"][layer]["group_sizes"], m["step"]
+      assert sum(m["moe"][layer]["host_expert_counts"]) == 8 * SEQ_LEN  # both hosts' rows
   meta = json.loads((multi / "checkpoints" / str(STOP) / "data" / "metadata").read_text())
   positions = meta["positions"]
   assert len(positions) == HOSTS and all(p == positions[0] for p in positions)

@@ -30,8 +30,9 @@ grain worker processes (`mp_prefetch`). docs/PERFORMANCE.md has the measured rat
 API (benchmarks/data.py and the routing precomputation build on it):
 
     batches(manifest, split='train', *, batch_size, seed, start_batch=0, process_index=0,
-            process_count=1, worker_count=0, prefetch=...) -> PreparedBatches
-        # an iterator of this process's batches from global batch `start_batch`;
+            process_count=1, worker_count=0, prefetch=..., batch_map=None) -> PreparedBatches
+        # an iterator of this process's batches from global batch `start_batch` (batch_map:
+        # applied to each in the read threads, e.g. `hashmoe.host_routing`);
         # .position() -> the JSON position of the next batch; .close()
     eval_batches(manifest, split, *, batch_size, num_batches, process_index, process_count)
     PreparedPipeline(task, *, batch_size, seq_len, seed, directory)   # an InputPipeline
@@ -144,7 +145,8 @@ class PreparedBatches(tasks_lib.CountedBatches):
 
   def __init__(self, manifest: prepared_lib.Manifest, split: str, *, batch_size: int, seed: int,
                start_batch: int, process_index: int, process_count: int, worker_count: int,
-               read_threads: int, prefetch: int):
+               read_threads: int, prefetch: int,
+               batch_map: Optional[pipeline_lib.BatchMap] = None):
     _check_batch_split(batch_size, process_index, process_count)
     if not isinstance(start_batch, int) or start_batch < 0:
       raise ValueError(f"start_batch={start_batch!r}; expected an int >= 0")
@@ -162,6 +164,10 @@ class PreparedBatches(tasks_lib.CountedBatches):
     # Global batches from start_batch on, each read by grain's threads (or worker processes) as
     # one `__getitems__` of its rows: the index arithmetic that makes resuming O(1).
     dataset = grain.MapDataset.range(start_batch, _ENDLESS).map(self.reader)
+    if batch_map is not None:
+      # In the same read threads (or workers), ahead of the step: e.g. the batch's hash routing
+      # (`hashmoe.host_routing`), computed while the device runs earlier steps.
+      dataset = dataset.map(batch_map)
     iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                          prefetch_buffer_size=prefetch))
     if worker_count > 0:
@@ -183,7 +189,8 @@ class PreparedBatches(tasks_lib.CountedBatches):
 def batches(manifest: prepared_lib.Manifest, split: str = "train", *, batch_size: int, seed: int,
             start_batch: int = 0, process_index: int = 0, process_count: int = 1,
             worker_count: int = 0, read_threads: int = DEFAULT_READ_THREADS,
-            prefetch: int = DEFAULT_PREFETCH_BATCHES) -> PreparedBatches:
+            prefetch: int = DEFAULT_PREFETCH_BATCHES,
+            batch_map: Optional[pipeline_lib.BatchMap] = None) -> PreparedBatches:
   """This process's batches of `split`, globally shuffled per epoch, from global batch
   `start_batch` on (see the module docstring for the order). O(1) in `start_batch`.
 
@@ -195,11 +202,12 @@ def batches(manifest: prepared_lib.Manifest, split: str = "train", *, batch_size
     process_index, process_count: this process's share.
     worker_count: grain worker processes (0: read in this process, with `read_threads` threads).
     read_threads, prefetch: grain's ReadOptions (threads, buffered batches).
+    batch_map: applied to each batch in the read threads (or workers, where it must pickle).
   """
   return PreparedBatches(manifest, split, batch_size=batch_size, seed=seed,
                          start_batch=start_batch, process_index=process_index,
                          process_count=process_count, worker_count=worker_count,
-                         read_threads=read_threads, prefetch=prefetch)
+                         read_threads=read_threads, prefetch=prefetch, batch_map=batch_map)
 
 
 def eval_batches(manifest: prepared_lib.Manifest, split: str, *, batch_size: int,
@@ -288,13 +296,15 @@ class PreparedPipeline:
     if why:
       raise PreparedMismatchError(why)
 
-  def train_batches(self, position: Any) -> PreparedBatches:
+  def train_batches(self, position: Any,
+                    batch_map: Optional[pipeline_lib.BatchMap] = None) -> PreparedBatches:
+    """This process's batches from `position`; `batch_map` runs on each in the read threads."""
     start = 0
     if position is not None:
       self.check_position(position)
       start = int(position["next_batch"])
     return batches(self.manifest, "train", batch_size=self.batch_size, seed=self.seed,
-                   start_batch=start, **self._share(), **self._options)
+                   start_batch=start, batch_map=batch_map, **self._share(), **self._options)
 
   def eval_batches(self, split: str, num_batches: int) -> list[dict[str, np.ndarray]]:
     split = normalize_split(split)

@@ -8,8 +8,9 @@ same batches as the uninterrupted one.
 """
 from __future__ import annotations
 
+import inspect
 import itertools
-from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
 
 import gin
 import jax
@@ -34,7 +35,11 @@ class InputPipeline(Protocol):
 
   def train_batches(self, position: Any) -> Iterator[dict[str, np.ndarray]]:
     """This host's training batches from `position` (None: the start); the iterator has a
-    `position()` method returning a JSON-serialisable position to resume from."""
+    `position()` method returning a JSON-serialisable position to resume from.
+
+    A pipeline that can apply a function to each batch where it reads them (in its own threads)
+    also takes `batch_map`; for the others `train_batches` (below) applies it as the loop takes
+    each batch."""
 
   def eval_batches(self, split: str, num_batches: int) -> list[dict[str, np.ndarray]]:
     """The first `num_batches` of `split` for this host (fixed: no shuffling)."""
@@ -46,6 +51,44 @@ class InputPipeline(Protocol):
     """int[key_space] occurrences of each key id ('token', 'prev_token' or 'bigram', as
     `hashmoe.data.stats` counts them) over the training split's rows: of the decoder inputs
     (`decoder_inputs`, what a decoder router hashes) or of the targets."""
+
+
+BatchMap = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class MappedBatches:
+  """Training batches with `fn` applied to each as it is taken; `position()` and `close()` are the
+  wrapped iterator's (a map changes no batch's place in the sequence)."""
+
+  def __init__(self, batches: Iterator[dict[str, np.ndarray]], fn: BatchMap):
+    self._batches, self._fn = batches, fn
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return self._fn(next(self._batches))
+
+  def position(self) -> Any:
+    return self._batches.position()
+
+  def close(self) -> None:
+    close = getattr(self._batches, "close", None)
+    if close is not None:
+      close()
+
+
+def train_batches(data: InputPipeline, position: Any,
+                  batch_map: Optional[BatchMap] = None) -> Iterator[dict[str, np.ndarray]]:
+  """`data.train_batches(position)` with `batch_map` (e.g. `hashmoe.host_routing.HostRouting`)
+  applied to every batch: by the pipeline where it reads (a `train_batches` that takes
+  `batch_map`: the prepared-data loader maps in its read threads, ahead of the step), else as the
+  loop takes each batch (`MappedBatches`)."""
+  if batch_map is None:
+    return data.train_batches(position)
+  if "batch_map" in inspect.signature(data.train_batches).parameters:
+    return data.train_batches(position, batch_map=batch_map)
+  return MappedBatches(data.train_batches(position), batch_map)
 
 
 @gin.configurable(module="hashmoe.train")

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import math
 import warnings
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import flax
 import flax.linen as nn
@@ -222,8 +222,16 @@ class Trainer:
     if rows % shards:
       raise ValueError(f"global batch size {rows} is not divisible by the {shards} devices of the "
                        f"mesh's {sharding.TOKEN_MESH_AXES} axes that split the batch")
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
-            for k, v in local_batch.items()}
+    # Features that are one array (hash layers sharing their routing: `hashmoe.host_routing`)
+    # travel to the devices once.
+    placed: dict[int, Array] = {}
+    out = {}
+    for k, v in local_batch.items():
+      if id(v) not in placed:
+        placed[id(v)] = jax.make_array_from_process_local_data(self.batch_sharding,
+                                                               np.asarray(v))
+      out[k] = placed[id(v)]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,8 +254,11 @@ class Evaluator:
   arithmetic, not a bug; word perplexities compare across vocabularies, token ones do not.
   """
 
-  def __init__(self, trainer: Trainer, data: InputPipeline, *, split: str, num_batches: int):
-    self._trainer, self._data = trainer, data
+  def __init__(self, trainer: Trainer, data: InputPipeline, *, split: str, num_batches: int,
+               batch_map: Optional[Callable[[dict], dict]] = None):
+    """`batch_map` is applied to each batch once, when they are read (the hash routing of
+    `hashmoe.host_routing`, which the evaluation batches then carry every time)."""
+    self._trainer, self._data, self._batch_map = trainer, data, batch_map
     self.split, self.num_batches = split, num_batches
     self._batches: Optional[list[dict[str, Array]]] = None
     self._words: Optional[int] = None
@@ -264,6 +275,8 @@ class Evaluator:
     self._words = None if any(w is None for w in words) else int(sum(words))
     if self._words is not None and jax.process_count() > 1:
       self._words = int(sum(multihost.allgather_json(self._words)))
+    if self._batch_map is not None:
+      local = [self._batch_map(b) for b in local]
     self._batches = [self._trainer.global_batch(b) for b in local]
 
   def run(self, state: TrainState) -> dict[str, Any]:
