@@ -1,4 +1,5 @@
-"""Prepared rows as TFRecord files and the seqio task over them (hashmoe.data.prepared_tf).
+"""Prepared rows as TFRecord files and the seqio task over them (hashmoe.data.prepared_tf), and the
+t5x data choices built on them (hashmoe.t5x.data; t5x itself is not needed here).
 
 References are independent of the code under test: the task's rows against the ArrayRecord shards
 read by the grain loader's `RowReader`, arranged in tf.data's interleave order by a numpy loop; a
@@ -23,6 +24,7 @@ from clu.data import dataset_iterator as clu_iterator
 
 from hashmoe import cli
 from hashmoe.data import prepared, prepared_tf, tasks, vocab
+from hashmoe.t5x import data as t5x_data
 from hashmoe.training import errors
 from textdata import write_text_folder
 
@@ -293,6 +295,39 @@ def test_copies_of_an_earlier_prepare_are_stale_refused_and_recopied(world, tmp_
   for feature in want:
     np.testing.assert_array_equal(after[feature], want[feature], err_msg=feature)
   assert prepared_tf.prepared_task_info(name).manifest != old.manifest
+
+
+# --------------------------------------------------------------------------------------------------
+# What a t5x run's gin calls (hashmoe.t5x.data), without t5x.
+
+
+def test_a_t5x_run_reads_the_chosen_source_and_its_model_dir_keeps_it(world, tmp_path):
+  model_dir = tmp_path / "run"
+  choose = lambda source, **kw: t5x_data.training_task(
+      LM, data_source=source, seq_len=SEQ_LEN, prepared_dir=world["root"],
+      model_dir=str(model_dir), **kw)
+  assert choose("streaming") == LM
+  assert not t5x_data.dataset_checkpointable(LM)
+  assert t5x_data.feature_converter_cls(LM) is seqio.DecoderFeatureConverter
+  name = choose("prepared")  # No checkpoint yet: the run may still change its data.
+  assert name == f"{LM}_prepared_len{SEQ_LEN}" and t5x_data.dataset_checkpointable(name)
+  assert t5x_data.feature_converter_cls(name) is prepared_tf.PreparedDecoderFeatureConverter
+  assert t5x_data.task_vocabulary(name) == t5x_data.task_vocabulary(LM)
+  record = json.loads((model_dir / t5x_data.DATA_FILE).read_text())
+  assert record["data_source"] == "prepared" and record["task"] == name
+  with pytest.raises(ValueError, match="DATA_SOURCE='auto'.*choose 'prepared'"):
+    choose("auto")
+
+  (model_dir / "checkpoint_4").mkdir()
+  assert choose("prepared") == name
+  with pytest.raises(errors.PreparedMismatchError, match=r"trained on other data than this run "
+                     r"reads \(data_source: 'prepared' in MODEL_DIR, 'streaming' now;.*start a new "
+                     r"MODEL_DIR"):
+    choose("streaming")
+  (model_dir / t5x_data.DATA_FILE).unlink()  # Checkpoints from before the record: streaming.
+  assert choose("streaming") == LM
+  with pytest.raises(errors.PreparedMismatchError, match="'streaming' in MODEL_DIR, 'prepared'"):
+    choose("prepared")
 
 
 # --------------------------------------------------------------------------------------------------
