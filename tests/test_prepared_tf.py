@@ -262,10 +262,9 @@ def test_copies_of_an_earlier_prepare_are_stale_refused_and_recopied(world, tmp_
   rows. They are refused until copied again, which redoes exactly the changed shard; the task
   then reads the new rows."""
   texts = shutil.copytree(world["texts"], tmp_path / "texts")
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setenv("HASHMOE_CACHE", str(world["base"] / "cache"))
-    (task, _) = tasks.register_tasks(name_prefix="ptfstale", embedded=False, text_dir=str(texts),
-                                     vocab_settings=vocab.SentencePieceSettings(vocab_size=320))
+  vocabulary = seqio.get_mixture_or_task(LM).output_features["targets"].vocabulary
+  (task, _) = tasks.register_tasks(name_prefix="ptfstale", embedded=False, text_dir=str(texts),
+                                   vocabulary=vocabulary)
   root = tmp_path / "root"
   folder = prepared.prepared_dir(root, task, SEQ_LEN)
   prepared.prepare(task, folder, seq_len=SEQ_LEN, splits=("train",), num_shards=1,
@@ -325,9 +324,11 @@ def test_a_t5x_run_reads_the_chosen_source_and_its_model_dir_keeps_it(world, tmp
                      r"MODEL_DIR"):
     choose("streaming")
   (model_dir / t5x_data.DATA_FILE).unlink()  # Checkpoints from before the record: streaming.
-  assert choose("streaming") == LM
   with pytest.raises(errors.PreparedMismatchError, match="'streaming' in MODEL_DIR, 'prepared'"):
     choose("prepared")
+  assert choose("streaming") == LM
+  assert json.loads((model_dir / t5x_data.DATA_FILE).read_text()) == {
+      "data_source": "streaming", "task": LM}
 
 
 # --------------------------------------------------------------------------------------------------
