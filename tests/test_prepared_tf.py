@@ -151,10 +151,11 @@ def test_a_record_that_is_not_one_row_of_the_layout_fails_naming_it(world):
   layout = prepared.read_manifest(folder_of(world, LM)).layout
   decode = prepared_tf.decode_fn(layout)
   good = prepared.RowReader(prepared.read_manifest(folder_of(world, LM)), "train").read([0])[0]
-  np.testing.assert_array_equal(decode(tf.constant(good))["decoder_target_tokens"],
-                                layout.decode([good])["decoder_target_tokens"][0])
+  got = decode(tf.constant([good, good]))
+  for feature, want in layout.decode([good, good]).items():
+    np.testing.assert_array_equal(got[feature], want)
   with pytest.raises(tf.errors.InvalidArgumentError, match="not one row of the prepared layout"):
-    decode(tf.constant(good[:-2]))
+    decode(tf.constant([good, good[:-2]]))
 
 
 # --------------------------------------------------------------------------------------------------

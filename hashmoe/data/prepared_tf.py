@@ -20,15 +20,16 @@ Files (FORMAT_VERSION 1), beside the ArrayRecord shards of a prepared folder:
 
 * Records. A TFRecord record is the ArrayRecord record's bytes unchanged: one packed row in the
   manifest's fixed layout (`prepared.RecordLayout`: the features concatenated little-endian, each in
-  its narrow stored dtype). tf.data decodes it in the graph: per feature a `tf.strings.substr` of
-  its bytes, `tf.io.decode_raw` (the stored dtype, little-endian), a cast to int32 and the static
-  shape [L]; a record of another size fails the read, naming the layout. Why not
-  `tf.train.Example`: an Example stores each id as an int64 varint in a protobuf parsed per row
-  (more bytes than the narrow layout: `benchmarks/prepared_tf.py` measures both), and it would be
-  a second encoding of the rows to keep equal to the first; the raw records are the
-  bytes the grain loader decodes with the same layout, and a test compares the two readers row for
-  row. TFRecord frames every record with masked CRC32Cs of its length and data, so a damaged byte
-  fails the read that meets it.
+  its narrow stored dtype). tf.data decodes them in the graph, `DECODE_BATCH` records at a time:
+  per feature a `tf.strings.substr` of its bytes, `tf.io.decode_raw` (the stored dtype,
+  little-endian), a cast to int32 and the static shape [L]; a record of another size fails the
+  read, naming the layout. Why not `tf.train.Example`: it would be a second encoding of the rows
+  (decoded from the layout and re-encoded as protobufs) to keep equal to the first, where the raw
+  records are the bytes the grain loader decodes, copied as they are. Not for size: varint ids made
+  Examples 0.88x the raw rows' bytes, and either kind of TFRecord copy is uncompressed, 2.4x the
+  ArrayRecord shards, whose riegeli chunks are compressed (the embedded corpus, L=128:
+  `python benchmarks/prepared_tf.py --seq-len 128`). TFRecord frames every record with masked
+  CRC32Cs of its length and data, so a damaged byte fails the read that meets it.
 * Done record: `source` is the sha256 of the ArrayRecord shard the copy was made from (the
   manifest's); `sha256` and `bytes` are the TFRecord file's. Written after the file is complete and
   renamed into place.
@@ -50,7 +51,8 @@ the seed when shuffling, interleaved 16 rows at a time from up to 16 files, then
 shuffle buffer (the source task's size) and `repeat`; with several data-parallel hosts (t5x's
 `shard_info`) each host reads whole files when there are at least as many files as hosts, else
 every host-count-th row. Every step is deterministic given the seed, and tf.data saves it all in a
-checkpoint (the shuffle buffer's rows included: about buffer x the row's int32 bytes per host).
+checkpoint, the shuffle buffer's rows included: 11-16 MB per data-parallel host for LM rows at
+L=128 with the default 10,000-row buffer (`benchmarks/prepared_tf.py`).
 This is not the grain loader's global per-epoch permutation (`hashmoe.data.loader`), which needs
 random access that tf.data's TFRecord reader does not have; a run trained by hashmoe's trainer and
 one trained by t5x on the same prepared folder see the same rows in different orders.
@@ -458,7 +460,7 @@ def verify_tfrecords(directory: Any) -> TFRecordCopies:
 
 
 def decode_fn(layout: prepared_lib.RecordLayout):
-  """A tf.data map function: one record (a scalar string) -> {feature: int32[L]}.
+  """A tf.data map function over batches of records: string[n] -> {feature: int32[n, L]}.
 
   Raises (inside tf.data, as InvalidArgumentError): a record that is not one row of `layout`.
   """
@@ -471,19 +473,27 @@ def decode_fn(layout: prepared_lib.RecordLayout):
   message = (f"a TFRecord record is not one row of the prepared layout ({size} bytes: "
              f"{[f[0] for f in layout.features]}); {_REPAIR}")
 
-  def decode(record: tf.Tensor) -> dict[str, tf.Tensor]:
-    check = tf.debugging.assert_equal(tf.strings.length(record), size, message=message)
+  def decode(records: tf.Tensor) -> dict[str, tf.Tensor]:
+    check = tf.debugging.assert_equal(tf.strings.length(records), size, message=message)
     with tf.control_dependencies([check]):
-      return {name: tf.reshape(tf.cast(tf.io.decode_raw(tf.strings.substr(record, start, nbytes),
-                                                        dtype, little_endian=True), tf.int32),
-                               [length])
+      return {name: tf.ensure_shape(tf.cast(tf.io.decode_raw(
+          tf.strings.substr(records, start, nbytes), dtype, little_endian=True), tf.int32),
+                                    [None, length])
               for name, dtype, start, nbytes, length in pieces}
 
   return decode
 
 
+# Records decoded per call: tf.data runs a map function's ops once per element, so one decode of
+# 256 records read the files at 20x the rows/s of one per record (90k vs 4.4k; t5x's whole pipeline
+# 37.5k vs 12.2k), embedded-corpus LM rows at L=128 on 2 shared cores:
+# `python benchmarks/prepared_tf.py --seq-len 128` and the same with `--decode-batch 1`.
+DECODE_BATCH = 256
+
+
 def _read_file(path: tf.Tensor, *, layout: prepared_lib.RecordLayout) -> tf.data.Dataset:
-  return tf.data.TFRecordDataset(path).map(decode_fn(layout))
+  records = tf.data.TFRecordDataset(path).batch(DECODE_BATCH)
+  return records.map(decode_fn(layout)).unbatch()
 
 
 class PreparedRowsSource(seqio.FileDataSource):
