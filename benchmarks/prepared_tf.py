@@ -67,7 +67,8 @@ def main(argv=None) -> dict:
   args = _parse(argv)
   import seqio  # pylint: disable=g-import-not-at-top
   from clu.data import dataset_iterator  # pylint: disable=g-import-not-at-top
-  from hashmoe.data import loader, prepared, prepared_tf, tasks  # pylint: disable=g-import-not-at-top
+  from hashmoe.data import (loader, preparation, prepared,  # pylint: disable=g-import-not-at-top
+                            prepared_tf, tasks)
 
   if args.decode_batch:
     prepared_tf.DECODE_BATCH = args.decode_batch
@@ -75,7 +76,7 @@ def main(argv=None) -> dict:
   root = Path(args.root or tempfile.mkdtemp(prefix="hashmoe-prepared-tf-"))
   folder = prepared.prepared_dir(root, args.task, args.seq_len)
   start = time.perf_counter()
-  prepared.prepare(args.task, folder, seq_len=args.seq_len, splits=("train",),
+  preparation.prepare(args.task, folder, seq_len=args.seq_len, splits=("train",),
                    num_shards=args.num_shards, workers=min(os.cpu_count() or 1, args.num_shards),
                    progress=False)
   prepare_s = time.perf_counter() - start

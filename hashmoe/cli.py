@@ -55,7 +55,7 @@ from hashmoe import gin_utils
 # The command line's own errors and the gin entry points other modules call through the CLI.
 from hashmoe.gin_utils import UsageError, configs_dir, parse_gin  # noqa: F401
 
-# `hashmoe prepare`'s defaults (hashmoe.data.prepared's, without importing it at start-up).
+# `hashmoe prepare`'s defaults (hashmoe.data.preparation's, without importing it at start-up).
 _PREPARED_SPLITS = ("train", "validation", "test")
 _PREPARED_SHARDS = 8
 
@@ -76,15 +76,15 @@ hashmoe.train.hash_table_inputs.batch_size = %BATCH_SIZE
 # What prepare reads of a run config: TASK, SEQ_LEN and PREPARED_DIR (a config without the last,
 # such as one that predates it, prepares under the default root).
 _PREPARE_BINDINGS = """
-hashmoe.data.prepared.prepare_inputs.task = %TASK
-hashmoe.data.prepared.prepare_inputs.seq_len = %SEQ_LEN
+hashmoe.data.preparation.prepare_inputs.task = %TASK
+hashmoe.data.preparation.prepare_inputs.seq_len = %SEQ_LEN
 """
-_PREPARE_ROOT_BINDING = "hashmoe.data.prepared.prepare_inputs.root = %PREPARED_DIR\n"
+_PREPARE_ROOT_BINDING = "hashmoe.data.preparation.prepare_inputs.root = %PREPARED_DIR\n"
 
 # The configurable each command calls: its gin.REQUIRED parameters must be bound before it starts.
 _ENTRY_POINTS = {"train": "hashmoe.train.train", "eval": "hashmoe.train.evaluate",
                  "build-hash": "hashmoe.train.hash_table_inputs",
-                 "prepare": "hashmoe.data.prepared.prepare_inputs"}
+                 "prepare": "hashmoe.data.preparation.prepare_inputs"}
 # What to give when a command has no config at all.
 _CONFIG_EXAMPLES = {
     "train": "--gin_file=configs/runs/cpu_tiny.gin --gin.MODEL_DIR=\"'/tmp/tiny'\" (a run config "
@@ -397,14 +397,14 @@ def _shard_indices(text: Optional[str], num_shards: int) -> Optional[list[int]]:
 def _prepare(args: argparse.Namespace, context: _Context) -> int:
   """`hashmoe prepare`: the run's task at SEQ_LEN into its prepared folder (or --verify it)."""
   import jax  # pylint: disable=g-import-not-at-top  Loaded with the trainer.
-  from hashmoe.data import prepared, prepared_tf  # pylint: disable=g-import-not-at-top
-  task, seq_len, directory = prepared.prepare_inputs()
+  from hashmoe.data import preparation, prepared_tf  # pylint: disable=g-import-not-at-top
+  task, seq_len, directory = preparation.prepare_inputs()
   context.model_dir = directory
   if _is_local(directory):
     _check_writable_dir(Path(directory).absolute(), "the prepared folder")
   flag = f"--gin.PREPARED_DIR=\"'{directory.parent.parent}'\""
   if args.verify:
-    manifest = prepared.verify(directory)
+    manifest = preparation.verify(directory)
     copies = prepared_tf.verify_tfrecords(directory) if args.tfrecord else None
     print(json.dumps({"directory": os.fspath(directory), "task": task, "seq_len": seq_len,
                       "verified": True, "manifest": manifest.fingerprint,
@@ -425,7 +425,7 @@ def _prepare(args: argparse.Namespace, context: _Context) -> int:
   workers = args.workers if args.workers is not None else min(os.cpu_count() or 1, todo)
   if workers < 1:
     raise UsageError(f"--workers={workers}; expected >= 1")
-  result = prepared.prepare(task, directory, seq_len=seq_len, splits=splits,
+  result = preparation.prepare(task, directory, seq_len=seq_len, splits=splits,
                             num_shards=args.num_shards, shard_indices=indices,
                             workers=max(1, min(workers, todo)), progress=not args.no_progress)
   print(json.dumps({"directory": result.directory, "task": task, "seq_len": seq_len,

@@ -35,7 +35,7 @@ CONFIGS_ENV = "HASHMOE_CONFIGS"
 # configs, the mesh, the tasks and vocabularies, the input pipeline's task name and data source,
 # the optimizer, the tables' inputs for build-hash, and the run's entry points.
 CONFIGURABLE_MODULES = ("hashmoe.models", "hashmoe.sharding", "hashmoe.data.tasks",
-                        "hashmoe.data.vocab", "hashmoe.data.pipeline", "hashmoe.data.prepared",
+                        "hashmoe.data.vocab", "hashmoe.data.pipeline", "hashmoe.data.preparation",
                         "hashmoe.data.loader",
                         "hashmoe.training.optim", "hashmoe.tables", "hashmoe.train")
 # What a gin value can be, for the message when one cannot be parsed.

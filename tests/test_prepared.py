@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from hashmoe import cli
-from hashmoe.data import loader, pipeline, prepared, stats, tasks, vocab
+from hashmoe.data import loader, pipeline, preparation, prepared, stats, tasks, vocab
 from hashmoe.training import checkpoints, errors
 from textdata import write_text_folder
 
@@ -49,7 +49,7 @@ def world(tmp_path_factory):
     names = tasks.register_tasks(name_prefix=PREFIX, embedded=False, text_dir=str(texts),
                                  vocab_settings=vocab.SentencePieceSettings(vocab_size=320))
     assert names == [LM, SEQ2SEQ]
-    results = {name: prepared.prepare(name, base / "ref" / name, seq_len=SEQ_LEN,
+    results = {name: preparation.prepare(name, base / "ref" / name, seq_len=SEQ_LEN,
                                       num_shards=NUM_SHARDS, progress=False) for name in names}
     yield {"base": base, "texts": texts, "results": results}
 
@@ -217,9 +217,9 @@ def test_a_prepare_killed_mid_shard_resumes_keeping_finished_shards(world, tmp_p
   assert summary["complete"] and summary["kept"] == len(done_before) >= 1
   assert summary["kept"] + summary["prepared"] == 3 * NUM_SHARDS
   assert f"{len(done_before)} finished shard(s) verified (sha256) and kept" in done.stderr
-  assert not list(folder.glob(f"*/.*{prepared._TMP_MARK}*"))  # pylint: disable=protected-access
+  assert not list(folder.glob(f"*/.*{prepared.TMP_MARK}*"))  # pylint: disable=protected-access
   # The same rows as the uninterrupted prepare of the same texts and vocabulary settings.
-  manifest = prepared.verify(folder)
+  manifest = preparation.verify(folder)
   uninterrupted = json.loads((ref_dir(world, LM) / prepared.MANIFEST_FILE).read_text())
   assert [s["sha256"] for split in ("train", "validation", "test")
           for s in manifest.data["split_info"][split]["shards"]] == [
@@ -236,7 +236,7 @@ def test_a_damaged_finished_shard_is_redone_not_trusted(world, tmp_path, caplog)
   data[len(data) // 3] ^= 0xFF
   shard.write_bytes(bytes(data))
   with caplog.at_level(logging.WARNING, logger="hashmoe.data.prepared"):
-    result = prepared.prepare(LM, folder, seq_len=SEQ_LEN, num_shards=NUM_SHARDS, progress=False)
+    result = preparation.prepare(LM, folder, seq_len=SEQ_LEN, num_shards=NUM_SHARDS, progress=False)
   assert result.redone == result.prepared == [("train", 1)]
   assert len(result.kept) == 3 * NUM_SHARDS - 1
   assert "shard 1 of train is damaged or unfinished (its file's sha256 differs from its done " \
@@ -272,7 +272,7 @@ def test_a_full_disk_names_the_shard_keeps_the_finished_ones_and_a_rerun_complet
   folder = tmp_path / "full"
   monkeypatch.setattr(prepared.array_record_module, "ArrayRecordWriter", _FullDisk)
   with pytest.raises(OSError) as raised:
-    prepared.prepare(LM, folder, seq_len=SEQ_LEN, num_shards=NUM_SHARDS, progress=False)
+    preparation.prepare(LM, folder, seq_len=SEQ_LEN, num_shards=NUM_SHARDS, progress=False)
   third = folder / prepared.shard_file("train", 2, NUM_SHARDS)
   assert raised.value.errno == 28 and raised.value.filename == str(third)
   code, message = cli._describe(raised.value, "prepare", folder)  # pylint: disable=protected-access
@@ -283,24 +283,24 @@ def test_a_full_disk_names_the_shard_keeps_the_finished_ones_and_a_rerun_complet
       [prepared.PLAN_FILE] + [f"rows-0000{k}-of-00003.arrayrecord{suffix}" for k in (0, 1)
                               for suffix in ("", prepared.DONE_SUFFIX)])
   monkeypatch.undo()
-  result = prepared.prepare(LM, folder, seq_len=SEQ_LEN, num_shards=NUM_SHARDS, progress=False)
+  result = preparation.prepare(LM, folder, seq_len=SEQ_LEN, num_shards=NUM_SHARDS, progress=False)
   assert [s for s in result.kept] == [("train", 0), ("train", 1)]
   assert result.manifest["fingerprint"] == world["results"][LM].manifest["fingerprint"]
 
 
 def test_hosts_prepare_disjoint_shards_and_the_last_writes_the_manifest(world, tmp_path):
   folder = tmp_path / "hosts"
-  first = prepared.prepare(LM, folder, seq_len=SEQ_LEN, num_shards=NUM_SHARDS,
+  first = preparation.prepare(LM, folder, seq_len=SEQ_LEN, num_shards=NUM_SHARDS,
                            shard_indices=[0, 2], progress=False)
   assert first.manifest is None and first.missing == [("train", 1), ("validation", 1),
                                                       ("test", 1)]
   assert not (folder / prepared.MANIFEST_FILE).exists()
-  assert prepared.status(folder) == {"state": "partial", "done": 6, "total": 9}
+  assert preparation.status(folder) == {"state": "partial", "done": 6, "total": 9}
   with pytest.raises(errors.PreparedDataError, match=r"3 shard\(s\) unusable \(train/rows-00001-"
                      r"of-00003.arrayrecord: missing; validation/rows-00001-of-00003.arrayrecord: "
                      r"missing; test/rows-00001-of-00003.arrayrecord: missing\)"):
-    prepared.verify(folder)
-  second = prepared.prepare(LM, folder, seq_len=SEQ_LEN, num_shards=NUM_SHARDS,
+    preparation.verify(folder)
+  second = preparation.prepare(LM, folder, seq_len=SEQ_LEN, num_shards=NUM_SHARDS,
                             shard_indices=[1], progress=False)
   assert second.kept == [] and second.prepared == [("train", 1), ("validation", 1), ("test", 1)]
   assert second.manifest["fingerprint"] == world["results"][LM].manifest["fingerprint"]
@@ -315,15 +315,15 @@ def test_hosts_prepare_disjoint_shards_and_the_last_writes_the_manifest(world, t
 def test_preparing_into_a_folder_begun_for_another_plan_is_refused(world, tmp_path, change,
                                                                    message):
   folder = tmp_path / "plan"
-  prepared.prepare(LM, folder, seq_len=SEQ_LEN, num_shards=NUM_SHARDS, shard_indices=[0],
+  preparation.prepare(LM, folder, seq_len=SEQ_LEN, num_shards=NUM_SHARDS, shard_indices=[0],
                    progress=False)
   before = sorted(p.name for p in folder.rglob("*"))
   arguments = {"seq_len": SEQ_LEN, "num_shards": NUM_SHARDS, **change}
   with pytest.raises(errors.PreparedMismatchError, match=message):
-    prepared.prepare(LM, folder, progress=False, **arguments)
+    preparation.prepare(LM, folder, progress=False, **arguments)
   assert sorted(p.name for p in folder.rglob("*")) == before
   with pytest.raises(errors.PreparedMismatchError, match="task:"):
-    prepared.prepare(SEQ2SEQ, folder, seq_len=SEQ_LEN, num_shards=NUM_SHARDS, progress=False)
+    preparation.prepare(SEQ2SEQ, folder, seq_len=SEQ_LEN, num_shards=NUM_SHARDS, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -353,7 +353,7 @@ def test_a_missing_truncated_or_corrupt_shard_is_a_clear_error_on_opening(world,
     prepared.open_prepared(folder, task=LM, shape="lm", vocab_fingerprint=fingerprint(LM),
                            seq_len=SEQ_LEN)
   with pytest.raises(errors.PreparedDataError, match=r"1 shard\(s\) unusable"):
-    prepared.verify(folder)
+    preparation.verify(folder)
   # Truncated so that the size still matches (the record index is cut): riegeli refuses it.
   if damage == "truncate":
     manifest = json.loads((folder / prepared.MANIFEST_FILE).read_text())
@@ -526,7 +526,7 @@ def test_a_run_reads_prepared_data_where_it_exists_and_streams_otherwise(world, 
     make(data_source="sometimes")
   # An unfinished prepare is not used: the run streams, and says why.
   partial = tmp_path / "partial"
-  prepared.prepare(LM, prepared.prepared_dir(partial, LM, SEQ_LEN), seq_len=SEQ_LEN,
+  preparation.prepare(LM, prepared.prepared_dir(partial, LM, SEQ_LEN), seq_len=SEQ_LEN,
                    num_shards=NUM_SHARDS, shard_indices=[0], progress=False)
   caplog.clear()
   with caplog.at_level(logging.INFO, logger="hashmoe.data.loader"):

@@ -23,7 +23,7 @@ import tensorflow as tf
 from clu.data import dataset_iterator as clu_iterator
 
 from hashmoe import cli
-from hashmoe.data import prepared, prepared_tf, tasks, vocab
+from hashmoe.data import preparation, prepared, prepared_tf, tasks, vocab
 from hashmoe.t5x import data as t5x_data
 from hashmoe.training import errors
 from textdata import write_text_folder
@@ -50,7 +50,7 @@ def world(tmp_path_factory):
     copies = {}
     for name in names:
       folder = prepared.prepared_dir(base / "root", name, SEQ_LEN)
-      prepared.prepare(name, folder, seq_len=SEQ_LEN, splits=SPLITS[name],
+      preparation.prepare(name, folder, seq_len=SEQ_LEN, splits=SPLITS[name],
                        num_shards=SHARDS[name], progress=False)
       copies[name] = prepared_tf.write_tfrecords(folder)
     yield {"base": base, "texts": texts, "root": base / "root", "copies": copies}
@@ -268,7 +268,7 @@ def test_copies_of_an_earlier_prepare_are_stale_refused_and_recopied(world, tmp_
                                    vocabulary=vocabulary)
   root = tmp_path / "root"
   folder = prepared.prepared_dir(root, task, SEQ_LEN)
-  prepared.prepare(task, folder, seq_len=SEQ_LEN, splits=("train",), num_shards=1,
+  preparation.prepare(task, folder, seq_len=SEQ_LEN, splits=("train",), num_shards=1,
                    progress=False)
   prepared_tf.write_tfrecords(folder)
   name = prepared_tf.register_prepared_task(task, seq_len=SEQ_LEN, root=root)
@@ -280,7 +280,7 @@ def test_copies_of_an_earlier_prepare_are_stale_refused_and_recopied(world, tmp_
   for stale in ("manifest.json", "train/rows-00000-of-00001.arrayrecord",
                 "train/rows-00000-of-00001.arrayrecord.done.json"):
     (folder / stale).unlink()
-  prepared.prepare(task, folder, seq_len=SEQ_LEN, splits=("train",), num_shards=1,
+  preparation.prepare(task, folder, seq_len=SEQ_LEN, splits=("train",), num_shards=1,
                    progress=False)
   with pytest.raises(errors.PreparedMismatchError, match=r"made from an earlier prepare of this "
                      r"folder .*hold other rows than the ArrayRecord shards"):

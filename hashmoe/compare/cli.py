@@ -297,9 +297,9 @@ def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
 def _prepare(task: str, seq_len: int, log: Callable[[str], None]) -> None:
   """`--prepare`: the task's rows at SEQ_LEN, once, where `CachedPipeline` looks for them (an
   earlier, finished prepare is verified and kept)."""
-  from hashmoe.data import prepared  # pylint: disable=g-import-not-at-top  With the trainer.
+  from hashmoe.data import preparation, prepared  # pylint: disable=g-import-not-at-top  With the trainer.
   directory = prepared.prepared_dir(None, task, seq_len)
-  result = prepared.prepare(task, directory, seq_len=seq_len, num_shards=1, progress=False)
+  result = preparation.prepare(task, directory, seq_len=seq_len, num_shards=1, progress=False)
   log(f"hashmoe compare: prepared data in {directory} ({len(result.prepared)} shard(s) written, "
       f"{len(result.kept)} kept)")
 

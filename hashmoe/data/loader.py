@@ -54,6 +54,7 @@ import seqio
 from grain.experimental import index_shuffle
 
 from hashmoe.data import pipeline as pipeline_lib
+from hashmoe.data import preparation as preparation_lib
 from hashmoe.data import prepared as prepared_lib
 from hashmoe.data import stats as stats_lib
 from hashmoe.data import tasks as tasks_lib
@@ -340,7 +341,7 @@ def make_input_pipeline(task: str, *, batch_size: int, seq_len: int, seed: int =
       directory, task=task, shape=tasks_lib.task_shape(seqio_task), seq_len=seq_len,
       vocab_fingerprint=vocab_lib.vocab_fingerprint_or_empty(vocabulary))
   if manifest is None:
-    state = prepared_lib.status(directory)
+    state = preparation_lib.status(directory)
     why = ("no prepared data there" if state["state"] == "none" else
            f"its prepare is unfinished ({state['done']} of {state['total']} shards)")
     if data_source == "prepared":

@@ -86,6 +86,7 @@ import tensorflow as tf
 from array_record.python import array_record_module
 from etils import epath
 
+from hashmoe.data import preparation as preparation_lib
 from hashmoe.data import prepared as prepared_lib
 from hashmoe.data import tasks as tasks_lib
 from hashmoe.data import vocab as vocab_lib
@@ -590,7 +591,7 @@ def register_prepared_task(task: str, *, seq_len: int, root: Any = None,
       directory, task=task, shape=shape, seq_len=seq_len, splits=(),
       vocab_fingerprint=vocab_lib.vocab_fingerprint_or_empty(vocabulary))
   if manifest is None:
-    state = prepared_lib.status(directory)
+    state = preparation_lib.status(directory)
     why = ("nothing prepared there" if state["state"] == "none" else
            f"its prepare is unfinished: {state['done']} of {state['total']} shards")
     raise PreparedDataError(
