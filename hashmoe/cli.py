@@ -11,10 +11,11 @@ with gin.
                   --output=/tmp/tables/balanced.npz
     hashmoe compare --quick --models dense,hash --out /tmp/compare_quick
 
-(`prepare` takes the run's gin files and writes its task's rows at SEQ_LEN under PREPARED_DIR,
-where `train` then reads them; `--num_shards`, `--workers`, `--shard_indices` (one host's share),
-`--verify`, `--tfrecord` (TFRecord copies too, which t5x reads with DATA_SOURCE='prepared').
-`eval` after the run's gin files: eval.gin's own BATCH_SIZE/SEQ_LEN/EVAL_BATCHES replace the run's, so repeat the run's to reproduce its evaluation; `build-hash` needs no MODEL_DIR; `compare` takes
+(`prepare` takes the run's gin files and writes its task's rows at SEQ_LEN under PREPARED_DIR, where
+`train` then reads them; `--num_shards`, `--workers`, `--shard_indices` (one host's share),
+`--verify`, `--tfrecord` (TFRecord copies too, which t5x reads with DATA_SOURCE='prepared'). `eval`
+after the run's gin files: eval.gin's own BATCH_SIZE/SEQ_LEN/EVAL_BATCHES replace the run's, so
+repeat the run's to reproduce its evaluation; `build-hash` needs no MODEL_DIR; `compare` takes
 `--text-dir DIR` for your own text and lists its experiments with `--list`.)
 
 Flags follow t5x: `--gin_file` (repeatable; a path, or one relative to the `configs/` folder),
