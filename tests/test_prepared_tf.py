@@ -165,8 +165,8 @@ def test_a_record_that_is_not_one_row_of_the_layout_fails_naming_it(world):
 def t5x_train_iterator(task, *, seed=7, batch_size=4):
   """What t5x's train() iterates: `utils.get_dataset_inner`'s `seqio.get_dataset` call (the
   model's converter class built with the DatasetConfig's pack, endless epochs, one data-parallel
-  shard), wrapped as `utils.prepare_train_iter` wraps it: clu's `TfDatasetIterator(checkpoint=True)`,
-  whose save/restore t5x's checkpoints call."""
+  shard), wrapped as `utils.prepare_train_iter` wraps it: clu's
+  `TfDatasetIterator(checkpoint=True)`, whose save/restore t5x's checkpoints call."""
   converter = prepared_tf.feature_converter_cls(task)(pack=True, use_custom_packing_ops=False)
   dataset = seqio.get_dataset(
       mixture_or_task_name=task, task_feature_lengths={"targets": SEQ_LEN},
@@ -230,8 +230,8 @@ def test_an_unfinished_or_damaged_copy_is_refused_and_copying_again_repairs_it(w
   fix = r"run `hashmoe prepare --tfrecord` with this run's gin files"
   (folder / "tfrecord.json").unlink()
   (folder / "train" / "rows-00001-of-00003.tfrecord.done.json").unlink()
-  with pytest.raises(errors.PreparedDataError,
-                     match=rf"no complete TFRecord copy .*unfinished: 2 of 3 shards copied\): {fix}"):
+  with pytest.raises(errors.PreparedDataError, match=rf"no complete TFRecord copy .*unfinished: "
+                     rf"2 of 3 shards copied\): {fix}"):
     register()
   result = prepared_tf.write_tfrecords(folder)
   assert result.complete and result.copied == [("train", 1)] and len(result.kept) == 2

@@ -16,7 +16,8 @@ Files (FORMAT_VERSION 1), beside the ArrayRecord shards of a prepared folder:
     <split>/rows-KKKKK-of-NNNNN.tfrecord            shard K's rows, in the ArrayRecord shard's order
     <split>/rows-KKKKK-of-NNNNN.tfrecord.done.json  {format, file, split, shard, rows, bytes,
                                                      sha256, source}
-    tfrecord.json                                   written once every shard of every split is copied
+    tfrecord.json                                   written once every shard of every split
+                                                    is copied
 
 * Records. A TFRecord record is the ArrayRecord record's bytes unchanged: one packed row in the
   manifest's fixed layout (`prepared.RecordLayout`: the features concatenated little-endian, each in
@@ -41,8 +42,8 @@ manifest's current fingerprint: a folder prepared again (other data, another lay
 copies stale, and they are refused (`PreparedMismatchError`) until `write_tfrecords` runs again,
 which recopies exactly the shards whose source changed. An unfinished copy (no `tfrecord.json`), a
 missing or truncated file, or one whose sha256 differs (checked when a split's copies total at most
-`prepared.FULL_CHECK_BYTES`; `verify_tfrecords` checks all) is refused (`PreparedDataError`) with the
-command that repairs it. Copying is resumable per shard, like `prepare`: finished copies are
+`prepared.FULL_CHECK_BYTES`; `verify_tfrecords` checks all) is refused (`PreparedDataError`) with
+the command that repairs it. Copying is resumable per shard, like `prepare`: finished copies are
 verified (sha256) and kept, temporary files removed, the rest written; the source shard is checked
 against its manifest sha256 before it is copied.
 
