@@ -11,10 +11,11 @@ with gin.
                   --output=/tmp/tables/balanced.npz
     hashmoe compare --quick --models dense,hash --out /tmp/compare_quick
 
-(`prepare` takes the run's gin files and writes its task's rows at SEQ_LEN under PREPARED_DIR,
-where `train` then reads them; `--num_shards`, `--workers`, `--shard_indices` (one host's share),
-`--verify`. `eval` after the run's gin files: eval.gin's own BATCH_SIZE/SEQ_LEN/EVAL_BATCHES
-replace the run's, so repeat the run's to reproduce its evaluation; `build-hash` needs no MODEL_DIR; `compare` takes
+(`prepare` takes the run's gin files and writes its task's rows at SEQ_LEN under PREPARED_DIR, where
+`train` then reads them; `--num_shards`, `--workers`, `--shard_indices` (one host's share),
+`--verify`, `--tfrecord` (TFRecord copies too, which t5x reads with DATA_SOURCE='prepared'). `eval`
+after the run's gin files: eval.gin's own BATCH_SIZE/SEQ_LEN/EVAL_BATCHES replace the run's, so
+repeat the run's to reproduce its evaluation; `build-hash` needs no MODEL_DIR; `compare` takes
 `--text-dir DIR` for your own text and lists its experiments with `--list`.)
 
 Flags follow t5x: `--gin_file` (repeatable; a path, or one relative to the `configs/` folder),
@@ -196,6 +197,9 @@ def _build_parser() -> argparse.ArgumentParser:
   prep.add_argument("--verify", action="store_true",
                     help="prepare nothing: check every shard's sha256 (and write the manifest "
                     "once hosts have prepared every shard)")
+  prep.add_argument("--tfrecord", action="store_true",
+                    help="also copy the rows to TFRecord files: the seqio task t5x reads with "
+                    "DATA_SOURCE='prepared' and resumes exactly (with --verify: check the copies)")
   prep.add_argument("--no_progress", action="store_true", help="no progress bar")
   from hashmoe import compare  # pylint: disable=g-import-not-at-top
   comp = sub.add_parser(
@@ -394,7 +398,7 @@ def _shard_indices(text: Optional[str], num_shards: int) -> Optional[list[int]]:
 def _prepare(args: argparse.Namespace, context: _Context) -> int:
   """`hashmoe prepare`: the run's task at SEQ_LEN into its prepared folder (or --verify it)."""
   import jax  # pylint: disable=g-import-not-at-top  Loaded with the trainer.
-  from hashmoe.data import preparation  # pylint: disable=g-import-not-at-top
+  from hashmoe.data import preparation, prepared_tf  # pylint: disable=g-import-not-at-top
   task, seq_len, directory = preparation.prepare_inputs()
   context.model_dir = directory
   if _is_local(directory):
@@ -402,10 +406,12 @@ def _prepare(args: argparse.Namespace, context: _Context) -> int:
   flag = f"--gin.PREPARED_DIR=\"'{directory.parent.parent}'\""
   if args.verify:
     manifest = preparation.verify(directory)
+    copies = prepared_tf.verify_tfrecords(directory) if args.tfrecord else None
     print(json.dumps({"directory": os.fspath(directory), "task": task, "seq_len": seq_len,
                       "verified": True, "manifest": manifest.fingerprint,
                       "splits": {s: {k: manifest.split(s)[k] for k in ("rows", "tokens")}
-                                 for s in manifest.splits}}))
+                                 for s in manifest.splits},
+                      **({"tfrecord": copies.fingerprint} if copies else {})}))
     return 0
   if args.num_shards < 1:
     raise UsageError(f"--num_shards={args.num_shards}; expected >= 1")
@@ -430,7 +436,10 @@ def _prepare(args: argparse.Namespace, context: _Context) -> int:
                     "redone": len(result.redone), "missing": len(result.missing),
                     "rows": result.rows, "tokens": result.tokens,
                     "seconds": round(result.seconds, 3),
-                    "tokens_per_s": round(result.tokens_per_s, 1), "gin_flag": flag}))
+                    "tokens_per_s": round(result.tokens_per_s, 1), "gin_flag": flag,
+                    **({"tfrecord": prepared_tf.copy_after_prepare(
+                        result.directory, task, seq_len, complete=result.manifest is not None,
+                        shard_indices=indices)} if args.tfrecord else {})}))
   return 0
 
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -605,10 +607,21 @@ def test_gin_run_files_bind_partitioner_trainer_and_optimizer(t5x_gin, fake_task
   assert isinstance(model.optimizer_def, optimizers.OptaxWrapper)
   assert model.module.config.sparse.num_experts == 16
   assert gin.query_parameter("USE_CACHED_TASKS/macro.value") is False  # streaming: no seqio cache
+  # A streamed task (DATA_SOURCE's default): no tf.data iterator that t5x could save.
+  assert gin.query_parameter("DATA_SOURCE/macro.value") == "streaming"
+  save_dataset = gin.query_parameter("utils.SaveCheckpointConfig.save_dataset")
+  assert save_dataset.scoped_configurable_fn() is False
 
 
 # --------------------------------------------------------------------------------------------------
 # End to end: python -m t5x.train.
+
+
+def subprocess_env(**extra):
+  """This checkout first on the path, then whatever made t5x importable here (a hand install may be
+  a PYTHONPATH entry)."""
+  path = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+  return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def test_t5x_train_end_to_end_and_restore(tmp_path, t5x_gin):
@@ -622,8 +635,8 @@ def test_t5x_train_end_to_end_and_restore(tmp_path, t5x_gin):
          "--gin.EVAL_PERIOD=4", "--gin.LOG_PERIOD=2", "--gin.EXPERT_PARALLEL=4",
          # No validation pass (one compilation less); t5x's train() is `__main__.train` here.
          "--gin.__main__.train.train_eval_dataset_cfg=None"]
-  env = {**os.environ, "PYTHONPATH": str(REPO)}
-  done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                        timeout=300)
   log = done.stdout + done.stderr
   assert done.returncode == 0, log[-4000:]
   losses = [float(x) for x in re.findall(r"collection=train .*?\bloss=([-+.\deE]+|nan|inf)", log)]
@@ -650,3 +663,56 @@ def test_t5x_train_end_to_end_and_restore(tmp_path, t5x_gin):
   restored = np.asarray(jax.device_get(
       state.flax_mutables["hash_tables"]["decoder_1"]["moe"]["router"]["table"]))
   np.testing.assert_array_equal(restored[0], written.table)
+
+
+def train_losses(log):
+  """{step: loss} of t5x's train summaries in a run's log (clu's LoggingWriter lines)."""
+  return {int(step): float(loss) for step, loss in re.findall(
+      r"\[(\d+)\] collection=train .*?\bloss=([-+.\deE]+|nan|inf)", log)}
+
+
+def test_t5x_restarted_on_prepared_data_reads_the_uninterrupted_batches(tmp_path):
+  """The restart guarantee under t5x (DATA_SOURCE = 'prepared'): `hashmoe prepare --tfrecord` of a
+  generated text folder, then `python -m t5x.train` of configs/t5x/runs/cpu_tiny.gin on it for 4
+  steps, checkpointing every 2 (t5x saves its tf.data iterator with each: save_dataset). Its twin
+  is the same run killed after step 4 before checkpoint 4 was written (that checkpoint deleted)
+  and started again with the same command: t5x restores checkpoint 2 with the iterator, and the
+  twin's losses at steps 3 and 4 equal the uninterrupted run's: it trained on the same batches
+  (a pipeline read from its start would give steps 3 and 4 the batches of steps 1 and 2)."""
+  from textdata import write_text_folder  # pylint: disable=g-import-not-at-top
+  texts = write_text_folder(tmp_path / "texts", files=6, paragraphs=30)
+  root, model_dir = tmp_path / "prepared", tmp_path / "run"
+  env = subprocess_env(HASHMOE_CACHE=str(tmp_path / "cache"))
+  task = ["--gin_file=configs/tasks/text_dir.gin", f"--gin.TEXT_DIR='{texts}'",
+          "--gin.VOCAB_SIZE=320", f"--gin.PREPARED_DIR='{root}'"]
+  prepare = [sys.executable, "-m", "hashmoe.cli", "prepare", "--gin_file=configs/runs/cpu_tiny.gin",
+             *task, "--num_shards=2", "--splits=train", "--workers=1", "--no_progress",
+             "--tfrecord"]
+  done = subprocess.run(prepare, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+  assert '"tfrecord": {"complete": true' in done.stdout
+  train = [sys.executable, "-m", "t5x.train", "--gin_file=configs/t5x/runs/cpu_tiny.gin", *task,
+           f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=4", "--gin.CHECKPOINT_PERIOD=2",
+           "--gin.EVAL_PERIOD=2", "--gin.LOG_PERIOD=1", "--gin.EXPERT_PARALLEL=4",
+           "--gin.DATA_SOURCE='prepared'", "--gin.__main__.train.train_eval_dataset_cfg=None"]
+
+  def run():
+    done = subprocess.run(train, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    return log
+
+  uninterrupted = train_losses(run())
+  assert sorted(uninterrupted) == [1, 2, 3, 4], uninterrupted
+  assert all(math.isfinite(x) for x in uninterrupted.values())
+  saved = sorted(p.relative_to(model_dir).as_posix() for p in model_dir.glob("checkpoint_2/**/*")
+                 if "train_ds" in p.name)
+  assert saved, "checkpoint 2 holds no tf.data iterator (save_dataset)"
+  record = json.loads((model_dir / t5x_data.DATA_FILE).read_text())
+  assert record["task"] == "hashmoe_text_lm_prepared_len64"
+
+  shutil.rmtree(model_dir / "checkpoint_4")  # Killed after step 4, before its checkpoint.
+  restarted = train_losses(run())
+  assert sorted(restarted) == [3, 4], restarted
+  assert restarted == {step: uninterrupted[step] for step in (3, 4)}
+  assert restarted[3] != uninterrupted[1] or restarted[4] != uninterrupted[2]

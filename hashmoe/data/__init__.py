@@ -19,7 +19,8 @@ whole), so it can feed a `seqio` source or any other pipeline. Data code never i
 * `pipeline`: a training run's input: a registered task's batches for this host, resumable.
 * `prepared`: `hashmoe prepare`: a task's packed rows written once to ArrayRecord shards with a
   manifest; `loader`: the grain loader over them (global shuffle, O(1) resume) and the choice
-  between prepared and streamed data (`make_input_pipeline`).
+  between prepared and streamed data (`make_input_pipeline`); `prepared_tf`: the prepared rows as
+  TFRecord files and the seqio task over them, whose tf.data iterator t5x checkpoints.
 
 `vocab`, `tasks`, `stats`, `pipeline`, `prepared` and `loader` need TensorFlow and seqio (a few seconds to import); their
 names are exported lazily, so `import hashmoe.data` and the readers stay light.
