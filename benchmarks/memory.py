@@ -108,16 +108,11 @@ def _model_config(name: str, args: argparse.Namespace):
   import gin
   from hashmoe import gin_utils, models
 
-  if name == "tiny":
-    sparse = models.SparseConfig(num_experts=8, layers=(1,))
-    return models.tiny_config(vocab_size=64, num_encoder_layers=0, sparse=sparse, max_len=16,
+  if name == "tiny":  # dense and one layer: the script's own check compiles in seconds
+    return models.tiny_config(vocab_size=64, num_encoder_layers=0, num_layers=1, max_len=16,
                               d_model=32), 16, 16
   files, bindings, batch, seq_len = MODELS[name]
-
-  @gin.configurable("memory_probe")
-  def probe(model_config=gin.REQUIRED):
-    return model_config
-
+  probe = _probe()
   # Task files bind the vocabulary; here the macro stands in for the task.
   gin_utils.parse_gin(files, [], extra="\n".join(
       bindings + ["hashmoe.models.TransformerConfig.vocab_size = %VOCAB_SIZE",
@@ -125,6 +120,17 @@ def _model_config(name: str, args: argparse.Namespace):
   config = probe()
   gin.clear_config()
   return config, batch, seq_len
+
+
+_PROBE = []
+
+
+def _probe():
+  """A gin configurable that returns the parsed MODEL_CONFIG (registered once per process)."""
+  import gin
+  if not _PROBE:
+    _PROBE.append(gin.configurable("memory_probe")(lambda model_config=gin.REQUIRED: model_config))
+  return _PROBE[0]
 
 
 def _with_overrides(config, args, scan: bool, remat: Optional[str]):
@@ -167,13 +173,25 @@ def _abstract_batch(config, batch: int, seq_len: int, sharding) -> dict[str, Any
   return out
 
 
+def build_trainer(config, devices: int, fsdp: bool, args: argparse.Namespace):
+  """The run's `Trainer` for `config` on `devices` emulated devices (the mesh of `--expert` and
+  `--model-axis`, the rest on "data"), with pretrain.gin's optimizer."""
+  from hashmoe import models, sharding
+  from hashmoe.training import optim
+  from hashmoe.training.trainer import Trainer
+  expert = _expert_axis(config, devices, args.expert)
+  mesh = sharding.make_mesh(-1, expert, args.model_axis)
+  # AdamW as pretrain.gin binds it (b2 0.98, clipping at 1, warm-up then inverse square root).
+  tx = optim.make_optimizer(optim.learning_rate_schedule(5e-4, warmup_steps=4000),
+                            b1=0.9, b2=0.98, eps=1e-8, clip_norm=1.0)
+  return Trainer(config, models.build_model(config), tx, mesh, seed=0,
+                 rules=sharding.axis_rules(fsdp=fsdp))
+
+
 def measure_row(name: str, devices: int, fsdp: bool, scan: bool, remat: Optional[str],
                 args: argparse.Namespace) -> Optional[dict[str, Any]]:
   """Lowers and compiles one training step; None where the row's settings do not exist."""
   import jax
-  from hashmoe import models, sharding
-  from hashmoe.training import optim
-  from hashmoe.training.trainer import Trainer
 
   base, batch, seq_len = _model_config(name, args)
   config = _with_overrides(base, args, scan, remat)
@@ -183,13 +201,8 @@ def measure_row(name: str, devices: int, fsdp: bool, scan: bool, remat: Optional
     return None
   batch = args.batch or batch
   seq_len = args.seq_len or seq_len
-  expert = _expert_axis(config, devices, args.expert)
-  mesh = sharding.make_mesh(-1, expert, args.model_axis)
-  # The run's optimizer as pretrain.gin binds it (AdamW, b2 0.98, clipping at 1).
-  tx = optim.make_optimizer(optim.learning_rate_schedule(5e-4, warmup_steps=4000),
-                            b1=0.9, b2=0.98, eps=1e-8, clip_norm=1.0)
-  trainer = Trainer(config, models.build_model(config), tx, mesh, seed=0,
-                    rules=sharding.axis_rules(fsdp=fsdp))
+  trainer = build_trainer(config, devices, fsdp, args)
+  mesh = trainer.mesh
   state = trainer.abstract_state
   total_params = sum(x.size for x in jax.tree.leaves(state.params))
   abstract_batch = _abstract_batch(config, batch, seq_len, trainer.batch_sharding)
