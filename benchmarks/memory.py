@@ -281,6 +281,7 @@ def write_png(rows: Sequence[dict[str, Any]], png: Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   labels = [f"{r['model']} {r['devices']}d {'x'.join(str(v) for v in r['mesh'].values())}"
+            f" {r['batch']}x{r['seq_len']}"
             f"{' fsdp' if r['fsdp'] else ''}{' scan' if r['scan'] else ''}"
             f"{'' if r['remat'] == 'none' else ' ' + r['remat']}" for r in rows]
   fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
