@@ -6,11 +6,11 @@ batch) are split over `("data", "expert")` — expert parallelism reuses the bat
 attention heads and vocabulary over `"model"`. Model code never names a mesh axis; it names
 *logical* axes, and `LOGICAL_AXIS_RULES` is the single table mapping them onto this mesh.
 
-Fully sharded data parallel (`axis_rules(fsdp=True)`, gin `FSDP = True`) adds the batch axes to
-the "embed" dimension of every weight, so parameters and optimizer state are split over the devices
-that split the batch (ZeRO-3, MaxText's "fsdp" axis); XLA all-gathers each weight where it is used.
-Without it dense weights are replicated over "data" and "expert". Either layout computes the same
-numbers and a checkpoint written under one restores into the other.
+Fully sharded data parallel (`axis_rules(fsdp=True)`; gin: `train.fsdp`, the run files' `FSDP`)
+adds the batch axes to the "embed" dimension of every weight, so parameters and optimizer state are
+split over the devices that split the batch (ZeRO-3, MaxText's "fsdp" axis); XLA all-gathers each
+weight where it is used. Without it dense weights are replicated over "data" and "expert". Either
+layout computes the same numbers and a checkpoint written under one restores into the other.
 
 `expert_parallel_ffn` is the sharded twin of the single-device dispatches in `hashmoe.experts`: the
 same arguments, the same result, but each device holds only `num_experts / expert_axis` experts and
@@ -217,9 +217,9 @@ def _check_divisible(path: Any, shape: Sequence[int], spec: P, mesh: AnyMesh) ->
     size = math.prod(mesh.shape[a] for a in axes)
     if dim % size:
       hint = ""
-      if set(axes) & set(TOKEN_MESH_AXES):
-        # Only FSDP puts a weight dimension on the batch axes.
-        hint = (f"; under FSDP (gin FSDP = True, `axis_rules(fsdp=True)`) every 'embed' dimension "
+      if "data" in axes:
+        # Only FSDP puts a weight dimension on "data" (alone or with "expert").
+        hint = (f"; under FSDP (gin FSDP / train.fsdp = True) every 'embed' dimension "
                 f"must divide by the batch axes it is split over: choose a mesh whose "
                 f"{' x '.join(axes)} size divides {dim}, or set fsdp = False")
       raise ValueError(f"parameter {jax.tree_util.keystr(path)} of shape {tuple(shape)} cannot "
@@ -758,4 +758,3 @@ def _multihash_body(x, expert_index, combine_weight, wi, wo, *, act, num_experts
 # gin: run files bind the mesh (`hashmoe.sharding.make_mesh.data = ...`). make_mesh itself stays
 # unwrapped, so a Python caller never reads gin bindings.
 gin.external_configurable(make_mesh, module="hashmoe.sharding")
-gin.external_configurable(axis_rules, module="hashmoe.sharding")
