@@ -244,3 +244,19 @@ def test_a_data_axis_that_does_not_divide_a_parameter_is_named():
   assert "FSDP" in message and "fsdp = False" in message
   # Without FSDP the same model and mesh are fine: the error is FSDP's alone.
   _trainer(_config(d_model=20), sharding.make_mesh(8, 1, 1), fsdp=False)
+
+
+def test_the_fsdp_hint_is_only_for_weights_fsdp_splits():
+  """An expert count the expert axis does not divide is not FSDP's doing: no FSDP hint there."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  box = nn.LogicallyPartitioned(jax.ShapeDtypeStruct((6, 8, 16), jnp.float32),
+                                ("expert", "embed", "mlp"))
+  with pytest.raises(ValueError, match="dimension 6 is not divisible") as info:
+    sharding.shard_params({"wi": box}, sharding.make_mesh(2, 4, 1), sharding.axis_rules(fsdp=True))
+  assert "FSDP" not in str(info.value)
+  box = nn.LogicallyPartitioned(jax.ShapeDtypeStruct((4, 6, 16), jnp.float32),
+                                ("expert", "embed", "mlp"))
+  with pytest.raises(ValueError, match=r"dimension 6 is not divisible by mesh axes \('data',\) "
+                                       r"of total size 4.*FSDP"):
+    sharding.shard_params({"wi": box}, sharding.make_mesh(4, 2, 1), sharding.axis_rules(fsdp=True))
