@@ -260,3 +260,35 @@ def test_the_fsdp_hint_is_only_for_weights_fsdp_splits():
   with pytest.raises(ValueError, match=r"dimension 6 is not divisible by mesh axes \('data',\) "
                                        r"of total size 4.*FSDP"):
     sharding.shard_params({"wi": box}, sharding.make_mesh(4, 2, 1), sharding.axis_rules(fsdp=True))
+
+
+class _Stop(Exception):
+  pass
+
+
+@pytest.mark.parametrize("entry", ["train", "evaluate"])
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_train_and_evaluate_hand_their_fsdp_setting_to_the_trainer(entry, fsdp, tmp_path,
+                                                                   monkeypatch):
+  """`train.fsdp` / `evaluate.fsdp` (gin's FSDP) reach the Trainer as its rules (stopped there:
+  the steps themselves are the Trainer tests above)."""
+  from hashmoe import train as train_lib
+
+  seen = {}
+
+  def trainer(*args, rules=None, **kwargs):
+    seen["rules"] = rules
+    raise _Stop
+
+  class Pipeline:
+    vocab_size, vocab_fingerprint = V, ""
+
+  monkeypatch.setattr(train_lib, "Trainer", trainer)
+  kwargs = dict(model_dir=str(tmp_path / "run"), model_config=_config(), task="numpy",
+                batch_size=8, seq_len=16, fsdp=fsdp, input_pipeline=Pipeline())
+  with pytest.raises(_Stop):
+    if entry == "train":
+      train_lib.train(train_steps=1, **kwargs)
+    else:
+      train_lib.evaluate(**kwargs)
+  assert sharding.is_fsdp(seen["rules"]) is fsdp
