@@ -222,17 +222,20 @@ def measure_row(name: str, devices: int, fsdp: bool, scan: bool, remat: Optional
   temp = int(mem.temp_size_in_bytes)
   # Donated state aliases its outputs: count those buffers once.
   per_device = argument + output - alias + temp
+  # What the config really runs (the other branch's fields, where this one has them).
+  scanned = bool(getattr(config, "scan_layers", False))
+  policy = str(getattr(config, "remat_policy", None) or "none")
   row = {
       "model": name, "total_params": int(total_params), "devices": devices,
-      "mesh": {k: int(v) for k, v in mesh.shape.items()}, "scan": scan,
-      "remat": remat or "none", "fsdp": fsdp, "bytes_per_device": per_device,
+      "mesh": {k: int(v) for k, v in mesh.shape.items()}, "scan": scanned, "remat": policy,
+      "fsdp": fsdp, "bytes_per_device": per_device,
       "compile_seconds": round(compile_s, 2), "lower_seconds": round(lower_s, 2),
       "argument_bytes": argument, "output_bytes": output, "alias_bytes": alias,
       "temp_bytes": temp, "batch": batch, "seq_len": seq_len, "dtype": config.dtype,
       "capacity_factor": config.sparse.capacity_factor if config.sparse else None,
       "fits_v4_32gib": per_device <= V4_HBM_GIB * GIB,
   }
-  print(f"{name:9s} devices={devices:<3d} mesh={row['mesh']} fsdp={fsdp!s:5s} scan={scan!s:5s} "
+  print(f"{name:9s} devices={devices:<3d} mesh={row['mesh']} fsdp={fsdp!s:5s} scan={scanned!s:5s} "
         f"remat={row['remat']:8s} params={total_params / 1e6:8.1f}M "
         f"arg={argument / GIB:6.2f} out={output / GIB:6.2f} alias={alias / GIB:6.2f} "
         f"temp={temp / GIB:6.2f} per-device={per_device / GIB:6.2f} GiB "
