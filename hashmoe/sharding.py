@@ -6,6 +6,12 @@ batch) are split over `("data", "expert")` — expert parallelism reuses the bat
 attention heads and vocabulary over `"model"`. Model code never names a mesh axis; it names
 *logical* axes, and `LOGICAL_AXIS_RULES` is the single table mapping them onto this mesh.
 
+Fully sharded data parallel (`axis_rules(fsdp=True)`; gin: `train.fsdp`, the run files' `FSDP`)
+adds the batch axes to the "embed" dimension of every weight, so parameters and optimizer state are
+split over the devices that split the batch (ZeRO-3, MaxText's "fsdp" axis); XLA all-gathers each
+weight where it is used. Without it dense weights are replicated over "data" and "expert". Either
+layout computes the same numbers and a checkpoint written under one restores into the other.
+
 `expert_parallel_ffn` is the sharded twin of the single-device dispatches in `hashmoe.experts`: the
 same arguments, the same result, but each device holds only `num_experts / expert_axis` experts and
 tokens travel to them with all-to-alls over the `"expert"` axis. Two transports:
@@ -82,6 +88,45 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Union[None, str, tuple[str, ...]]], ...] = 
     ("expert_capacity", None),
     ("unmodeled", None),
 )
+
+# Fully sharded data parallel (ZeRO-3 / MaxText's "fsdp" axis, here the batch axes themselves):
+# every weight dimension named "embed" is split over the devices that split the batch, so each
+# parameter and its Adam moments live once per data-parallel group instead of once per device; XLA
+# all-gathers a weight where a layer uses it and reduce-scatters its gradient. Dense weights take
+# ("data", "expert") (the whole batch group); expert weights, whose "expert" dimension holds the
+# expert axis already, fall back to "data". Activations keep "embed" unsharded: their "batch" rule
+# comes first and claims both axes.
+FSDP_EMBED_RULES: tuple[tuple[str, Union[None, str, tuple[str, ...]]], ...] = (
+    ("embed", TOKEN_MESH_AXES),
+    ("embed", "data"),
+)
+
+
+def axis_rules(*, fsdp: bool = False) -> tuple[tuple[str, Union[None, str, tuple[str, ...]]], ...]:
+  """The logical-axis rules of a run.
+
+  Args:
+    fsdp: shard weights and optimizer state over the batch axes as well (`FSDP_EMBED_RULES` in
+      place of `("embed", None)`). Numerics are unchanged; every "embed" dimension of every
+      parameter must then divide by the sizes of the axes it is split over (`shard_params` names
+      the parameter otherwise).
+
+  Returns:
+    `LOGICAL_AXIS_RULES`, or its FSDP variant.
+  """
+  if not isinstance(fsdp, bool):
+    raise TypeError(f"fsdp must be True or False, got {fsdp!r}")
+  if not fsdp:
+    return LOGICAL_AXIS_RULES
+  rules = []
+  for logical, physical in LOGICAL_AXIS_RULES:
+    rules.extend(FSDP_EMBED_RULES if logical == "embed" else [(logical, physical)])
+  return tuple(rules)
+
+
+def is_fsdp(rules: LogicalRules) -> bool:
+  """Whether `rules` shard any "embed" dimension (i.e. weights over batch axes)."""
+  return any(logical == "embed" and physical is not None for logical, physical in rules)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,9 +216,15 @@ def _check_divisible(path: Any, shape: Sequence[int], spec: P, mesh: AnyMesh) ->
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     size = math.prod(mesh.shape[a] for a in axes)
     if dim % size:
+      hint = ""
+      if "data" in axes:
+        # Only FSDP puts a weight dimension on "data" (alone or with "expert").
+        hint = (f"; under FSDP (gin FSDP / train.fsdp = True) every 'embed' dimension "
+                f"must divide by the batch axes it is split over: choose a mesh whose "
+                f"{' x '.join(axes)} size divides {dim}, or set fsdp = False")
       raise ValueError(f"parameter {jax.tree_util.keystr(path)} of shape {tuple(shape)} cannot "
                        f"be sharded as {spec}: dimension {dim} is not divisible by mesh axes "
-                       f"{axes} of total size {size}")
+                       f"{axes} of total size {size}{hint}")
 
 
 def shard_params(params_or_abstract: Any, mesh: AnyMesh,

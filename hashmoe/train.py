@@ -178,6 +178,7 @@ def train(*,
           seed: int = 0,
           optimizer: Optional[optax.GradientTransformation] = None,
           mesh: Optional[Mesh] = None,
+          fsdp: bool = False,
           checkpoint_period: int = 1000,
           keep_checkpoints: int = 3,
           async_checkpointing: bool = True,
@@ -204,6 +205,9 @@ def train(*,
     seed: SEED: parameter init and the per-step dropout/jitter keys.
     optimizer: default `make_optimizer()` (configure it in gin).
     mesh: default `sharding.make_mesh()` (all devices on "data").
+    fsdp: FSDP: shard parameters and optimizer state over the batch axes too
+      (`sharding.axis_rules`); the same numbers, less memory per device, an all-gather per layer.
+      A run may switch it on resume: checkpoints restore into either layout.
     checkpoint_period: CHECKPOINT_PERIOD steps between checkpoints (and one at the end).
     keep_checkpoints: how many checkpoints to keep (>= 2).
     async_checkpointing: write checkpoints in the background.
@@ -277,8 +281,10 @@ def train(*,
     tx = optim.make_optimizer() if optimizer is None else optimizer
     mesh = sharding.make_mesh() if mesh is None else mesh
     model = models.build_model(model_config)
-    trainer = Trainer(model_config, model, tx, mesh, seed=seed)
-    logger.info("mesh %s; %s", dict(mesh.shape), models.param_counts(model_config))
+    trainer = Trainer(model_config, model, tx, mesh, seed=seed,
+                      rules=sharding.axis_rules(fsdp=fsdp))
+    logger.info("mesh %s%s; %s", dict(mesh.shape), " (FSDP)" if fsdp else "",
+                models.param_counts(model_config))
     # Read once everything gin configures has been called (make_optimizer, make_mesh above).
     config_text = gin.operative_config_str()
     settings = resume.run_settings(model_config, task=task, seq_len=seq_len,
@@ -564,6 +570,7 @@ def evaluate(*,
              eval_batches: int = 20,
              seed: int = 0,
              mesh: Optional[Mesh] = None,
+             fsdp: bool = False,
              output_file: Optional[str] = None,
              precompute_routing: bool = True,
              input_pipeline: Optional[pipeline_lib.InputPipeline] = None) -> dict[str, Any]:
@@ -576,6 +583,8 @@ def evaluate(*,
     mesh: the device mesh to evaluate on (default `sharding.make_mesh()`: all devices on "data").
       It need not be the mesh the checkpoint was written on: every array is read straight into
       this mesh's shardings, so a checkpoint of 8 devices evaluates on 1 or 4.
+    fsdp: shard the parameters over the batch axes (`sharding.axis_rules`), whatever layout the
+      checkpoint was written in.
     output_file: also write the record as JSON here.
     precompute_routing: as `train`'s (the evaluation batches carry their hash routing).
     (the rest as in `train`)
@@ -589,7 +598,7 @@ def evaluate(*,
                                                       seed=seed)
   mesh = sharding.make_mesh() if mesh is None else mesh
   trainer = Trainer(model_config, models.build_model(model_config), optax.identity(), mesh,
-                    seed=seed)
+                    seed=seed, rules=sharding.axis_rules(fsdp=fsdp))
   source = checkpoint or model_dir
   logger.info("evaluating %s on mesh %s", source, dict(mesh.shape))
   params, constants, meta, restored_step = checkpoints.restore_params(

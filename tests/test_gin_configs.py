@@ -35,7 +35,9 @@ SIZES = ("baseline", "wider", "deeper")
 ROUTER_FILES = [p for p in MODEL_FILES if p.startswith("models/routers/")]
 # Files that name one size and one router, for the commands the docs and scripts print.
 PRESETS = {"models/tiny/hash_16.gin": ("models/tiny/baseline.gin", "models/routers/hash.gin", 16),
-           "models/paper/hash_64.gin": ("models/paper/baseline.gin", "models/routers/hash.gin", 64)}
+           "models/paper/hash_64.gin": ("models/paper/baseline.gin", "models/routers/hash.gin", 64),
+           "models/paper/hash_128.gin": ("models/paper/baseline.gin", "models/routers/hash.gin",
+                                         128)}
 # What a model is built from: a size alone, a size then a router file, or a preset.
 MODEL_COMPOSITIONS = (
     [(f"models/{scale}/{size}.gin",) + router for scale in ("tiny", "paper") for size in SIZES
@@ -219,10 +221,17 @@ def test_text_dir_task_registers_and_yields_batches(tmp_path, monkeypatch):
   models.validate_batch(batch, config.vocab_size, config.max_len)
 
 
+def _includes_a_model(path):
+  return "include 'models/" in (CONFIGS / path).read_text()
+
+
 @pytest.mark.parametrize("path", RUN_FILES)
 def test_run_file_binds_every_macro_and_the_trainer(path):
   files, bindings = [path], ["MODEL_DIR = '/tmp/model'"]
-  if path != "runs/cpu_tiny.gin":  # the others take a model and a task, as on the command line
+  if _includes_a_model(path):  # a big model's run: the command line adds only a task
+    files = ["tasks/text_dir.gin" if "lm_" in path else "tasks/reddit.gin", path]
+    bindings += TASK_BINDINGS
+  elif path != "runs/cpu_tiny.gin":  # the others take a model and a task, as on the command line
     files = ["models/paper/hash_64.gin", "tasks/reddit.gin", path]
     bindings += TASK_BINDINGS
   if path == "runs/finetune.gin":
@@ -241,6 +250,26 @@ def test_run_file_binds_every_macro_and_the_trainer(path):
   if path == "runs/cpu_tiny.gin":
     assert config.sparse.router == routers.Hash() and config.num_encoder_layers == 0
     assert config.vocab_size == 512
+
+
+def test_the_big_models_have_their_paper_sizes_and_fsdp_runs():
+  """The paper's 1.28B Hash-128 (Section 5.3.1) and the 4.5B LM with 3 hash layers of 128 experts
+  in 25 layers (Section 5.3.4), counted in closed form; their run files turn FSDP on over an
+  expert axis that divides the experts."""
+  hash_128, _ = parse(["models/paper/hash_128.gin"])
+  assert abs(closed_form_count(hash_128) - 1.28e9) < 0.01e9
+  lm, _ = parse(["tasks/text_dir.gin", "models/large/lm_4_5b.gin"], TASK_BINDINGS +
+                ["VOCAB_SIZE = 51200"])
+  assert lm.num_encoder_layers == 0 and lm.num_layers == 25 and lm.vocab_size == 51200
+  assert lm.sparse.num_experts == 128 and len(lm.sparse.layers) == 3
+  count = abstract_param_count(lm)
+  assert count == closed_form_count(lm) and abs(count - 4.5e9) < 0.05e9
+  for run, task in (("runs/hash_128.gin", "tasks/reddit.gin"),
+                    ("runs/lm_4_5b.gin", "tasks/text_dir.gin")):
+    config, (fsdp, expert) = parse([task, run], TASK_BINDINGS + ["MODEL_DIR = '/tmp/m'"],
+                                   values=["FSDP", "EXPERT_PARALLEL"])
+    assert fsdp is True and config.sparse.num_experts % expert == 0, run
+    assert gin.query_parameter("hashmoe.train.train.fsdp") is not None
 
 
 def test_command_line_overrides_a_macro():

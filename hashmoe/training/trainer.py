@@ -106,7 +106,8 @@ class Trainer:
     tx: the optimizer.
     mesh: the device mesh; params, optimizer state and batches are laid out on it.
     seed: the run's seed; init uses one key from it, step t uses `fold_in(step_base, t)`.
-    rules: logical-axis rules (`hashmoe.sharding.LOGICAL_AXIS_RULES`).
+    rules: logical-axis rules (`hashmoe.sharding.axis_rules`: `LOGICAL_AXIS_RULES`, or with
+      `fsdp=True` parameters and optimizer state sharded over the batch axes too).
   """
   config: models.TransformerConfig
   model: nn.Module
