@@ -48,9 +48,9 @@ METRICS_KEY = "metrics"
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
-# What each transformer layer keeps for the backward pass (`TransformerConfig.remat_policy`): the
-# name of a `jax.checkpoint_policies` policy applied per layer by `jax.checkpoint` (flax `nn.remat`),
-# or None for no rematerialisation. Everything a policy does not save is recomputed from the
+# What each transformer layer keeps for the backward pass (`TransformerConfig.remat_policy`): a
+# `jax.checkpoint_policies` policy applied per layer by `jax.checkpoint` (flax `nn.remat`), or None
+# for no rematerialisation. Everything a policy does not save is recomputed from the
 # layer's input in the backward pass; gradients are the same under every policy.
 _cp = jax.checkpoint_policies
 REMAT_POLICIES: dict[str, Optional[Callable[..., bool]]] = {

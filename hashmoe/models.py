@@ -24,6 +24,11 @@ Hash tables are data, not config: `hash_tables` maps a layer name ("decoder_7", 
 "default" to a tuple of `hashmoe.hashing.HashTable` (one per MultiHash hash). The routers store them
 in their non-trainable "hash_tables" collection at init, so they travel with the variables.
 
+Large models: `TransformerConfig.scan_layers` runs each run of dense layers between the sparse ones
+under `nn.scan` (one compiled body, parameters stacked on a "layers" axis; `stack_layers` /
+`unstack_layers` convert parameters between the layouts), and `TransformerConfig.remat_policy`
+chooses what each layer keeps for the backward pass (`hashmoe.layers.REMAT_POLICIES`).
+
 Paper presets (Section 5.1, ParlAI seq2seq on pushshift.io Reddit, 8008-token BPE):
 `baseline_config` (2 encoder + 11 decoder layers, d=1024, D=4096, 16 heads), `wider_config`
 (D=6144), `deeper_config` (22 decoder layers), and `tiny_config` for CPU tests. `param_counts`

@@ -84,7 +84,8 @@ def init(config, batch, abstract=False):
 
 def assert_trees_close(got, want, rtol=1e-5, atol=1e-6):
   assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
-  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want)):
+  leaves = zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want))
+  for (path, g), w in leaves:
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol,
                                err_msg=jax.tree_util.keystr(path))
 

@@ -28,8 +28,9 @@ logger = logging.getLogger(__name__)
 
 # Model fields a resumed run may change: they shape how the parameters are trained or computed,
 # not what they mean (dropout, compute precision, rematerialisation, the experts' dispatch, Switch's
-# loss coefficients and capacity). `scan_layers` is fixed: it changes the parameters' layout
-# (`hashmoe.models.stack_layers` converts them). Every other TransformerConfig and SparseConfig field is fixed by a checkpoint.
+# loss coefficients and capacity). Every other TransformerConfig and SparseConfig field is fixed by
+# a checkpoint; `scan_layers` too, as it changes the parameters' layout (`hashmoe.models.stack_layers`
+# converts them).
 RESUMABLE_MODEL_FIELDS = frozenset({"dropout_rate", "attention_dropout_rate", "dtype",
                                     "remat_policy"})
 RESUMABLE_SPARSE_FIELDS = frozenset({"dispatch", "capacity_factor", "balance_coef", "z_loss_coef",
