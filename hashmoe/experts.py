@@ -64,12 +64,14 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Seque
 import flax.linen as nn
 import jax
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from hashmoe import hashing
 from hashmoe.activations import ACTIVATIONS, get_activation  # noqa: F401  (re-exported)
 from hashmoe.kernels import cpu as cpu_kernels
 from hashmoe.routing import Routing
+from hashmoe.sharding import DISPATCH_CHECKPOINT_NAME
 
 Array = jax.Array
 Activation = Callable[[Array], Array]
@@ -440,7 +442,12 @@ def _expert_ffn(plan: _Plan, x: Array, combine_weight: Array, wi: Array, wo: Arr
   wi_g, wo_g = _group_weights(wi, wo, num_slices)
   weight = combine_weight.astype(x.dtype)
   # Named scopes, so that a profile (and the HLO metadata) shows each piece of the layer by name.
-  gather = jax.named_scope("permute")(plan.gather)
+  permute = jax.named_scope("permute")(plan.gather)
+
+  def gather(rows):
+    # Named for the "save_dispatch" remat policy: the rows at their experts are what it keeps.
+    return checkpoint_name(permute(rows), DISPATCH_CHECKPOINT_NAME)
+
   matmul = jax.named_scope("grouped_matmul")(plan.matmul)
   scatter = jax.named_scope("unpermute")(plan.scatter)
   if num_slices == 1:

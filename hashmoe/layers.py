@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from hashmoe.activations import ACTIVATIONS, get_activation  # noqa: F401  (re-exported)
 from hashmoe.routing import RouterFeatures
+from hashmoe.sharding import DISPATCH_CHECKPOINT_NAME
 
 Array = jax.Array
 DType = Any
@@ -45,6 +46,43 @@ METRICS_KEY = "metrics"
 # of adding a bias) keeps a fully masked row finite: all entries equal, softmax uniform, no NaN.
 # Such rows only occur for padding queries, whose outputs are ignored by the loss.
 _MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+# What each transformer layer keeps for the backward pass (`TransformerConfig.remat_policy`): a
+# `jax.checkpoint_policies` policy applied per layer by `jax.checkpoint` (flax `nn.remat`), or None
+# for no rematerialisation. Everything a policy does not save is recomputed from the
+# layer's input in the backward pass; gradients are the same under every policy.
+_cp = jax.checkpoint_policies
+REMAT_POLICIES: dict[str, Optional[Callable[..., bool]]] = {
+    # Keep every activation (no jax.checkpoint at all): the fastest, the most memory.
+    "none": None,
+    # Keep only each layer's input: the least memory, one extra forward pass.
+    "full": _cp.nothing_saveable,
+    # Keep every matmul output (projections, attention einsums, FFN and expert matmuls).
+    "dots": _cp.checkpoint_dots,
+    # Keep matmul outputs without batch dimensions (the weight matmuls, not attention's
+    # batched q.k and probs.v): MaxText's common middle ground.
+    "dots_no_batch": _cp.dots_with_no_batch_dims_saveable,
+    # Keep only the sparse layers' dispatched rows (`sharding.DISPATCH_CHECKPOINT_NAME`): the
+    # backward pass then repeats no routing sort or forward all-to-all; everything else is
+    # recomputed. Needs a sparse layer.
+    "save_dispatch": _cp.save_only_these_names(DISPATCH_CHECKPOINT_NAME),
+    # Both: matmul outputs without batch dims, and the dispatched rows.
+    "dots_no_batch_and_dispatch": _cp.save_from_both_policies(
+        _cp.dots_with_no_batch_dims_saveable, _cp.save_only_these_names(DISPATCH_CHECKPOINT_NAME)),
+}
+del _cp
+
+
+def remat_policy(name: str) -> Optional[Callable[..., bool]]:
+  """The `jax.checkpoint` policy of a `REMAT_POLICIES` name (None: no rematerialisation).
+
+  Raises:
+    ValueError: an unknown name, listing the valid ones.
+  """
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat_policy {name!r}; expected one of {sorted(REMAT_POLICIES)}")
+  return REMAT_POLICIES[name]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,6 +27,11 @@ Hash tables are data, not config: `hash_tables` maps a layer name ("decoder_7", 
 "default" to a tuple of `hashmoe.hashing.HashTable` (one per MultiHash hash). The routers store them
 in their non-trainable "hash_tables" collection at init, so they travel with the variables.
 
+Large models: `TransformerConfig.scan_layers` runs each run of dense layers between the sparse ones
+under `nn.scan` (one compiled body, parameters stacked on a "layers" axis; `stack_layers` /
+`unstack_layers` convert parameters between the layouts), and `TransformerConfig.remat_policy`
+chooses what each layer keeps for the backward pass (`hashmoe.layers.REMAT_POLICIES`).
+
 Paper presets (Section 5.1, ParlAI seq2seq on pushshift.io Reddit, 8008-token BPE):
 `baseline_config` (2 encoder + 11 decoder layers, d=1024, D=4096, 16 heads), `wider_config`
 (D=6144), `deeper_config` (22 decoder layers), and `tiny_config` for CPU tests. `param_counts`
@@ -51,15 +56,17 @@ import numpy as np
 from hashmoe import experts as experts_lib
 from hashmoe import hashing
 from hashmoe import routers
-from hashmoe.layers import (AUX_LOSS_KEY, METRICS_KEY, MOE_COLLECTION, Embed, LayerNorm,
-                            PositionEmbed, SparseMlpBlock, TransformerLayer, combine_masks,
-                            get_activation, make_attention_mask, make_causal_mask,
-                            make_segment_mask)
+from hashmoe.layers import (AUX_LOSS_KEY, METRICS_KEY, MOE_COLLECTION, REMAT_POLICIES, Embed,
+                            LayerNorm, PositionEmbed, SparseMlpBlock, TransformerLayer,
+                            combine_masks, get_activation, make_attention_mask, make_causal_mask,
+                            make_segment_mask, remat_policy)
 from hashmoe.routing import RouterFeatures
 
 Array = jax.Array
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# Remat policies that name the sparse layers' dispatch: they need a sparse layer to mean anything.
+_DISPATCH_POLICIES = frozenset({"save_dispatch", "dots_no_batch_and_dispatch"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,6 +151,16 @@ class TransformerConfig:
     position_embedding: "learned" (ParlAI's) or "sinusoidal".
     share_embeddings: tie the output projection to the token embedding (logits = h E^T / sqrt(d)).
     sparse: a `SparseConfig`, or None for a dense model.
+    scan_layers: run each run of consecutive dense layers under `nn.scan`: one compiled layer body
+      per run, its parameters stacked along a leading "layers" axis in one module named
+      "<stack>_<first>_to_<last>" ("decoder_0_to_10"). Sparse layers stay unrolled under their
+      own names ("decoder_11"): each has its own hash tables, router ordinal and sown metrics, which
+      one scanned body could not hold apart. Same losses and gradients as unrolled (dropout masks
+      differ: scan splits the dropout key per layer). Checkpoints of the two layouts convert with
+      `stack_layers` / `unstack_layers`.
+    remat_policy: what each layer keeps for the backward pass, a `hashmoe.layers.REMAT_POLICIES`
+      name: "none" (keep everything), "full", "dots", "dots_no_batch", "save_dispatch",
+      "dots_no_batch_and_dispatch". Gradients are the same under every policy.
   """
   vocab_size: int = 8008
   d_model: int = 1024
@@ -161,6 +178,8 @@ class TransformerConfig:
   position_embedding: str = "learned"
   share_embeddings: bool = True
   sparse: Optional[SparseConfig] = None
+  scan_layers: bool = False
+  remat_policy: str = "none"
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "d_ff", "num_heads", "head_dim", "num_layers", "max_len"):
@@ -180,7 +199,12 @@ class TransformerConfig:
     if self.position_embedding not in ("learned", "sinusoidal"):
       raise ValueError(
           f"position_embedding must be 'learned' or 'sinusoidal', got {self.position_embedding!r}")
+    remat_policy(self.remat_policy)
     s = self.sparse
+    if self.remat_policy in _DISPATCH_POLICIES and s is None:
+      raise ValueError(f"remat_policy={self.remat_policy!r} keeps the sparse layers' dispatch, but "
+                       "the model has no sparse layers (sparse=None); choose one of "
+                       f"{sorted(set(REMAT_POLICIES) - _DISPATCH_POLICIES)}")
     if s is None:
       return
     if not isinstance(s, SparseConfig):
@@ -191,6 +215,13 @@ class TransformerConfig:
       if bad:
         raise ValueError(f"SparseConfig.{name} has indices {bad} outside [0, {n}) "
                          f"(the model has {n} such layers)")
+    if self.scan_layers:
+      dense = (self.num_layers - len(s.layers)
+               + self.num_encoder_layers - len(s.encoder_layers))
+      if dense == 0:
+        raise ValueError("scan_layers=True scans runs of dense layers, but every layer of this "
+                         f"model is sparse (SparseConfig.layers={s.layers}, encoder_layers="
+                         f"{s.encoder_layers}): nothing to scan; set scan_layers=False")
     expert_d_ff = s.expert_d_ff or self.d_ff
     slices = s.router.num_slices
     if self.d_model % slices or expert_d_ff % slices:
@@ -350,6 +381,63 @@ def make_experts(config: TransformerConfig) -> nn.Module:
       dtype=config.compute_dtype, parent=None)
 
 
+LAYERS_AXIS = "layers"  # The logical axis of scanned layers' stacked parameters.
+
+
+def scanned_name(prefix: str, first: int, last: int) -> str:
+  """The module of a scanned run of layers first..last (inclusive) of stack `prefix`:
+  "decoder_0_to_10"."""
+  return f"{prefix}_{first}_to_{last}"
+
+
+def layer_runs(config: TransformerConfig, prefix: str) -> list[tuple[str, tuple[int, ...], bool]]:
+  """The modules of stack `prefix` ("encoder" or "decoder") in order, as (module name, the layer
+  indices it holds, sparse).
+
+  Unscanned, every layer is its own module "<prefix>_<i>". With `config.scan_layers` each maximal
+  run of consecutive dense layers is one module `scanned_name(prefix, first, last)` (a run of one
+  too, so that where a layer's parameters live depends only on whether it is sparse); sparse
+  layers stay "<prefix>_<i>".
+  """
+  n = config.num_layers if prefix == "decoder" else config.num_encoder_layers
+  s = config.sparse
+  sparse = set() if s is None else set(s.layers if prefix == "decoder" else s.encoder_layers)
+  runs: list[tuple[str, tuple[int, ...], bool]] = []
+  dense: list[int] = []
+
+  def close_dense_run():
+    if dense:
+      runs.append((scanned_name(prefix, dense[0], dense[-1]), tuple(dense), False))
+      dense.clear()
+
+  for i in range(n):
+    if i in sparse or not config.scan_layers:
+      close_dense_run()
+      runs.append((f"{prefix}_{i}", (i,), i in sparse))
+    else:
+      dense.append(i)
+  close_dense_run()
+  return runs
+
+
+def _apply_layer(layer: TransformerLayer, x: Array, self_mask: Optional[Array],
+                 encoded: Optional[Array], cross_mask: Optional[Array],
+                 features: Optional[RouterFeatures], deterministic: bool) -> Array:
+  # Positional arguments only: jax.checkpoint traces keyword arguments, and `deterministic` must
+  # stay a Python bool (static_argnums below).
+  return layer(x, self_mask, encoded=encoded, cross_mask=cross_mask, features=features,
+               deterministic=deterministic)
+
+
+def _layer_call(policy_name: str, *, in_scan: bool):
+  """`_apply_layer`, under `nn.remat` with the named policy unless it is "none"."""
+  policy = remat_policy(policy_name)
+  if policy is None:
+    return _apply_layer
+  # CSE prevention only matters outside a scan (jax.checkpoint's docs); inside one it costs speed.
+  return nn.remat(_apply_layer, policy=policy, prevent_cse=not in_scan, static_argnums=(6,))
+
+
 def _make_layer(config: TransformerConfig, name: str, sparse: bool, cross_attention: bool,
                 hash_tables: Optional[Mapping[str, Any]]) -> TransformerLayer:
   moe = None
@@ -455,11 +543,38 @@ class _Transformer(nn.Module):
           "logits_kernel", nn.with_logical_partitioning(init, ("embed", "vocab")),
           (cfg.d_model, cfg.vocab_size), jnp.float32)
 
-  def _stack(self, prefix: str, n: int, sparse_indices: tuple[int, ...], cross: bool):
+  def _stack(self, prefix: str, cross: bool) -> list[TransformerLayer]:
+    """One module per `layer_runs` run of stack `prefix`: a sparse or unscanned layer under its
+    own name, a scanned run of dense layers as one layer under `scanned_name` (nn.scan stacks its
+    parameters when `_run_stack` calls it)."""
     _check_hash_tables(self.config, self.hash_tables)
-    sparse = set(sparse_indices) if self.config.sparse is not None else set()
-    return [_make_layer(self.config, f"{prefix}_{i}", i in sparse, cross, self.hash_tables)
-            for i in range(n)]
+    return [_make_layer(self.config, name, sparse, cross, self.hash_tables)
+            for name, _, sparse in layer_runs(self.config, prefix)]
+
+  def _run_stack(self, layers: Sequence[TransformerLayer], prefix: str, x: Array,
+                 self_mask: Optional[Array], *, encoded: Optional[Array] = None,
+                 cross_mask: Optional[Array] = None, features: RouterFeatures,
+                 deterministic: bool) -> Array:
+    """x through the layers `_stack(prefix)` built, scanned runs under `nn.scan`, every layer under
+    `config.remat_policy`."""
+    runs = layer_runs(self.config, prefix)
+    for layer, (_, indices, sparse) in zip(layers, runs):
+      if sparse or not self.config.scan_layers:
+        call = _layer_call(self.config.remat_policy, in_scan=False)
+        x = call(layer, x, self_mask, encoded, cross_mask, features if sparse else None,
+                 deterministic)
+        continue
+      call = _layer_call(self.config.remat_policy, in_scan=True)
+
+      def body(layer, carry, self_mask, encoded, cross_mask, call=call):
+        return call(layer, carry, self_mask, encoded, cross_mask, None, deterministic), None
+
+      scan = nn.scan(body, variable_axes={"params": 0},
+                     split_rngs={"params": True, "dropout": True},
+                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=len(indices),
+                     metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
+      x, _ = scan(layer, x, self_mask, encoded, cross_mask)
+    return x
 
   def _embed(self, tokens: Array, positions: Array, position_embedder: nn.Module,
              deterministic: bool) -> Array:
@@ -506,8 +621,7 @@ class DecoderLM(_Transformer):
                        f"sparse.encoder_layers={cfg.sparse.encoder_layers}")
     self._setup_embeddings()
     self.position_embedder = self._position_embedder()
-    self.decoder_layers = self._stack("decoder", cfg.num_layers,
-                                      cfg.sparse.layers if cfg.sparse else (), cross=False)
+    self.decoder_layers = self._stack("decoder", cross=False)
     self.decoder_norm = self._norm()
 
   def __call__(self, batch: Mapping[str, Array], *, deterministic: bool = True) -> Array:
@@ -539,8 +653,8 @@ class DecoderLM(_Transformer):
                          None if segments is None else make_segment_mask(segments, segments))
     features = _decoder_features(batch, tokens, positions, valid)
     x = self._embed(tokens, positions, self.position_embedder, deterministic)
-    for layer in self.decoder_layers:
-      x = layer(x, mask, features=features, deterministic=deterministic)
+    x = self._run_stack(self.decoder_layers, "decoder", x, mask, features=features,
+                        deterministic=deterministic)
     return self._logits(self.decoder_norm(x))
 
 
@@ -562,11 +676,9 @@ class EncoderDecoder(_Transformer):
     self._setup_embeddings()
     self.encoder_position_embedder = self._position_embedder()
     self.decoder_position_embedder = self._position_embedder()
-    self.encoder_layers = self._stack("encoder", cfg.num_encoder_layers,
-                                      cfg.sparse.encoder_layers if cfg.sparse else (), cross=False)
+    self.encoder_layers = self._stack("encoder", cross=False)
     self.encoder_norm = self._norm()
-    self.decoder_layers = self._stack("decoder", cfg.num_layers,
-                                      cfg.sparse.layers if cfg.sparse else (), cross=True)
+    self.decoder_layers = self._stack("decoder", cross=True)
     self.decoder_norm = self._norm()
 
   def encode(self, batch: Mapping[str, Array], *, deterministic: bool = True) -> Array:
@@ -582,8 +694,8 @@ class EncoderDecoder(_Transformer):
     features = RouterFeatures(token_ids=tokens, positions=positions, segment_ids=segments,
                               valid=valid, row_routing=_row_routing(batch))
     x = self._embed(tokens, positions, self.encoder_position_embedder, deterministic)
-    for layer in self.encoder_layers:
-      x = layer(x, mask, features=features, deterministic=deterministic)
+    x = self._run_stack(self.encoder_layers, "encoder", x, mask, features=features,
+                        deterministic=deterministic)
     return self.encoder_norm(x)
 
   def decode(self, encoded: Array, batch: Mapping[str, Array], *,
@@ -607,9 +719,8 @@ class EncoderDecoder(_Transformer):
                                make_segment_mask(segments, enc_segments) if packed else None)
     features = _decoder_features(batch, tokens, positions, valid)
     x = self._embed(tokens, positions, self.decoder_position_embedder, deterministic)
-    for layer in self.decoder_layers:
-      x = layer(x, self_mask, encoded=encoded, cross_mask=cross_mask, features=features,
-                deterministic=deterministic)
+    x = self._run_stack(self.decoder_layers, "decoder", x, self_mask, encoded=encoded,
+                        cross_mask=cross_mask, features=features, deterministic=deterministic)
     return self._logits(self.decoder_norm(x))
 
   def __call__(self, batch: Mapping[str, Array], *, deterministic: bool = True) -> Array:
@@ -629,6 +740,88 @@ def build_model(config: TransformerConfig,
   """`EncoderDecoder` when `config.num_encoder_layers > 0`, else `DecoderLM`."""
   cls = EncoderDecoder if config.is_encoder_decoder else DecoderLM
   return cls(config, hash_tables)
+
+
+# --------------------------------------------------------------------------------------------------
+# Converting parameters between the unrolled and the scanned layout.
+
+
+def _stacks(config: TransformerConfig) -> tuple[str, ...]:
+  return ("encoder", "decoder") if config.is_encoder_decoder else ("decoder",)
+
+
+def _is_box(x: Any) -> bool:
+  return isinstance(x, nn.LogicallyPartitioned)
+
+
+def _stack_leaves(*leaves: Any) -> Any:
+  if _is_box(leaves[0]):
+    value = _stack_leaves(*(leaf.value for leaf in leaves))
+    return leaves[0].replace(value=value, names=(LAYERS_AXIS,) + tuple(leaves[0].names))
+  stack = np.stack if all(isinstance(x, np.ndarray) for x in leaves) else jnp.stack
+  return stack(leaves)
+
+
+def _unstack_leaf(leaf: Any, k: int) -> Any:
+  if _is_box(leaf):
+    return leaf.replace(value=leaf.value[k], names=tuple(leaf.names)[1:])
+  return leaf[k]
+
+
+def _convert_layers(params: Mapping[str, Any], config: TransformerConfig, *,
+                    to_scanned: bool) -> dict[str, Any]:
+  scanned = config.replace(scan_layers=True)
+  layout, other = ("unrolled", "scanned") if to_scanned else ("scanned", "unrolled")
+  out = dict(params)
+  for prefix in _stacks(config):
+    for name, indices, sparse in layer_runs(scanned, prefix):
+      if sparse:
+        continue
+      unrolled = [f"{prefix}_{i}" for i in indices]
+      have, want = ([name], unrolled) if to_scanned else (unrolled, [name])
+      missing = [k for k in want if k not in out]
+      if missing:
+        found = [k for k in have if k in out]
+        hint = f"; it holds {found}, the {other} layout already" if found else ""
+        raise ValueError(
+            f"these parameters are not the {layout} layout (TransformerConfig.scan_layers="
+            f"{not to_scanned}) of this config: no {missing}{hint}. Check the config "
+            "(num_layers, SparseConfig.layers) and which function you called "
+            "(stack_layers: unrolled -> scanned, unstack_layers: scanned -> unrolled)")
+      if to_scanned:
+        out[name] = jax.tree_util.tree_map(_stack_leaves, *(out.pop(k) for k in unrolled),
+                                           is_leaf=_is_box)
+      else:
+        stacked = out.pop(name)
+        for k, layer in enumerate(unrolled):
+          out[layer] = jax.tree_util.tree_map(lambda x, k=k: _unstack_leaf(x, k), stacked,
+                                              is_leaf=_is_box)
+  return out
+
+
+def stack_layers(params: Mapping[str, Any], config: TransformerConfig) -> dict[str, Any]:
+  """Parameters of `config`'s model in the unrolled layout (`scan_layers=False`) → the scanned
+  layout (`scan_layers=True`): each run of dense layers "<stack>_<i>" ... stacked along a new
+  leading axis into `scanned_name(...)`; sparse layers and everything else unchanged.
+
+  Args:
+    params: the "params" collection (layer names at its top level), arrays or flax
+      `LogicallyPartitioned` boxes (which gain the "layers" axis name); any tree keyed the same
+      way (Adam's moments) converts too.
+    config: the model's config (its `scan_layers` value is ignored).
+
+  Returns:
+    A new dict; the input is not modified. Values are exact copies (no arithmetic).
+
+  Raises:
+    ValueError: `params` is not the unrolled layout of `config`, naming the missing layers.
+  """
+  return _convert_layers(params, config, to_scanned=True)
+
+
+def unstack_layers(params: Mapping[str, Any], config: TransformerConfig) -> dict[str, Any]:
+  """The inverse of `stack_layers`: scanned layout → unrolled layout."""
+  return _convert_layers(params, config, to_scanned=False)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from hashmoe.activations import get_activation
@@ -65,6 +66,10 @@ AnyMesh = Union[Mesh, jax.sharding.AbstractMesh]
 LogicalRules = Sequence[tuple[str, Union[None, str, tuple[str, ...]]]]
 
 MESH_AXES = ("data", "expert", "model")
+# `jax.ad_checkpoint.checkpoint_name` of the rows an expert-parallel or local dispatch delivers to
+# the experts: the "save_dispatch" remat policy (`hashmoe.layers.REMAT_POLICIES`) keeps them, so the
+# backward pass recomputes neither the routing sort nor the forward all-to-all.
+DISPATCH_CHECKPOINT_NAME = "moe_dispatch"
 # The token (flattened batch) axis is split over both: expert parallelism shares the batch axis.
 TOKEN_MESH_AXES = ("data", "expert")
 EXPERT_AXIS = "expert"
@@ -87,6 +92,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Union[None, str, tuple[str, ...]]], ...] = 
     ("vocab", "model"),
     ("expert_capacity", None),
     ("unmodeled", None),
+    # The stacked-layer axis of scanned layers (TransformerConfig.scan_layers): never sharded, as
+    # each scan step needs its whole layer.
+    ("layers", None),
 )
 
 # Fully sharded data parallel (ZeRO-3 / MaxText's "fsdp" axis, here the batch axes themselves):
@@ -368,7 +376,8 @@ class _CapacityExchange:
     with jax.named_scope("all_to_all_dispatch"):
       recv = jax.lax.all_to_all(buf, EXPERT_AXIS, 0, 0)  # recv[s] = peer s's rows for my buckets
     recv = recv.reshape(self.peers, self.local_buckets, self.capacity, w)
-    return recv.transpose(1, 0, 2, 3).reshape(self.local_buckets, self.peers * self.capacity, w)
+    recv = recv.transpose(1, 0, 2, 3).reshape(self.local_buckets, self.peers * self.capacity, w)
+    return checkpoint_name(recv, DISPATCH_CHECKPOINT_NAME)
 
   def matmul(self, rows: Array, weights: Array) -> Array:
     """rows: [local_buckets, peers·capacity, w], weights: [local_buckets, w, u] → [..., u]."""
@@ -484,7 +493,8 @@ class _RaggedExchange:
     # zeros_like (not zeros) so that the buffer varies over the same mesh axes as the rows.
     out = jnp.zeros_like(sorted_rows, shape=(self.buffer_rows,) + src.shape[1:])
     with jax.named_scope("all_to_all_dispatch"):
-      return _ragged_all_to_all(sorted_rows, out, *self.forward_args, axis_name=EXPERT_AXIS)
+      recv = _ragged_all_to_all(sorted_rows, out, *self.forward_args, axis_name=EXPERT_AXIS)
+    return checkpoint_name(recv, DISPATCH_CHECKPOINT_NAME)
 
   def matmul(self, rows: Array, weights: Array) -> Array:
     """rows: [peers·rows, w], weights: [local_buckets, w, u] → [peers·rows, u]."""

@@ -189,6 +189,33 @@ def test_build_hash_writes_balanced_and_clustered_tables(trained, tmp_path, monk
                                 want.table)
 
 
+def test_train_with_scanned_remat_layers_and_a_resume_that_drops_the_scan_is_refused(
+    trained, tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv("HASHMOE_CACHE", str(trained["base"] / "cache"))
+  model_dir = tmp_path / "scan"
+  steps = ["--gin.TRAIN_STEPS=2", "--gin.CHECKPOINT_PERIOD=2", "--gin.EVAL_PERIOD=2",
+           "--gin.EVAL_BATCHES=1"]
+  scan = ["--gin.TransformerConfig.scan_layers=True", "--gin.TransformerConfig.remat_policy='full'"]
+  code, out = run_main(["train", *gin_flags(trained["texts"], model_dir, *steps, *scan)])
+  assert code == 0, out
+  train = records(model_dir / run_dir.METRICS_FILE)
+  assert [r["step"] for r in train] == [1, 2]
+  assert all(np.isfinite(r["loss"]) and "decoder_1" in r["moe"] for r in train)
+  import orbax.checkpoint as ocp
+  state = ocp.PyTreeCheckpointer().restore(model_dir / "checkpoints" / "2" / "state")
+  # tiny/hash_16.gin: 2 decoder layers, layer 1 sparse; layer 0 is a scanned run of one.
+  assert {"decoder_0_to_0", "decoder_1"} <= set(state["params"])
+  assert "decoder_0" not in state["params"]
+  assert np.shape(state["params"]["decoder_0_to_0"]["mlp"]["wi"]) == (1, 64, 128)
+  # The layout is fixed by the checkpoint; remat_policy is not (it changes no parameter).
+  code = cli.main(["train", *gin_flags(trained["texts"], model_dir, *steps[1:],
+                                       "--gin.TRAIN_STEPS=3"), "--compilation_cache_dir=none"])
+  assert code == 2
+  err = capsys.readouterr().err
+  assert "TransformerConfig.scan_layers: True -> False" in err
+  assert "remat_policy" not in err
+
+
 def test_a_wrong_vocabulary_size_is_a_clear_error(trained, tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("HASHMOE_CACHE", str(trained["base"] / "cache"))
   flags = gin_flags(trained["texts"], tmp_path / "run") + ["--gin.TransformerConfig.vocab_size=999"]

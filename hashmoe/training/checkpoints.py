@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import time
 import warnings
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -87,17 +88,26 @@ def state_layout(state: PyTree) -> list[str]:
           if hasattr(leaf, "shape")]
 
 
+# A scanned run of layers in a `state_layout` path: "['decoder_0_to_10']" (models.scanned_name).
+_SCANNED_LAYER = re.compile(r"\['(encoder|decoder)_\d+_to_\d+'\]")
+
+
 def _check_layout(saved: Sequence[str], wanted: Sequence[str], step: int, directory: Any) -> None:
   if list(saved) == list(wanted):
     return
-  missing = [x for x in wanted if x not in set(saved)][:3]
-  extra = [x for x in saved if x not in set(wanted)][:3]
+  missing = [x for x in wanted if x not in set(saved)]
+  extra = [x for x in saved if x not in set(wanted)]
+  scan = ""
+  if any(map(_SCANNED_LAYER.search, missing)) != any(map(_SCANNED_LAYER.search, extra)):
+    scan = ("One side has scanned layers and the other not: TransformerConfig.scan_layers "
+            "differs from the checkpoint's (keep its scan_layers, or convert its parameters with "
+            "hashmoe.models.stack_layers / unstack_layers). ")
   raise IncompatibleCheckpointError(
       f"checkpoint step {step} in {directory} holds {len(saved)} arrays that do not fit this "
-      f"run's {len(wanted)} (this run needs {missing}...; only the checkpoint has {extra}...): "
-      "the model or optimizer config differs from the one it was trained with. Resume with the "
-      "original config, or use a new MODEL_DIR (INIT_CHECKPOINT starts a new run from its "
-      "parameters).")
+      f"run's {len(wanted)} (this run needs {missing[:3]}...; only the checkpoint has "
+      f"{extra[:3]}...): the model or optimizer config differs from the one it was trained with. "
+      f"{scan}Resume with the original config, or use a new MODEL_DIR (INIT_CHECKPOINT starts a "
+      "new run from its parameters).")
 
 
 def _own_position(positions: Sequence[Any], step: int) -> Any:

@@ -27,9 +27,12 @@ PathLike = Union[str, os.PathLike]
 logger = logging.getLogger(__name__)
 
 # Model fields a resumed run may change: they shape how the parameters are trained or computed,
-# not what they mean (dropout, compute precision, the experts' dispatch, Switch's loss coefficients
-# and capacity). Every other TransformerConfig and SparseConfig field is fixed by a checkpoint.
-RESUMABLE_MODEL_FIELDS = frozenset({"dropout_rate", "attention_dropout_rate", "dtype"})
+# not what they mean (dropout, compute precision, rematerialisation, the experts' dispatch, Switch's
+# loss coefficients and capacity). Every other TransformerConfig and SparseConfig field is fixed by
+# a checkpoint; `scan_layers` too, as it changes the parameters' layout (`hashmoe.models.stack_layers`
+# converts them).
+RESUMABLE_MODEL_FIELDS = frozenset({"dropout_rate", "attention_dropout_rate", "dtype",
+                                    "remat_policy"})
 RESUMABLE_SPARSE_FIELDS = frozenset({"dispatch", "capacity_factor", "balance_coef", "z_loss_coef",
                                      "jitter"})
 # `train` arguments a checkpoint fixes: its data position was saved for the task, SEQ_LEN and
