@@ -27,6 +27,8 @@ expert-parallel dispatch) except that the sparse layers get a capacity factor (-
 Run from the repository root:
   python benchmarks/memory.py --json /tmp/memory.json    # baseline and hash_64, 32 devices
   python benchmarks/memory.py --models lm_4_5b --devices 32 --fsdp both --json /tmp/lm.json
+  python benchmarks/memory.py --models lm_4_5b --fsdp on --scan on --remat full \
+      --append --json docs/results/memory/memory.json   # add rows to the recorded table
 Scan and remat rows need `TransformerConfig.scan_layers` / `remat_policy`; where the config has no
 such field, --scan / --remat rows are skipped with a note.
 """
@@ -85,7 +87,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--capacity-factor", type=float, default=2.0,
                  help="sparse layers' capacity factor; 0 for dropless (worst-case buffers on CPU)")
   p.add_argument("--json", default=None, help="write {'rows': [...]} here, a PNG beside it")
+  p.add_argument("--append", action="store_true",
+                 help="merge into an existing --json file: keep its rows, replace those measured "
+                      "again with the same settings, add the command; the PNG shows all rows")
   args = p.parse_args(argv)
+  if args.append and not args.json:
+    p.error("--append merges into the --json file; give --json PATH")
   for name in args.models.split(","):
     if name not in MODELS and name != "tiny":
       p.error(f"--models: unknown model {name!r}; choose from {sorted(MODELS)} or 'tiny'")
@@ -301,6 +308,30 @@ def write_png(rows: Sequence[dict[str, Any]], png: Path) -> None:
   plt.close(fig)
 
 
+# What makes two rows the same measurement: a new row with these values replaces an old one.
+ROW_KEY = ("model", "devices", "mesh", "fsdp", "scan", "remat", "batch", "seq_len", "dtype",
+           "capacity_factor")
+
+
+def merge_record(old: dict[str, Any], rows: Sequence[dict[str, Any]],
+                 command: str) -> dict[str, Any]:
+  """`old` ({"rows": [...]} with "command" or "commands") with `rows` merged in.
+
+  Old rows keep their order; a new row with the same `ROW_KEY` values takes the old one's place
+  (the newer measurement wins), other new rows go at the end. The commands become a list with
+  `command` last.
+  """
+  if not isinstance(old.get("rows"), list):
+    raise ValueError("--append: the existing --json file has no 'rows' list; it is not a "
+                     "benchmarks/memory.py record (write a new file without --append)")
+  key = lambda r: json.dumps([r.get(k) for k in ROW_KEY], sort_keys=True)
+  new = {key(r): r for r in rows}
+  merged = [new.pop(key(r), r) for r in old["rows"]]
+  merged += [r for r in rows if key(r) in new]
+  commands = list(old.get("commands") or ([old["command"]] if "command" in old else []))
+  return {"commands": commands + [command], "rows": merged}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
@@ -324,10 +355,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.json:
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"command": "python benchmarks/memory.py " + " ".join(argv), "rows": rows}
+    command = "python benchmarks/memory.py " + " ".join(argv)
+    record = {"command": command, "rows": rows}
+    if args.append and path.exists():
+      record = merge_record(json.loads(path.read_text()), rows, command)
     path.write_text(json.dumps(record, indent=2) + "\n")
-    if rows:
-      write_png(rows, path.with_suffix(".png"))
+    if record["rows"]:
+      write_png(record["rows"], path.with_suffix(".png"))
     print(f"wrote {path}", file=sys.stderr)
   return 0
 
