@@ -49,6 +49,7 @@ def test_memory_json_schema_png_and_argument_bytes(tmp_path):
   assert (row["model"], row["devices"], row["fsdp"], row["scan"]) == ("tiny", 8, True, False)
   assert row["mesh"] == {"data": 8, "expert": 1, "model": 1}
   assert out.with_suffix(".png").stat().st_size > 0
+  assert 0 < row["compile_cpu_seconds"] and 0 < row["compile_seconds"]
 
   # The same state and batch: parameters counted and the arguments' per-device shards summed.
   args = memory.parse_args(["--models", "tiny", "--devices", "8"])
