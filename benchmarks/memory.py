@@ -226,6 +226,8 @@ def measure_row(name: str, devices: int, fsdp: bool, scan: bool, remat: Optional
     # measures waiting for a core, this the work of compiling.
     compile_cpu_s = time.process_time() - cpu_start
   mem = compiled.memory_analysis()
+  # The optimised program's size, what compile time grows with: one instruction per line.
+  hlo_instructions = sum(1 for line in compiled.as_text().splitlines() if " = " in line)
   argument = int(mem.argument_size_in_bytes)
   output = int(mem.output_size_in_bytes)
   alias = int(mem.alias_size_in_bytes)
@@ -240,7 +242,7 @@ def measure_row(name: str, devices: int, fsdp: bool, scan: bool, remat: Optional
       "mesh": {k: int(v) for k, v in mesh.shape.items()}, "scan": scanned, "remat": policy,
       "fsdp": fsdp, "bytes_per_device": per_device,
       "compile_seconds": round(compile_s, 2), "compile_cpu_seconds": round(compile_cpu_s, 2),
-      "lower_seconds": round(lower_s, 2),
+      "lower_seconds": round(lower_s, 2), "hlo_instructions": hlo_instructions,
       "argument_bytes": argument, "output_bytes": output, "alias_bytes": alias,
       "temp_bytes": temp, "batch": batch, "seq_len": seq_len, "dtype": config.dtype,
       "capacity_factor": config.sparse.capacity_factor if config.sparse else None,
@@ -290,22 +292,35 @@ def _child_argv(argv: Sequence[str], devices: int, out: str) -> list[str]:
   return [sys.executable, __file__, *kept, f"--devices={devices}", f"--json={out}"]
 
 
+def row_label(r: dict[str, Any]) -> str:
+  """The PNG's name for a row: model, devices, mesh, batch and what differs from the defaults."""
+  cf = r.get("capacity_factor")
+  # Dense models have no capacity factor either; only a sparse model has an expert axis above 1.
+  if cf is None and r["mesh"].get("expert", 1) > 1:
+    transport = " dropless"
+  elif cf is not None and cf != 2.0:
+    transport = f" cf{cf:g}"
+  else:
+    transport = ""
+  mesh = "x".join(str(v) for v in r["mesh"].values())
+  return (f"{r['model']} {r['devices']}d {mesh} {r['batch']}x{r['seq_len']}"
+          f"{' fsdp' if r['fsdp'] else ''}{' scan' if r['scan'] else ''}"
+          f"{'' if r['remat'] == 'none' else ' ' + r['remat']}{transport}")
+
+
 def write_png(rows: Sequence[dict[str, Any]], png: Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  labels = [f"{r['model']} {r['devices']}d {'x'.join(str(v) for v in r['mesh'].values())}"
-            f" {r['batch']}x{r['seq_len']}"
-            f"{' fsdp' if r['fsdp'] else ''}{' scan' if r['scan'] else ''}"
-            f"{'' if r['remat'] == 'none' else ' ' + r['remat']}" for r in rows]
-  fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
+  labels = [row_label(r) for r in rows]
+  fig, ax = plt.subplots(figsize=(11, 0.35 * len(rows) + 1.5))
   gib = [r["bytes_per_device"] / GIB for r in rows]
   ax.barh(range(len(rows)), gib, color=["C1" if r["fsdp"] else "C0" for r in rows])
   ax.axvline(V4_HBM_GIB, color="k", ls="--", lw=1, label="32 GiB (TPU v4 HBM)")
   ax.set_yticks(range(len(rows)), labels, fontsize=8)
   ax.invert_yaxis()
-  ax.set_xlabel("bytes per device, GiB (XLA:CPU buffer assignment; orange = FSDP)")
-  ax.set_title("Training step: per-device memory of the compiled program")
+  ax.set_xlabel("GiB per device (XLA:CPU buffer assignment; orange = FSDP)")
+  ax.set_title("Training step: per-device memory")
   ax.legend(loc="lower right", fontsize=8)
   fig.tight_layout()
   fig.savefig(png, dpi=120)

@@ -50,6 +50,7 @@ def test_memory_json_schema_png_and_argument_bytes(tmp_path):
   assert row["mesh"] == {"data": 8, "expert": 1, "model": 1}
   assert out.with_suffix(".png").stat().st_size > 0
   assert 0 < row["compile_cpu_seconds"] and 0 < row["compile_seconds"]
+  assert row["hlo_instructions"] > 10  # a forward, backward and AdamW update, however small
 
   # The same state and batch: parameters counted and the arguments' per-device shards summed.
   args = memory.parse_args(["--models", "tiny", "--devices", "8"])
@@ -113,3 +114,15 @@ def test_append_needs_json_and_a_memory_record():
     memory.parse_args(["--models", "tiny", "--append"])
   with pytest.raises(ValueError, match="no 'rows' list"):
     memory.merge_record({"something": 1}, [], "cmd")
+
+
+def test_png_labels_name_the_settings_that_differ():
+  memory = _load()
+  dense = _fake_row("baseline", 1, mesh={"data": 32, "expert": 1, "model": 1}, devices=32)
+  assert memory.row_label(dense) == "baseline 32d 32x1x1 16x16 fsdp"
+  sparse = _fake_row("lm_4_5b", 1, mesh={"data": 1, "expert": 32, "model": 1}, devices=32,
+                     scan=True, remat="save_dispatch", fsdp=False)
+  assert memory.row_label(dict(sparse, capacity_factor=2.0)) == (
+      "lm_4_5b 32d 1x32x1 16x16 scan save_dispatch")
+  assert memory.row_label(dict(sparse, capacity_factor=32.0)).endswith("save_dispatch cf32")
+  assert memory.row_label(sparse).endswith("save_dispatch dropless")
