@@ -546,8 +546,8 @@ class DecodeState(nn.Module):
     if not initialized:
       return None
     if tokens.shape != (previous.value.shape[0], 1):
-      raise ValueError(f"a decoding step takes int32[batch, 1] tokens for the cache's batch "
-                       f"{previous.value.shape[0]}, got shape {tokens.shape}")
+      raise ValueError(f"a decoding step takes one token per row, int32[batch, 1] for the "
+                       f"cache's batch {previous.value.shape[0]}; got shape {tokens.shape}")
     i = index.value
     before = previous.value
     index.value, previous.value = i + 1, tokens[:, 0]
