@@ -4,11 +4,13 @@ For a decoder-only LM with one hash layer (token key, random table; the router d
 decoder's cost structure), each prefix length P gets two timings of producing the logits of the
 token after a P-token prefix, batch `--batch`:
 
-  cached    one `hashmoe.decoding.decode_step`: one token per row through the key/value cache. The
-            cache has `max(--prefix-lens) + --steps` positions for every P (one compiled step, as a
-            generation with that budget has); its index is set to P and `--steps` steps run back to
-            back (positions P .. P + steps - 1). Cached keys and values are zeros: their values do
-            not change the work.
+  cached    `hashmoe.decoding.decode_step`: one token per row through the key/value cache. The
+            cache has `--cache-length` positions (default `max(--prefix-lens) + --steps`) for every
+            P (one compiled program,
+            as a generation with that budget has); its index is set to P and `--steps` steps run
+            in a loop inside one jitted program (positions P .. P + steps - 1; the cache updated in
+            place, as in a decoding loop). Cached keys and values are zeros: their values do not
+            change the work.
   uncached  the full forward pass over the P-token prefix and its logits at the last position:
             what decoding without a cache repeats for every token (one compile per P). hashmoe's
             t5x adapter did worse before the cache: a full pass over the whole decode length
@@ -16,7 +18,9 @@ token after a P-token prefix, batch `--batch`:
 
 Both are jitted; compile time is excluded (one warm-up call). Each timing is the best of
 `--repeats` runs (the machine may be shared), of `--steps` calls for either mode, as seconds per
-new token for the whole batch. Rows also carry the model's shape and the device.
+new token for the whole batch: wall time ("seconds_per_token") and the process's CPU time
+("cpu_seconds_per_token", steadier when other processes share the cores). Rows also carry the
+model's shape, the device and the 1-minute load average when the row was measured.
 
 Run from the repository root:
   python benchmarks/decode.py --json docs/results/decode/decode.json
@@ -51,6 +55,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--num-layers", type=int, default=4)
   p.add_argument("--num-experts", type=int, default=16)
   p.add_argument("--vocab-size", type=int, default=8008)
+  p.add_argument("--cache-length", type=int, default=None,
+                 help="positions of the cache (default: max(--prefix-lens) + --steps)")
+  p.add_argument("--dense", action="store_true", help="no hash layer: every FFN dense")
   p.add_argument("--tiny", action="store_true",
                  help="a test-size model (hashmoe.models.tiny_config, vocabulary 64)")
   p.add_argument("--json", default=None, help="write {'rows': [...]} here, a PNG beside it")
@@ -60,30 +67,46 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.error(f"--prefix-lens needs positive lengths, got {args.prefix_lens}")
   if args.steps < 1 or args.repeats < 1 or args.batch < 1:
     p.error("--steps, --repeats and --batch must be >= 1")
+  needed = max(args.prefix_lens) + args.steps
+  if args.cache_length is None:
+    args.cache_length = needed
+  elif args.cache_length < needed:
+    p.error(f"--cache-length {args.cache_length} cannot hold the longest prefix and the timed "
+            f"steps: max(--prefix-lens) + --steps = {needed}")
   return args
 
 
 def _config(args: argparse.Namespace):
   from hashmoe import models, routers
-  max_len = max(args.prefix_lens) + args.steps
+  max_len = args.cache_length
   if args.tiny:
-    sparse = models.SparseConfig(router=routers.Hash(), num_experts=4, layers=(1,))
+    sparse = None if args.dense else models.SparseConfig(router=routers.Hash(), num_experts=4,
+                                                         layers=(1,))
     return models.tiny_config(64, num_encoder_layers=0, sparse=sparse, max_len=max_len)
-  sparse = models.SparseConfig(router=routers.Hash(), num_experts=args.num_experts,
-                               layers=(args.num_layers - 1,))
+  sparse = None if args.dense else models.SparseConfig(
+      router=routers.Hash(), num_experts=args.num_experts, layers=(args.num_layers - 1,))
   return models.TransformerConfig(
       vocab_size=args.vocab_size, d_model=args.d_model, d_ff=args.d_ff,
       num_heads=args.num_heads, head_dim=args.head_dim, num_layers=args.num_layers,
       num_encoder_layers=0, max_len=max_len, dropout_rate=0.0, sparse=sparse)
 
 
-def _best(fn, repeats: int) -> float:
-  best = float("inf")
+def _best(fn, repeats: int) -> tuple[float, float]:
+  """(best wall seconds, best process CPU seconds) of `repeats` calls of fn."""
+  wall = cpu = float("inf")
   for _ in range(repeats):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     fn()
-    best = min(best, time.perf_counter() - start)
-  return best
+    wall = min(wall, time.perf_counter() - start)
+    cpu = min(cpu, time.process_time() - start_cpu)
+  return wall, cpu
+
+
+def _row(mode: str, prefix: int, timings: tuple[float, float], steps: int,
+         common: dict[str, Any]) -> dict[str, Any]:
+  wall, cpu = timings
+  return {"mode": mode, "prefix_len": prefix, "seconds_per_token": wall / steps,
+          "cpu_seconds_per_token": cpu / steps, "load_average_1min": os.getloadavg()[0], **common}
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -101,11 +124,21 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
   cache_length = config.max_len
   rng = np.random.default_rng(0)
   common = {"batch": args.batch, "d_model": config.d_model, "num_layers": config.num_layers,
+            "sparse_layers": 0 if config.sparse is None else len(config.sparse.layers),
             "vocab_size": config.vocab_size, "cache_length": cache_length,
             "steps": args.steps, "repeats": args.repeats, "device": jax.devices()[0].device_kind}
   rows = []
 
-  step = jax.jit(lambda v, c, t: decoding.decode_step(model, v, c, t))
+  @jax.jit
+  def steps(variables, cache, token):
+    # A loop inside one program, as a decoding loop runs: the cache is updated in place.
+    def body(_, carry):
+      logits, cache = carry
+      logits, cache = decoding.decode_step(model, variables, cache, token)
+      return logits, cache
+    logits = jnp.zeros((args.batch, config.vocab_size), jnp.float32)
+    return jax.lax.fori_loop(0, args.steps, body, (logits, cache))[0]
+
   full = jax.jit(lambda v, t: model.apply(v, {"decoder_input_tokens": t})[:, -1])
   cache0 = decoding.init_cache(model, variables, args.batch, cache_length)
   token = jnp.asarray(rng.integers(1, config.vocab_size, (args.batch, 1)), jnp.int32)
@@ -115,14 +148,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         lambda path, x: jnp.full_like(x, prefix) if path[-1].key == "cache_index" else x, cache0)
 
     def cached(cache=cache):
-      c = cache
-      for _ in range(args.steps):
-        logits, c = step(variables, c, token)
-      logits.block_until_ready()
+      steps(variables, cache, token).block_until_ready()
 
     cached()  # compile (first prefix) and warm up
-    rows.append({"mode": "cached", "prefix_len": prefix,
-                 "seconds_per_token": _best(cached, args.repeats) / args.steps, **common})
+    rows.append(_row("cached", prefix, _best(cached, args.repeats), args.steps, common))
 
     tokens = jnp.asarray(rng.integers(1, config.vocab_size, (args.batch, prefix)), jnp.int32)
 
@@ -132,8 +161,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
       logits.block_until_ready()
 
     uncached()
-    rows.append({"mode": "uncached", "prefix_len": prefix,
-                 "seconds_per_token": _best(uncached, args.repeats) / args.steps, **common})
+    rows.append(_row("uncached", prefix, _best(uncached, args.repeats), args.steps, common))
     print(f"P={prefix:5d}  cached {rows[-2]['seconds_per_token'] * 1e3:9.3f} ms/token  "
           f"uncached {rows[-1]['seconds_per_token'] * 1e3:9.3f} ms/token", file=sys.stderr)
   return rows
@@ -145,8 +173,11 @@ def write_png(rows: Sequence[dict[str, Any]], png: Path) -> None:
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6, 4))
   for mode, color in (("cached", "C0"), ("uncached", "C1")):
-    points = sorted((r["prefix_len"], r["seconds_per_token"]) for r in rows if r["mode"] == mode)
-    ax.plot([p for p, _ in points], [s * 1e3 for _, s in points], "o-", color=color, label=mode)
+    for key, style, what in (("cpu_seconds_per_token", "o-", "process CPU time"),
+                             ("seconds_per_token", "s--", "wall time")):
+      points = sorted((r["prefix_len"], r[key]) for r in rows if r["mode"] == mode)
+      ax.plot([p for p, _ in points], [s * 1e3 for _, s in points], style, color=color,
+              label=f"{mode}, {what}", alpha=1.0 if style == "o-" else 0.5)
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
   ax.set_xlabel("prefix length (tokens)")
@@ -154,7 +185,7 @@ def write_png(rows: Sequence[dict[str, Any]], png: Path) -> None:
   r = rows[0]
   ax.set_title(f"Decoding cost per token: batch {r['batch']}, d={r['d_model']}, "
                f"{r['num_layers']} layers", fontsize=10)
-  ax.legend()
+  ax.legend(fontsize=8)
   ax.grid(True, which="both", alpha=0.3)
   fig.tight_layout()
   fig.savefig(png, dpi=120)

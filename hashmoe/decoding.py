@@ -53,22 +53,13 @@ def decoding_config(config: models_lib.TransformerConfig) -> models_lib.Transfor
 
   Raises:
     ValueError: a config that cannot decode (scan_layers, an oracle/predicted-future hash key),
-      naming the setting.
+      naming the setting (`hashmoe.models.check_decodable`).
   """
-  if config.scan_layers:
-    raise ValueError("cached decoding needs unrolled layers, but TransformerConfig.scan_layers="
-                     "True: decode with scan_layers=False and the parameters converted by "
-                     "hashmoe.models.unstack_layers")
   s = config.sparse
-  if s is None:
-    return config
-  if s.router.key in models_lib.UNDECODABLE_KEYS:
-    raise ValueError(f"the hash key {s.router.key!r} routes on a feature that does not exist "
-                     "while decoding (the next token, or a frozen model's prediction of it); "
-                     "such models can be scored but not decoded")
-  if s.capacity_factor is None:
-    return config
-  return config.replace(sparse=dataclasses.replace(s, capacity_factor=None))
+  if s is not None and s.capacity_factor is not None:
+    config = config.replace(sparse=dataclasses.replace(s, capacity_factor=None))
+  models_lib.check_decodable(config)
+  return config
 
 
 def decoding_model(model: nn.Module) -> nn.Module:
@@ -101,12 +92,8 @@ def init_cache(model: nn.Module, variables: Mapping[str, Any], batch_size: int,
     ValueError: max_length beyond `TransformerConfig.max_len`, or a model that cannot decode.
   """
   config = model.config
-  decoding_config(config)
-  if max_length > config.max_len:
-    raise ValueError(
-        f"a decoding cache of max_length={max_length} positions is longer than the model's "
-        f"TransformerConfig.max_len={config.max_len} (its position table); decode at most "
-        "max_len positions or train a model with a larger max_len")
+  models_lib.check_decodable(config)
+  models_lib.check_decode_length(config, max_length)
   if batch_size < 1 or max_length < 1:
     raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
   tokens = jax.ShapeDtypeStruct((batch_size, max_length), jnp.int32)
@@ -235,10 +222,9 @@ def sample(model: nn.Module, variables: Mapping[str, Any], prompt: Array, *,
     raise ValueError("sampling with temperature > 0 needs an rng")
   if model.config.is_encoder_decoder and encoder_input_tokens is None:
     raise ValueError("the encoder-decoder decodes from encoder_input_tokens; got None")
+  models_lib.check_decode_length(model.config, prompt.shape[1])
   if cached:
     model = decoding_model(model)
-    if prompt.shape[1] > model.config.max_len:
-      init_cache(model, variables, prompt.shape[0], prompt.shape[1])  # raises, naming max_len
   if rng is None:
     rng = jax.random.key(0)
   if encoder_input_tokens is not None:

@@ -529,6 +529,39 @@ def _row_routing(batch: Mapping[str, Array]) -> Optional[dict[str, hashing.RowRo
 # Models.
 
 
+def check_decodable(config: TransformerConfig) -> None:
+  """Raises ValueError, naming the setting, where a cached decoding step of `config`'s model
+  cannot equal its full pass (`hashmoe.decoding` explains each rule)."""
+  if config.scan_layers:
+    raise ValueError("cached decoding needs unrolled layers, but TransformerConfig.scan_layers="
+                     "True: decode with scan_layers=False and the parameters converted by "
+                     "hashmoe.models.unstack_layers")
+  s = config.sparse
+  if s is None:
+    return
+  if s.router.key in UNDECODABLE_KEYS:
+    raise ValueError(f"the hash key {s.router.key!r} routes on a feature that does not exist "
+                     "while decoding (the next token, or a frozen model's prediction of it); "
+                     "such models can be scored but not decoded")
+  if s.capacity_factor is not None:
+    raise ValueError(
+        f"SparseConfig.capacity_factor={s.capacity_factor}: in the full pass a token's drop "
+        "depends on the tokens before it in the flattened batch (other rows, and later "
+        "positions of earlier rows), which a decoding step cannot see; decode the dropless "
+        "model, hashmoe.decoding.decoding_model(model) (capacity_factor=None, the same "
+        "parameters)")
+
+
+def check_decode_length(config: TransformerConfig, max_length: int) -> None:
+  """Raises ValueError when a decode of `max_length` positions would run past the model's
+  positions (`TransformerConfig.max_len`)."""
+  if max_length > config.max_len:
+    raise ValueError(
+        f"a decoding cache of max_length={max_length} positions is longer than the model's "
+        f"TransformerConfig.max_len={config.max_len} (its position table); decode at most "
+        "max_len positions or train a model with a larger max_len")
+
+
 class DecodeState(nn.Module):
   """The decoder's own entries in the "cache" collection: `cache_index` int32[] (the position of
   the next token; the rows decode in lockstep) and `previous_token` int32[batch] (the token of the
@@ -621,29 +654,10 @@ class _Transformer(nn.Module):
     return x
 
   def _check_decode(self, deterministic: bool) -> None:
-    """The settings under which a cached step cannot equal the full pass, refused by name."""
-    cfg = self.config
-    if cfg.scan_layers:
-      raise ValueError("cached decoding needs unrolled layers, but TransformerConfig.scan_layers="
-                       "True: decode with scan_layers=False and the parameters converted by "
-                       "hashmoe.models.unstack_layers")
+    check_decodable(self.config)
     if not deterministic:
       raise ValueError("cached decoding is evaluation: pass deterministic=True (no dropout, no "
                        "router jitter, BASE's greedy routing)")
-    s = cfg.sparse
-    if s is None:
-      return
-    if s.router.key in UNDECODABLE_KEYS:
-      raise ValueError(f"the hash key {s.router.key!r} routes on a feature that does not exist "
-                       "while decoding (the next token, or a frozen model's prediction of it); "
-                       "such models can be scored but not decoded")
-    if s.capacity_factor is not None:
-      raise ValueError(
-          f"SparseConfig.capacity_factor={s.capacity_factor}: in the full pass a token's drop "
-          "depends on the tokens before it in the flattened batch (other rows, and later "
-          "positions of earlier rows), which a decoding step cannot see; decode the dropless "
-          "model, hashmoe.decoding.decoding_model(model) (capacity_factor=None, the same "
-          "parameters)")
 
   def _decode_features(self, tokens: Array) -> tuple[Array, RouterFeatures]:
     """(positions, router features) of a decode call's tokens, advancing the decoder's state."""
@@ -651,11 +665,7 @@ class _Transformer(nn.Module):
     state = self.decode_state(tokens)
     if state is None:
       # The call that creates the cache: it is as long as the decode will be.
-      if tokens.shape[1] > cfg.max_len:
-        raise ValueError(
-            f"a decoding cache of {tokens.shape[1]} positions is longer than the model's "
-            f"TransformerConfig.max_len={cfg.max_len} (its position table); decode at most "
-            f"max_len positions or train a model with a larger max_len")
+      check_decode_length(cfg, tokens.shape[1])
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
       previous = None
     else:
@@ -741,6 +751,9 @@ class DecoderLM(_Transformer):
     tokens = jnp.asarray(batch["decoder_input_tokens"], jnp.int32)
     if decode:
       self._check_decode(deterministic)
+      if "decoder_segment_ids" in batch:
+        raise ValueError("cached decoding decodes one sequence per row; packed rows "
+                         "(decoder_segment_ids) cannot be decoded")
       positions, features = self._decode_features(tokens)
       mask = None if features.previous_token_ids is not None else make_causal_mask(tokens.shape[1])
       x = self._embed(tokens, positions, self.position_embedder, True)
