@@ -21,8 +21,8 @@ reproduce it, and the full pass itself is not causal across rows. Decoding there
 dropless model (`decoding_model`: capacity_factor=None, the same parameters): it equals the full
 pass of that dropless model, and the full pass with drops wherever that pass drops nothing.
 
-Scanned layers (`TransformerConfig.scan_layers`) are refused: decode the unrolled model
-(`hashmoe.models.unstack_layers` converts the parameters).
+Scanned layers (`TransformerConfig.scan_layers`) decode too: a scanned run scans its caches
+along with its parameters, stacked on axis 1 so that every cache leaf keeps the batch first.
 
 Usage:
 
@@ -52,8 +52,8 @@ def decoding_config(config: models_lib.TransformerConfig) -> models_lib.Transfor
   """`config` as it decodes: dropless (capacity_factor=None; see the module docstring).
 
   Raises:
-    ValueError: a config that cannot decode (scan_layers, an oracle/predicted-future hash key),
-      naming the setting (`hashmoe.models.check_decodable`).
+    ValueError: a config that cannot decode (an oracle/predicted-future hash key), naming the
+      setting (`hashmoe.models.check_decodable`).
   """
   s = config.sparse
   if s is not None and s.capacity_factor is not None:
@@ -85,8 +85,9 @@ def init_cache(model: nn.Module, variables: Mapping[str, Any], batch_size: int,
 
   Returns:
     The "cache" collection: per decoder layer `cached_key` / `cached_value`
-    [batch, max_length, heads, head_dim] and `cache_index` int32[], and the decoder's
-    `decode_state` (`cache_index`, `previous_token` int32[batch]).
+    [batch, max_length, heads, head_dim] ([batch, layers, max_length, heads, head_dim] for a
+    scanned run), and the decoder's `decode_state`: `cache_index` int32[] (the position of the
+    next step) and `previous_token` int32[batch].
 
   Raises:
     ValueError: max_length beyond `TransformerConfig.max_len`, or a model that cannot decode.

@@ -532,10 +532,6 @@ def _row_routing(batch: Mapping[str, Array]) -> Optional[dict[str, hashing.RowRo
 def check_decodable(config: TransformerConfig) -> None:
   """Raises ValueError, naming the setting, where a cached decoding step of `config`'s model
   cannot equal its full pass (`hashmoe.decoding` explains each rule)."""
-  if config.scan_layers:
-    raise ValueError("cached decoding needs unrolled layers, but TransformerConfig.scan_layers="
-                     "True: decode with scan_layers=False and the parameters converted by "
-                     "hashmoe.models.unstack_layers")
   s = config.sparse
   if s is None:
     return
@@ -570,7 +566,7 @@ class DecodeState(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array) -> Optional[tuple[Array, Array]]:
     """tokens: int32[batch, length]. Returns None on the call that creates the entries; then
-    (positions int32[batch, 1], the previous token int32[batch]) of a one-token step, advancing
+    (the step's position int32[], the previous token int32[batch]) of a one-token step, advancing
     the state."""
     initialized = self.has_variable(CACHE_COLLECTION, "cache_index")
     index = self.variable(CACHE_COLLECTION, "cache_index", lambda: jnp.zeros((), jnp.int32))
@@ -584,7 +580,7 @@ class DecodeState(nn.Module):
     i = index.value
     before = previous.value
     index.value, previous.value = i + 1, tokens[:, 0]
-    return jnp.full(tokens.shape, i, jnp.int32), before
+    return i, before
 
 
 class _Transformer(nn.Module):
@@ -625,15 +621,13 @@ class _Transformer(nn.Module):
   def _run_stack(self, layers: Sequence[TransformerLayer], prefix: str, x: Array,
                  self_mask: Optional[Array], *, encoded: Optional[Array] = None,
                  cross_mask: Optional[Array] = None, features: RouterFeatures,
-                 deterministic: bool, decode: bool = False) -> Array:
+                 deterministic: bool, decode: bool = False,
+                 decode_index: Optional[Array] = None) -> Array:
     """x through the layers `_stack(prefix)` built, scanned runs under `nn.scan`, every layer under
-    `config.remat_policy`; with `decode`, every layer unrolled through its cache (no remat: there
-    is no backward pass)."""
+    `config.remat_policy`; with `decode`, through every layer's cache (`_decode_stack`)."""
     if decode:
-      for layer, (_, _, sparse) in zip(layers, layer_runs(self.config, prefix)):
-        x = layer(x, self_mask, encoded=encoded, cross_mask=cross_mask,
-                  features=features if sparse else None, deterministic=True, decode=True)
-      return x
+      return self._decode_stack(layers, prefix, x, self_mask, encoded, cross_mask, features,
+                                decode_index)
     runs = layer_runs(self.config, prefix)
     for layer, (_, indices, sparse) in zip(layers, runs):
       if sparse or not self.config.scan_layers:
@@ -653,26 +647,53 @@ class _Transformer(nn.Module):
       x, _ = scan(layer, x, self_mask, encoded, cross_mask)
     return x
 
+  def _decode_stack(self, layers: Sequence[TransformerLayer], prefix: str, x: Array,
+                    self_mask: Optional[Array], encoded: Optional[Array],
+                    cross_mask: Optional[Array], features: RouterFeatures,
+                    index: Optional[Array]) -> Array:
+    """A decode call through the stack: no remat (no backward pass); a scanned run scans its
+    caches too, stacked on axis 1 ([batch, layers, max_length, heads, head_dim]) so that every
+    cache leaf keeps the batch first, as t5x's decoding expands and reorders them."""
+    for layer, (_, indices, sparse) in zip(layers, layer_runs(self.config, prefix)):
+      if sparse or not self.config.scan_layers:
+        x = layer(x, self_mask, encoded=encoded, cross_mask=cross_mask,
+                  features=features if sparse else None, deterministic=True, decode=True,
+                  decode_index=index)
+        continue
+
+      def body(layer, carry, self_mask, encoded, cross_mask, index):
+        return layer(carry, self_mask, encoded=encoded, cross_mask=cross_mask, features=None,
+                     deterministic=True, decode=True, decode_index=index), None
+
+      scan = nn.scan(body, variable_axes={"params": 0, CACHE_COLLECTION: 1},
+                     split_rngs={"params": True}, in_axes=(nn.broadcast,) * 4,
+                     length=len(indices), metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
+      x, _ = scan(layer, x, self_mask, encoded, cross_mask, index)
+    return x
+
   def _check_decode(self, deterministic: bool) -> None:
     check_decodable(self.config)
     if not deterministic:
       raise ValueError("cached decoding is evaluation: pass deterministic=True (no dropout, no "
                        "router jitter, BASE's greedy routing)")
 
-  def _decode_features(self, tokens: Array) -> tuple[Array, RouterFeatures]:
-    """(positions, router features) of a decode call's tokens, advancing the decoder's state."""
+  def _decode_features(self, tokens: Array
+                       ) -> tuple[Array, RouterFeatures, Optional[Array]]:
+    """(positions, router features, the step's position int32[] or None on the call that
+    creates the cache) of a decode call's tokens, advancing the decoder's state."""
     cfg = self.config
     state = self.decode_state(tokens)
     if state is None:
       # The call that creates the cache: it is as long as the decode will be.
       check_decode_length(cfg, tokens.shape[1])
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-      previous = None
+      index = previous = None
     else:
-      positions, previous = state
+      index, previous = state
+      positions = jnp.full(tokens.shape, index, jnp.int32)
     features = RouterFeatures(token_ids=tokens, positions=positions,
                               valid=jnp.ones(tokens.shape, bool), previous_token_ids=previous)
-    return positions, features
+    return positions, features, index
 
   def _embed(self, tokens: Array, positions: Array, position_embedder: nn.Module,
              deterministic: bool) -> Array:
@@ -754,11 +775,11 @@ class DecoderLM(_Transformer):
       if "decoder_segment_ids" in batch:
         raise ValueError("cached decoding decodes one sequence per row; packed rows "
                          "(decoder_segment_ids) cannot be decoded")
-      positions, features = self._decode_features(tokens)
-      mask = None if features.previous_token_ids is not None else make_causal_mask(tokens.shape[1])
+      positions, features, index = self._decode_features(tokens)
+      mask = None if index is not None else make_causal_mask(tokens.shape[1])
       x = self._embed(tokens, positions, self.position_embedder, True)
       x = self._run_stack(self.decoder_layers, "decoder", x, mask, features=features,
-                          deterministic=True, decode=True)
+                          deterministic=True, decode=True, decode_index=index)
       return self._logits(self.decoder_norm(x))
     positions = _positions(batch, "decoder", tokens.shape)
     valid = _decoder_valid(batch, tokens)
@@ -830,14 +851,13 @@ class EncoderDecoder(_Transformer):
       if "decoder_segment_ids" in batch or "encoder_segment_ids" in batch:
         raise ValueError("cached decoding decodes one sequence per row; packed rows "
                          "(decoder_segment_ids / encoder_segment_ids) cannot be decoded")
-      positions, features = self._decode_features(tokens)
-      step = features.previous_token_ids is not None
-      self_mask = None if step else make_causal_mask(tokens.shape[1])
+      positions, features, index = self._decode_features(tokens)
+      self_mask = None if index is not None else make_causal_mask(tokens.shape[1])
       cross_mask = make_attention_mask(jnp.ones(tokens.shape, bool), enc_valid)
       x = self._embed(tokens, positions, self.decoder_position_embedder, True)
       x = self._run_stack(self.decoder_layers, "decoder", x, self_mask, encoded=encoded,
                           cross_mask=cross_mask, features=features, deterministic=True,
-                          decode=True)
+                          decode=True, decode_index=index)
       return self._logits(self.decoder_norm(x))
     positions = _positions(batch, "decoder", tokens.shape)
     valid = _decoder_valid(batch, tokens)

@@ -126,6 +126,16 @@ def test_cached_greedy_equals_full_pass_encoder_decoder():
   check_greedy(model, variables, encoder_decoder=True)
 
 
+def test_scanned_layers_decode():
+  """scan_layers: the scanned runs of dense layers (decoder_0, decoder_2..3) scan their caches,
+  stacked on axis 1 so that the batch stays first; greedy decoding equals the full pass."""
+  model, variables = init(config(routers.Hash(key="bigram"), num_layers=4, scan_layers=True))
+  cache = decoding.init_cache(model, variables, B, L)
+  assert cache["decoder_2_to_3"]["self_attention"]["cached_key"].shape == (B, 2, L, 2, 16)
+  assert cache["decoder_1"]["self_attention"]["cached_key"].shape == (B, L, 2, 16)
+  check_greedy(model, variables)
+
+
 def test_temperature_sampling_cached_equals_uncached_loop():
   """The uncached loop (a full pass over the prefix per step) and the cached one draw the same
   tokens with the same rng, from logits equal at every step."""
@@ -185,8 +195,6 @@ def test_cache_layout_and_errors():
   with pytest.raises(ValueError, match="deterministic=True"):
     model.apply({**variables, "cache": cache}, {"decoder_input_tokens": np.ones((B, 1), np.int32)},
                 decode=True, deterministic=False, mutable=["cache"])
-  with pytest.raises(ValueError, match="scan_layers"):
-    decoding.decoding_model(models.build_model(cfg.replace(scan_layers=True)))
   with pytest.raises(ValueError, match="oracle_future"):
     decoding.decoding_model(models.build_model(config(routers.Hash(key="oracle_future"))))
   with pytest.raises(ValueError, match="temperature > 0 needs an rng"):
@@ -228,7 +236,8 @@ def _t5x():
 def test_t5x_beam_search_cached_equals_uncached(encoder_decoder):
   """predict_batch_with_aux with t5x's beam_search (cached) against t5x's beam_search run on a
   cache-less tokens_to_logits that reruns the full pass over the beams' sequences: same beams,
-  same scores."""
+  same scores. The LM's first row has a prompt ("decoder_causal_attention", seqio's prefix-LM
+  features), teacher-forced in both and removed from the decodes."""
   _t5x()
   import optax
   import seqio
@@ -249,10 +258,16 @@ def test_t5x_beam_search_cached_equals_uncached(encoder_decoder):
                                                decode_fn=t5x_decoding.beam_search)
   tables = {"hash_tables": variables["hash_tables"]}
   batch = {"decoder_input_tokens": np.zeros((2, L), np.int32)}
-  enc = None
+  enc, prompt_tokens, prompt_length = None, batch["decoder_input_tokens"], None
   if encoder_decoder:
     enc = encoder_tokens()[:2]
     batch["encoder_input_tokens"] = enc
+  else:
+    batch["decoder_input_tokens"][0, 1:4] = [5, 9, 17]
+    causal = np.zeros((2, L), np.int32)
+    causal[0, :4], causal[1, 0] = 1, 1
+    batch["decoder_causal_attention"] = causal
+    prompt_tokens, prompt_length = batch["decoder_input_tokens"], np.array([3, 0])
   decodes, aux = jax.jit(model.predict_batch_with_aux,
                          static_argnames=("num_decodes", "return_all_decodes"))(
       variables["params"], batch, flax_mutables=tables, num_decodes=beams,
@@ -266,7 +281,10 @@ def test_t5x_beam_search_cached_equals_uncached(encoder_decoder):
 
   ref_decodes, ref_scores = jax.jit(functools.partial(
       t5x_decoding.beam_search, tokens_to_logits=tokens_to_logits, eos_id=1, num_decodes=beams,
-      alpha=0.0))(batch["decoder_input_tokens"], {})
+      alpha=0.0))(prompt_tokens, {})
+  if prompt_length is not None:
+    from t5x import models as t5x_base
+    ref_decodes = t5x_base.remove_prefix(ref_decodes, prompt_length)
   np.testing.assert_array_equal(np.asarray(decodes), np.asarray(ref_decodes))
   np.testing.assert_allclose(np.asarray(aux["scores"]), np.asarray(ref_scores), rtol=1e-5,
                              atol=1e-4)

@@ -40,8 +40,7 @@ features) or from BOS when there is none; the prompt is teacher-forced one cache
 (no prefill), so every row is at the same position and the cache index is one scalar. The decoded
 model is `hashmoe.decoding.decoding_model`: dropless, as the rules of a cached step require
 (`hashmoe.decoding`'s docstring); oracle-future and predicted-future hash keys read features that
-do not exist while decoding (the next token; a frozen model's prediction) and are refused, and so
-are scanned layers (`TransformerConfig.scan_layers`).
+do not exist while decoding (the next token; a frozen model's prediction) and are refused.
 """
 from __future__ import annotations
 
@@ -346,7 +345,7 @@ class _HashMoeModelMixin:
 
   def _decoding_module(self) -> nn.Module:
     """The module a decode runs (`hashmoe.decoding.decoding_model`), or a ValueError naming the
-    setting that cannot decode (an oracle/predicted-future hash key, scanned layers)."""
+    setting that cannot decode (an oracle/predicted-future hash key)."""
     return hashmoe_decoding.decoding_model(self.module)
 
   def _decode(self, prompt: Array, cache: Mapping[str, Any], tokens_to_logits: Callable,
@@ -362,7 +361,8 @@ class _HashMoeModelMixin:
                        "was never fed to the cache; hashmoe feeds the prompt one cached step per "
                        "token (give it in the inputs instead)")
     decoder_params.setdefault("eos_id", self.output_vocabulary.eos_id or 1)
-    # Every cache leaf has the batch first (no scanned layers), so t5x's cache_offset is 0.
+    # Every cache leaf has the batch first (scanned runs stack their caches on axis 1), so t5x's
+    # cache_offset is 0.
     decodes, scores = self._decode_fn(inputs=prompt, cache=cache,
                                       tokens_to_logits=tokens_to_logits,
                                       num_decodes=num_decodes, cache_offset=0, **decoder_params)
