@@ -8,8 +8,8 @@ argmax of those logits prove cached == uncached decoding token for token by indu
 loop itself (`sample(cached=False)`: a full pass per step) is run for temperature sampling with a
 fixed rng. A model with a capacity factor decodes dropless; its reference is the full pass of the
 same parameters with capacity_factor=None. The t5x tests (skipped without t5x) compare
-predict_batch's beam search through the cache with t5x's beam search over a cache-less
-tokens_to_logits that reruns the full pass.
+predict_batch's beam search and temperature sampling through the cache with the same t5x decode
+functions over a cache-less tokens_to_logits that reruns the full pass.
 """
 from __future__ import annotations
 
@@ -92,11 +92,13 @@ def check_greedy(model, variables, reference_model=None, encoder_decoder=False):
 
 
 # One compile of the cached loop and one of the full pass each. The token key is tested by the
-# temperature test, the previous-token key by the encoder-decoder test, Switch by the capacity test.
+# temperature test, the previous-token key by the encoder-decoder test, Switch by the capacity test,
+# scanned layers by their own.
 CASES = {
     "dense": dict(router=None),
     "hash_bigram": dict(router=routers.Hash(key="bigram")),
     "base": dict(router="base"),  # BASE decodes with its evaluation rule, greedy argmax
+    "hash_topk": dict(router=routers.HashTopK(topk=2)),  # a table's 2 experts, a learned gate
 }
 
 
@@ -232,16 +234,20 @@ def _t5x():
   return pytest.importorskip("t5x")
 
 
-@pytest.mark.parametrize("encoder_decoder", [False, True], ids=["lm", "seq2seq"])
-def test_t5x_beam_search_cached_equals_uncached(encoder_decoder):
-  """predict_batch_with_aux with t5x's beam_search (cached) against t5x's beam_search run on a
-  cache-less tokens_to_logits that reruns the full pass over the beams' sequences: same beams,
-  same scores. The LM's first row has a prompt ("decoder_causal_attention", seqio's prefix-LM
-  features), teacher-forced in both and removed from the decodes."""
+@pytest.mark.parametrize("encoder_decoder,method", [(False, "beam"), (True, "beam"),
+                                                     (False, "temperature")],
+                         ids=["lm-beam", "seq2seq-beam", "lm-temperature"])
+def test_t5x_predict_batch_cached_equals_uncached(encoder_decoder, method):
+  """predict_batch_with_aux with t5x's beam_search / temperature_sample (cached) against the same
+  t5x decode function (same rng) on a cache-less tokens_to_logits that reruns the full pass over
+  the sequences: same decodes, same scores. The LM's first row has a prompt
+  ("decoder_causal_attention", seqio's prefix-LM features), teacher-forced in both and removed
+  from the decodes."""
   _t5x()
   import optax
   import seqio
   from t5x import decoding as t5x_decoding
+  from t5x import models as t5x_base
   from t5x import optimizers
   from hashmoe.t5x import models as t5x_models
 
@@ -250,12 +256,15 @@ def test_t5x_beam_search_cached_equals_uncached(encoder_decoder):
   vocab = seqio.PassThroughVocabulary(V, eos_id=1)
   opt = optimizers.OptaxWrapper(optax.sgd(0.1))
   beams = 3
-  if encoder_decoder:
-    model = t5x_models.HashMoeEncoderDecoderModel(module, vocab, vocab, opt,
-                                                  decode_fn=t5x_decoding.beam_search)
+  if method == "beam":
+    decode_fn, params = t5x_decoding.beam_search, {"alpha": 0.0}
   else:
-    model = t5x_models.HashMoeDecoderOnlyModel(module, vocab, opt,
-                                               decode_fn=t5x_decoding.beam_search)
+    decode_fn, params = functools.partial(t5x_decoding.temperature_sample, temperature=1.0,
+                                          topk=0), {}
+  if encoder_decoder:
+    model = t5x_models.HashMoeEncoderDecoderModel(module, vocab, vocab, opt, decode_fn=decode_fn)
+  else:
+    model = t5x_models.HashMoeDecoderOnlyModel(module, vocab, opt, decode_fn=decode_fn)
   tables = {"hash_tables": variables["hash_tables"]}
   batch = {"decoder_input_tokens": np.zeros((2, L), np.int32)}
   enc, prompt_tokens, prompt_length = None, batch["decoder_input_tokens"], None
@@ -268,22 +277,24 @@ def test_t5x_beam_search_cached_equals_uncached(encoder_decoder):
     causal[0, :4], causal[1, 0] = 1, 1
     batch["decoder_causal_attention"] = causal
     prompt_tokens, prompt_length = batch["decoder_input_tokens"], np.array([3, 0])
+  rng = jax.random.PRNGKey(3)
   decodes, aux = jax.jit(model.predict_batch_with_aux,
                          static_argnames=("num_decodes", "return_all_decodes"))(
-      variables["params"], batch, flax_mutables=tables, num_decodes=beams,
-      return_all_decodes=True, decoder_params={"alpha": 0.0})
+      variables["params"], batch, rng=rng, flax_mutables=tables, num_decodes=beams,
+      return_all_decodes=True, decoder_params=dict(params))
 
   expanded = None if enc is None else jnp.repeat(enc, beams, axis=0)
 
   def tokens_to_logits(state):
     logits = full_pass(module, variables, state.sequences, expanded)
-    return jax.lax.dynamic_index_in_dim(logits, state.cur_index, axis=1, keepdims=False), {}
+    # beam_search's index is a scalar, temperature_sample's one per row.
+    index = jnp.broadcast_to(jnp.asarray(state.cur_index), logits.shape[:1])
+    return jnp.take_along_axis(logits, index[:, None, None], axis=1)[:, 0], {}
 
   ref_decodes, ref_scores = jax.jit(functools.partial(
-      t5x_decoding.beam_search, tokens_to_logits=tokens_to_logits, eos_id=1, num_decodes=beams,
-      alpha=0.0))(prompt_tokens, {})
+      decode_fn, tokens_to_logits=tokens_to_logits, eos_id=1, num_decodes=beams, decode_rng=rng,
+      **params))(prompt_tokens, {})
   if prompt_length is not None:
-    from t5x import models as t5x_base
     ref_decodes = t5x_base.remove_prefix(ref_decodes, prompt_length)
   np.testing.assert_array_equal(np.asarray(decodes), np.asarray(ref_decodes))
   np.testing.assert_allclose(np.asarray(aux["scores"]), np.asarray(ref_scores), rtol=1e-5,
