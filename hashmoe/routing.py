@@ -67,6 +67,11 @@ class RouterFeatures:
   `valid` (bool[batch, length]) marks real tokens; padding is still routed (shapes are static) but
   left out of the routing metrics (expert load, dropped fraction, entropy), which would otherwise
   report the padding id's expert as loaded. None counts every position.
+
+  `previous_token_ids` (int32[batch]) is the token before column 0 of each row, for rows that
+  continue a sequence begun earlier: a cached decoding step sees one token and the model's cache
+  keeps the one before it, which previous-token and bigram keys need
+  (`hashing.routing_keys(previous_ids=...)`). None: column 0 starts a sequence.
   """
   token_ids: jax.Array
   positions: Optional[jax.Array] = None
@@ -76,6 +81,7 @@ class RouterFeatures:
   sorted_assignments: Optional[Mapping[str, hashing.SortedAssignments]] = None
   valid: Optional[jax.Array] = None
   row_routing: Optional[Mapping[str, hashing.RowRouting]] = None
+  previous_token_ids: Optional[jax.Array] = None
 
 
 @flax.struct.dataclass
@@ -388,7 +394,8 @@ def _keys(key: str, features: RouterFeatures, key_space: int) -> Array:
     keys = hashing.routing_keys(
         key, token_ids=features.token_ids, positions=features.positions,
         segment_ids=features.segment_ids, targets=features.targets,
-        predicted_ids=features.predicted_ids, key_space=key_space)
+        predicted_ids=features.predicted_ids, key_space=key_space,
+        previous_ids=features.previous_token_ids)
     keys = jnp.asarray(keys, jnp.int32).reshape(-1)
   check_key_ids(keys, key_space, key)
   return keys
