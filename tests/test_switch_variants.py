@@ -24,7 +24,7 @@ from hashmoe.compare import specs as specs_lib
 from hashmoe.compare.comparison import ModelResult, summarize
 from hashmoe.layers import MOE_COLLECTION
 from hashmoe.routing import RouterFeatures
-from hashmoe.training import resume
+from hashmoe.training import errors, resume
 
 E, D = 4, 8
 
@@ -279,6 +279,25 @@ def test_options_are_recorded_for_checkpoints_and_comparisons():
   # only the objective: a resumed run may change it, as it may the loss coefficients.
   assert settings["routers.Switch.combine"] == "prob_times_experts"
   assert "routers.Switch.exclude_padding" not in settings
+
+  def settings_of(router):
+    config = models.tiny_config(num_encoder_layers=0, sparse=models.SparseConfig(
+        router=router, num_experts=E, layers=(1,)))
+    return resume.run_settings(config, task="t", seq_len=8, batch_size=2, seed=0,
+                               hash_tables=None, vocab_fingerprint="v")
+
+  def check(saved, router):
+    return resume.check_resume({"settings": saved}, step=3, settings=settings_of(router),
+                               config_text="", model_dir="/runs/x")
+
+  with pytest.raises(errors.ChangedConfigError,
+                     match=r"routers.Switch.combine: 'prob_times_experts' -> 'prob'"):
+    check(settings, routers.Switch())
+  assert check(settings, routers.Switch(combine="prob_times_experts",
+                                        exclude_padding=False)) == []
+  # A checkpoint written before the field existed does not name it: not a change.
+  old = {k: v for k, v in settings.items() if not k.startswith("routers.")}
+  assert check(old, routers.Switch(combine="prob_times_experts")) == []
   assert routers.TokenSwitch().own_settings() == {"routers.TokenSwitch.combine": "prob",
                                                   "routers.TokenSwitch.exclude_padding": True}
   assert routers.Hash().own_settings() == {} and routers.Base().own_settings() == {}
