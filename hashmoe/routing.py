@@ -294,9 +294,9 @@ def switch_combine_weight(gate: Array, combine: str, num_experts: int) -> Array:
                           router learns through w alone. The default: the faithful baseline.
     "prob_times_experts"  w = E · p, forward and backward: 1 for a uniform router, so the layer
                           starts at a dense FFN's scale, and the router's gradient is E times
-                          Switch's. A constant factor on un-renormalised softmax gate weights, as
-                          DeepSeek-V2/V3 apply (`routed_scaling_factor`); E is the factor that undoes
-                          the 1/E of a uniform router.
+                          Switch's. A constant factor on un-renormalised softmax gate weights,
+                          as DeepSeek-V2/V3 apply (`routed_scaling_factor`); E is the factor
+                          that undoes the 1/E of a uniform router.
     "straight_through"    w = 1 forward, dw/dp = 1 backward (w = 1 + p - stop_gradient(p)): the
                           straight-through estimator (Bengio, Léonard & Courville 2013) applied to
                           the gate. Forward it is what renormalised top-k routers (Mixtral-style,
