@@ -168,13 +168,22 @@ ROUTER_PANEL_LABELS = {"router_confidence": "mean max router probability",
                        "combine_weight_mean": "mean combine weight"}
 
 
-def _draw_curve(ax, label: str, curve: Curve) -> None:
+def _draw_curve(ax, label: str, curve: Curve, color: str) -> None:
   steps, mean = np.asarray(curve.steps), np.asarray(curve.mean)
-  (line,) = ax.plot(steps, mean, marker="o", markersize=2, linewidth=1.5,
-                    label=label if curve.seeds == 1 else f"{label} ({curve.seeds} seeds)")
+  ax.plot(steps, mean, marker="o", markersize=2, linewidth=1.5, color=color,
+          label=label if curve.seeds == 1 else f"{label} ({curve.seeds} seeds)")
   if curve.std is not None and curve.seeds > 1:
     std = np.asarray(curve.std)
-    ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+
+
+def _plain_log_labels(value: float, _) -> str:
+  """Labels of a log axis as plain numbers (0.05, 200), minor ticks only at 2 and 5 × 10^k so
+  that an axis spanning several decades stays readable."""
+  if value <= 0:
+    return ""
+  mantissa = round(value / 10 ** math.floor(math.log10(value)), 6)
+  return f"{value:g}" if mantissa in (1.0, 2.0, 5.0) else ""
 
 
 def _curve_numbers(curve: Curve) -> dict[str, Any]:
@@ -212,14 +221,20 @@ def write_router_curves(ppl_curves: Mapping[str, Curve],
     for label, curve in lines.items():
       if not isinstance(curve, Curve):
         raise TypeError(f"{name} curve {label!r} must be a Curve, got {type(curve).__name__}")
+  # One colour per model in every panel, in order of first appearance.
+  colors: dict[str, str] = {}
+  for _, lines in panels.values():
+    for label in lines:
+      colors.setdefault(label, f"C{len(colors) % 10}")
   fig = Figure(figsize=(_FIGSIZE[0] / 1.6 * len(panels), _FIGSIZE[1]))
   numbers: dict[str, Any] = {"title": title, "panels": {}}
   for i, (name, (ylabel, lines)) in enumerate(panels.items()):
     ax = fig.add_subplot(1, len(panels), i + 1)
     for label, curve in lines.items():
-      _draw_curve(ax, label, curve)
+      _draw_curve(ax, label, curve, colors[label])
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(_plain_log_labels))
+    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(_plain_log_labels))
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)

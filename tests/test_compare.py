@@ -509,8 +509,8 @@ EXPECTED_EXPERIMENTS = {
     "token_switch": {f"{r}_{e}" for r in ("switch", "token_switch", "hash") for e in (64, 128)},
     "base_layers": {"dense", "base", "hash", "switch"},
     "dense_baselines": {"dense", "wider", "deeper", "switch", "hash"},
-    "switch_combine": {"dense", "switch", "switch_x_experts", "switch_straight_through",
-                       "token_switch", "token_switch_x_experts", "hash"},
+    "switch_combine": {"dense", "switch", "switch_padding_in_aux", "switch_x_experts",
+                       "switch_straight_through", "token_switch", "token_switch_x_experts", "hash"},
 }
 
 
@@ -537,6 +537,7 @@ def test_every_experiment_file_parses_and_builds_every_model(name):
 def test_experiment_specific_settings():
   combine = {m.name: m.router for m in compare.load_experiment("switch_combine").models}
   assert combine["switch"] == routers.Switch()
+  assert combine["switch_padding_in_aux"] == routers.Switch(exclude_padding=False)
   assert combine["switch_x_experts"] == routers.Switch(combine="prob_times_experts")
   assert combine["switch_straight_through"] == routers.Switch(combine="straight_through")
   assert combine["token_switch_x_experts"] == routers.TokenSwitch(combine="prob_times_experts")
