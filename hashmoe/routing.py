@@ -66,7 +66,8 @@ class RouterFeatures:
 
   `valid` (bool[batch, length]) marks real tokens; padding is still routed (shapes are static) but
   left out of the routing metrics (expert load, dropped fraction, entropy), which would otherwise
-  report the padding id's expert as loaded. None counts every position.
+  report the padding id's expert as loaded, and of Switch's auxiliary losses
+  (`SwitchRouter.exclude_padding`). None counts every position.
   """
   token_ids: jax.Array
   positions: Optional[jax.Array] = None
@@ -86,7 +87,8 @@ class Routing:
     expert_index: int32[tokens, num_hashes]; num_hashes is 1 except for MultiHash (one column per
       slice) and hash-selected top-k (one column per selected expert).
     combine_weight: float32[tokens, num_hashes]; 1.0 for hash routing, the router probability for
-      Switch, 0.0 for a token dropped by a capacity limit (it then passes through the residual).
+      Switch (or a variant, `switch_combine_weight`), 0.0 for a token dropped by a capacity limit
+      (it then passes through the residual).
     aux_loss: float32[]; the auxiliary loss to add to the objective (0 for hash routing).
     metrics: dict of float32 arrays explaining the routing (per-expert load, dropped fraction, ...).
     sorted_assignments: optional `hashing.SortedAssignments` of these assignments, precomputed from
@@ -827,8 +829,7 @@ class SwitchRouter(Router):
         expert_index=expert[:, None],
         combine_weight=jnp.where(kept, switch_combine_weight(gate, self.combine, self.num_experts),
                                  0.0),
-        kept=kept,
-        router_probs=probs, aux_losses=aux_losses,
+        kept=kept, router_probs=probs, aux_losses=aux_losses,
         metrics={"balance_loss": balance, "router_z_loss": z_loss})
 
 
