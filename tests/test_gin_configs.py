@@ -149,6 +149,8 @@ def test_sizes_come_in_paper_and_tiny_pairs_and_every_router_has_a_file():
     families.add(config.sparse.router.name)
     if path.endswith("multihash.gin"):
       assert config.sparse.router.num_hashes == 4
+    if "/switch_" in path:  # switch_<combine>.gin: Switch with that combine weight
+      assert config.sparse.router.combine == path.split("/switch_")[-1][:-len(".gin")]
   assert families == set(routers.REGISTRY)
 
 
