@@ -16,7 +16,6 @@ configs/experiments/ belongs to `hashmoe compare` and is tested with it.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import flax.linen as nn
