@@ -151,6 +151,11 @@ class SparseConfig:
     ("router" the family's name, "hash_key", "num_hashes", "balance_coef", ...): what checkpoints
     record, so that one written before the change compares equal to the same model now."""
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    if not self.num_shared_experts:
+      # Recorded only when set, so a checkpoint written before the field existed records the
+      # same settings as the same model now. (A change from N shared experts to none still fails
+      # on resume: the parameter layout differs.)
+      del fields["num_shared_experts"]
     return {**fields, **self.router.flat_fields()}
 
 

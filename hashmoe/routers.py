@@ -403,7 +403,6 @@ class TopK(RouterConfig):
     z_loss_coef: coefficient of the router z-loss (ST-MoE); 0 turns it off.
   """
   name: ClassVar[str] = "topk"
-  legacy_names: ClassVar[Mapping[str, str]] = {"topk": "topk", "z_loss_coef": "z_loss_coef"}
 
   topk: int = 1
   score: str = "sigmoid"
