@@ -294,9 +294,11 @@ def test_deepseek_v4_layouts_build_with_hash_layers_first(path):
   """The tiny DeepSeek-V4-style model and the paper-scale layout: every layer sparse, the first
   HASH_LAYERS of them hash top-k and the rest learned top-k, fine-grained and shared experts;
   counted in closed form (the large one abstractly: 490.9B parameters, 43.2B active)."""
-  config, _ = parse([path])
-  s = config.sparse
   tiny = path.startswith("models/tiny/")
+  # The large layout leaves vocabulary and encoder to the task, as models/large/lm_4_5b.gin does.
+  config, _ = parse([path] if tiny else ["tasks/text_dir.gin", path],
+                    [] if tiny else TASK_BINDINGS + ["VOCAB_SIZE = 129280"])
+  s = config.sparse
   expected = ((4, 32, 32, 4, 2, 1, 64) if tiny else (61, 256, 2048, 6, 3, 1, 7168))
   assert (config.num_layers, s.num_experts, s.expert_d_ff, s.router.experts_per_token,
           s.router.first_layers, s.num_shared_experts, config.d_model) == expected
