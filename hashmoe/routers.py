@@ -99,6 +99,12 @@ class RouterConfig:
     """Raises ValueError if the router cannot route to `num_experts` experts."""
     del num_experts
 
+  @property
+  def updates_state(self) -> bool:
+    """Whether training changes the router's non-parameter state (`routing.ROUTER_STATE`): a
+    trainer must store what the training pass writes there (`hashmoe.training.trainer` does)."""
+    return False
+
   def check_layers(self, num_sparse_layers: int) -> None:
     """Raises ValueError if the router cannot serve a model of `num_sparse_layers` sparse layers
     (`FirstLayers` needs more than its first ones)."""
@@ -433,6 +439,10 @@ class TopK(RouterConfig):
   def experts_per_token(self) -> int:
     return self.topk
 
+  @property
+  def updates_state(self) -> bool:
+    return self.bias_update_rate > 0
+
   def check(self, num_experts: int) -> None:
     if not 1 <= self.topk <= num_experts:
       raise ValueError(f"TopK: topk must be in [1, num_experts={num_experts}], got {self.topk}")
@@ -531,6 +541,10 @@ class FirstLayers(RouterConfig):
   @property
   def default_table_kind(self) -> Optional[str]:
     return self._tabled.default_table_kind
+
+  @property
+  def updates_state(self) -> bool:
+    return self.first.updates_state or self.rest.updates_state
 
   def check(self, num_experts: int) -> None:
     self.first.check(num_experts)

@@ -321,6 +321,9 @@ def test_first_layers_route_by_hash_and_the_rest_by_learned_top_k():
   with pytest.raises(ValueError, match=r"keys \['decoder_2'\] that name no sparse hash layer"):
     wrong = models.build_model(config, {"decoder_2": (table,)})
     jax.eval_shape(lambda: wrong.init(jax.random.key(0), batch))
+  assert config.sparse.router.updates_state  # the learned layers' bias moves in training
+  assert not routers.TopK(bias_update_rate=0.0).updates_state
+  assert not routers.HashTopK().updates_state
   counts = models.param_counts(config)
   # Active: everything but 6 of the 8 routed experts in each of the 3 sparse layers.
   assert counts["total"] - counts["active"] == 3 * 6 * 2 * 32 * 8
