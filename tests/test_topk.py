@@ -329,6 +329,26 @@ def test_first_layers_route_by_hash_and_the_rest_by_learned_top_k():
   assert counts["total"] - counts["active"] == 3 * 6 * 2 * 32 * 8
 
 
+def test_tables_and_host_routing_reach_only_the_hash_layers(tmp_path):
+  """A run's table (built from counts by the trainer's own function) goes to the hash layers;
+  the input pipeline routes exactly those on the host, with their table's columns."""
+  from hashmoe import host_routing, tables
+  config = v4_config(dispatch="sorted")
+  counts = np.random.default_rng(1).integers(1, 100, V)
+  built = tables.make_hash_tables(config, hashing.TOPK_KIND, out_path=tmp_path / "t.npz",
+                                  key_counts=lambda: counts)
+  assert len(built) == 1 and built[0].table.shape == (V, 2)
+  model = models.build_model(config, {"default": built})
+  batch = {"decoder_input_tokens": np.ones((1, 8), np.int32)}
+  variables = model.init(jax.random.key(0), batch)
+  for layer in ("decoder_0", "decoder_1"):
+    np.testing.assert_array_equal(
+        np.asarray(variables["hash_tables"][layer]["moe"]["router"]["table"]), built[0].table)
+  plan = host_routing.plan(config, {"hash_tables": variables["hash_tables"]}, backend="cpu")
+  assert [layer.path for layer in plan.layers] == ["decoder_0/moe/router", "decoder_1/moe/router"]
+  np.testing.assert_array_equal(plan.layers[0].columns, built[0].table.T)
+
+
 @pytest.fixture(scope="module")
 def fsdp_trainer():
   config = v4_config()
