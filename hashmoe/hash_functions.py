@@ -315,9 +315,7 @@ def build_topk_table(k: int, *, num_experts: int, vocab_size: int, token_counts:
     HashTable of kind TOPK_KIND with table int32[V, k]; row v lists token v's experts, lightest
     bucket first.
   """
-  _check_sizes(num_experts, vocab_size)
-  if not isinstance(k, (int, np.integer)) or not 1 <= k <= num_experts:
-    raise ValueError(f"k must be an int in [1, num_experts={num_experts}], got {k!r}")
+  k = _check_topk(k, num_experts, vocab_size)
   counts = hashing.validate_counts(token_counts, vocab_size)
   table = _greedy_balanced_assignment(counts, num_experts, k=int(k))
   return HashTable(kind=TOPK_KIND, table=table, num_experts=num_experts, vocab_size=vocab_size,
@@ -336,6 +334,10 @@ def _check_topk(k: Any, num_experts: int, vocab_size: int) -> int:
     raise ValueError(f"k must be an int in [1, num_experts={num_experts}] (k distinct experts per "
                      f"token need at least k experts), got k={k!r}")
   return int(k)
+
+
+# Uniform draws per block of rows of `random_topk_table` (float64: 64 MB).
+_RANDOM_BLOCK_DRAWS = 1 << 23
 
 
 def roundrobin_topk_table(k: int, *, num_experts: int, vocab_size: int, seed: int = 0,
@@ -383,9 +385,9 @@ def random_topk_table(k: int, *, num_experts: int, vocab_size: int, seed: int = 
   k = _check_topk(k, num_experts, vocab_size)
   rng = np.random.default_rng(seed)
   table = np.empty((vocab_size, k), dtype=np.int32)
-  # Row blocks bound the float64 scratch to ~64 MB for a 129k x 256 table; the stream is consumed
+  # Row blocks bound the float64 scratch to 64 MB for a 129k x 256 table; the stream is consumed
   # in row-major order either way, so the blocks give the one-shot table.
-  rows = max(1, (1 << 23) // num_experts)
+  rows = max(1, _RANDOM_BLOCK_DRAWS // num_experts)
   for start in range(0, vocab_size, rows):
     draws = rng.random((min(rows, vocab_size - start), num_experts))
     if k < num_experts:
