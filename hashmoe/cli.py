@@ -193,7 +193,7 @@ def _build_parser() -> argparse.ArgumentParser:
   text.add_argument("--sentencepiece", default=None, help="a SentencePiece .model file")
   text.add_argument("--hf_tokenizer", default=None,
                     help="a Hugging Face tokenizer.json (needs the hf extra: "
-                    "pip install 'hashmoe[hf]')")
+                    "pip install -e '.[hf]')")
   text.add_argument("--text", action="append", default=[],
                     help="a text file (plain, .gz, .xz, .zst, .bz2) or a folder of them "
                     "(repeatable)")

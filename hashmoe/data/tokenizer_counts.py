@@ -40,7 +40,7 @@ DEFAULT_BLOCK_LINES = 1000
 # Block b is held out when frac((b + 1) / phi) < heldout_fraction: a low-discrepancy sequence, so
 # the held-out share is within a block of the asked fraction at any length, and deterministic.
 _INV_PHI = (math.sqrt(5.0) - 1.0) / 2.0
-HF_EXTRA_HINT = "pip install 'hashmoe[hf]' (or: pip install tokenizers)"
+HF_EXTRA_HINT = "pip install -e '.[hf]' in the hashmoe checkout (or: pip install tokenizers)"
 
 
 @dataclasses.dataclass(frozen=True)
