@@ -279,9 +279,11 @@ def test_command_writes_every_file_and_an_exact_report(corpus, sp_model, tmp_pat
   import sentencepiece as spm
   root, lines = corpus
   out = tmp_path / "t" / "tid2eid.npy"
-  code, stdout, err = _run(["--sentencepiece", str(sp_model), "--text", str(root), "--experts",
-                            "8", "--k", "3", "--kind", "random", "--seed", "2", "--layers", "2",
-                            "--heldout_fraction", "0.2", "--output", str(out)], capsys)
+  # The folder twice: 1,300 lines, two blocks of 1,000, the second held out at this fraction.
+  code, stdout, err = _run(["--sentencepiece", str(sp_model), "--text", str(root), "--text",
+                            str(root), "--experts", "8", "--k", "3", "--kind", "random", "--seed",
+                            "2", "--layers", "2", "--heldout_fraction", "0.25", "--output",
+                            str(out)], capsys)
   assert code == 0, err
   summary = json.loads(stdout)
   report = json.loads(Path(summary["files"]["report"]).read_text())
@@ -289,11 +291,9 @@ def test_command_writes_every_file_and_an_exact_report(corpus, sp_model, tmp_pat
   np.testing.assert_array_equal(
       table, hash_functions.random_topk_table(3, num_experts=8, vocab_size=70, seed=2).table)
   processor = spm.SentencePieceProcessor(model_file=str(sp_model))
-  counted, heldout = _reference_blocks(lines, tokenizer_counts.DEFAULT_BLOCK_LINES, 0.2)
+  counted, heldout = _reference_blocks(lines * 2, tokenizer_counts.DEFAULT_BLOCK_LINES, 0.25)
+  assert (len(counted), len(heldout)) == (1000, 300)
   for part, text in (("counted", counted), ("heldout", heldout)):
-    if not text:
-      assert report["load"][part] is None
-      continue
     ids = [i for line in text for i in processor.encode(line)]
     load = np.zeros(8)
     for i in ids:
@@ -305,7 +305,8 @@ def test_command_writes_every_file_and_an_exact_report(corpus, sp_model, tmp_pat
   assert hashing.HashTable.load(summary["files"]["npz"]).kind == "random_topk"
 
 
-@pytest.mark.parametrize("case", ["k_above_e", "bad_spm", "bad_json", "empty", "both"])
+@pytest.mark.parametrize("case", ["k_above_e", "bad_spm", "bad_json", "empty", "both",
+                                  "all_heldout"])
 def test_command_bad_input(case, corpus, sp_model, tmp_path, capsys):
   root, _ = corpus
   common = ["--experts", "8", "--k", "2", "--kind", "balanced",
@@ -330,6 +331,11 @@ def test_command_bad_input(case, corpus, sp_model, tmp_path, capsys):
                 "to count"),
       "both": (["--sentencepiece", str(sp_model), "--hf_tokenizer", str(bad_json), "--text",
                 str(root)], "give one tokenizer: --sentencepiece or --hf_tokenizer, not both"),
+      # One block of 650 lines, and block 0 is held out at this fraction (0.618 < 0.7).
+      "all_heldout": (["--sentencepiece", str(sp_model), "--text", str(root),
+                       "--heldout_fraction", "0.7"],
+                      f"all 650 lines of {root} fell in the held-out part; lower "
+                      "--heldout_fraction=0.7 or give more text"),
   }[case]
   if case == "bad_json":
     pytest.importorskip("tokenizers")
@@ -337,3 +343,16 @@ def test_command_bad_input(case, corpus, sp_model, tmp_path, capsys):
   assert code == cli.EXIT_USAGE
   assert err.startswith(f"hashmoe build-hash: error: {message}"), err
   assert not (tmp_path / "t.npy").exists()
+
+
+def test_maxtext_float_tables_read_as_expert_ids(tmp_path):
+  from safetensors import numpy as st_numpy
+  ids = np.array([[3, 1], [0, 2], [2, 3]], np.int64)
+  path = tmp_path / "maxtext.safetensors"
+  path.write_bytes(st_numpy.save({"model.layers.0.mlp.gate.tid2eid": ids.astype(np.float32)}))
+  table = table_export.read_exported(path, num_experts=4, vocab_size=3, k=2)
+  np.testing.assert_array_equal(table.table, ids)
+  path.write_bytes(st_numpy.save({"model.layers.0.mlp.gate.tid2eid":
+                                  ids.astype(np.float32) + 0.5}))
+  with pytest.raises(ValueError, match="float table with non-integer entries"):
+    table_export.read_exported(path, num_experts=4)
