@@ -22,7 +22,7 @@ Where the tensor names come from (read in the frameworks' code, snapshots of Aug
   for i in range(3), hard-coded to 3 layers). MaxText holds the table as float32 zeros
   (`layers/moe.py`, `RoutedMoE.__init__`) and casts it to int32 when routing.
 * "megatron_core": `decoder.layers.{i}.mlp.router.tid2eid`, the state-dict key of the persistent
-  int32 buffer `TopKRouter.tid2eid` (NVIDIA/Megatron-LM `dev`,
+  int32 buffer `TopKRouter.tid2eid` (NVIDIA/Megatron-LM `dev`; not on `main`,
   `megatron/core/transformer/moe/router.py`) under GPTModel.decoder (TransformerBlock.layers[i],
   TransformerLayer.mlp = MoELayer, MoELayer.router); hash layers are those with layer_number
   (1-based) <= `moe_n_hash_layers`, i.e. module indices 0..N-1. Megatron-Core's own checkpoints
