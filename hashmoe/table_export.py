@@ -251,8 +251,8 @@ def build_from_text(*, kind: str, num_experts: int, k: int, texts: Sequence[Path
                      f"must be distinct, so 1 <= k <= num_experts")
   paths = output_paths(output, layouts)
   if num_layers < 1 or first_layer < 0:
-    raise ValueError(f"--layers={num_layers} hash layers from --first_layer={first_layer}: expected "
-                     "at least one layer and a first index >= 0")
+    raise ValueError(f"--layers={num_layers} hash layers from --first_layer={first_layer}: "
+                     "expected at least one layer and a first index >= 0")
   tokenizer = tokenizer_counts.load_tokenizer(sentencepiece=sentencepiece,
                                               hf_tokenizer=hf_tokenizer)
   counted = tokenizer_counts.count_tokens(
