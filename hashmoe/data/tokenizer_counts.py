@@ -15,7 +15,9 @@ counts (`hashmoe.table_export`).
   built from.
 
 Ids are counted as the tokenizer gives them for each line: no BOS/EOS or other special tokens are
-added (a model adds one or two per document, which moves no expert's load measurably).
+added (a model adds one or two per document, which moves no expert's load measurably). Memory is a
+block of lines and its ids, whatever the corpus size; a line is read whole, so a file that is one
+huge line is held in memory at once.
 """
 from __future__ import annotations
 
