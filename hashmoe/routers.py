@@ -272,7 +272,8 @@ class HashTopK(_Hashed):
   """
   name: ClassVar[str] = "hash_topk"
   legacy_names: ClassVar[Mapping[str, str]] = {**_Hashed.legacy_names, "topk": "topk"}
-  table_kinds: ClassVar[tuple[str, ...]] = (hashing.TOPK_KIND,)
+  # The balanced table and the initialisations other frameworks start from (hashing.TOPK_KINDS).
+  table_kinds: ClassVar[tuple[str, ...]] = hashing.TOPK_KINDS
   default_table_kind: ClassVar[Optional[str]] = hashing.TOPK_KIND
 
   counts: ClassVar[tuple[str, ...]] = ("topk",)
