@@ -139,9 +139,8 @@ def test_topk_router_values_and_losses_match_numpy(score, normalize, scale):
 
 def test_sequence_balance_loss_is_one_under_perfect_balance_and_skips_empty_rows():
   # Every expert selected equally often with uniform scores: f_i = 1, P_i = 1/E, loss = 1.
-  e, k = 4, 2
-  selected = jnp.asarray([[0, 1], [2, 3]] * 2)
-  scores = jnp.full((4, e), 0.3)
+  selected = jnp.asarray([[0, 1], [2, 3]] * 2)  # k = 2 of 4 experts
+  scores = jnp.full((4, 4), 0.3)
   assert float(routing.sequence_balance_loss(scores, selected, 2)) == pytest.approx(1.0)
   valid = jnp.asarray([True, True, False, False])  # row 1 is all padding: left out of the mean
   assert float(routing.sequence_balance_loss(scores, selected, 2, valid)) == pytest.approx(1.0)
@@ -149,7 +148,6 @@ def test_sequence_balance_loss_is_one_under_perfect_balance_and_skips_empty_rows
   skewed = jnp.asarray([[0.9, 0.9, 0.0, 0.0]] * 4)
   assert float(routing.sequence_balance_loss(skewed, jnp.asarray([[0, 1]] * 4), 2)) == \
       pytest.approx(2.0)
-  del k
 
 
 def test_topk_router_gradient_matches_finite_differences():
