@@ -9,6 +9,8 @@ with gin.
                   --gin.EVAL_BATCHES=4
     hashmoe build-hash --gin_file=configs/runs/cpu_tiny.gin --kind=balanced \
                   --output=/tmp/tables/balanced.npz
+    hashmoe build-hash --hf_tokenizer=tokenizer.json --text=corpus/ --experts=256 --k=6 \
+                  --kind=balanced --output=/tmp/tables/tid2eid.npy
     hashmoe compare --quick --models dense,hash --out /tmp/compare_quick
 
 (`prepare` takes the run's gin files and writes its task's rows at SEQ_LEN under PREPARED_DIR, where
@@ -168,18 +170,54 @@ def _build_parser() -> argparse.ArgumentParser:
   _add_gin_flags(evaluate)
   build = sub.add_parser(
       "build-hash", help="build a hash table from the task's training split (balanced) or a "
-      "trained model's embeddings (clustered, dispersed) and write it for training to load")
+      "trained model's embeddings (clustered, dispersed) and write it for training to load; or, "
+      "with --sentencepiece/--hf_tokenizer, a top-k (DeepSeek-V4 tid2eid) table from any text "
+      "for MaxText / Megatron (.npy, safetensors, load report)")
   _add_gin_flags(build)
   build.add_argument("--kind", required=True,
-                     help="random, balanced, clustered, dispersed, or balanced_topk")
+                     help="random, balanced, clustered, dispersed, or one of the top-k kinds "
+                     "balanced_topk, roundrobin_topk, random_topk, zeros_topk; with a tokenizer: "
+                     "balanced, roundrobin, random or zeros (all top-k)")
   build.add_argument("--output", required=True,
                      help="the .npz to write (MultiHash: N files NAME.hash<m>of<N>.npz beside "
-                     "it; train.hash_tables takes OUTPUT itself either way)")
+                     "it; train.hash_tables takes OUTPUT itself either way); with a tokenizer: "
+                     "the .npy to write, with OUT.npz, OUT.<layout>.safetensors and "
+                     "OUT.report.json beside it")
   build.add_argument("--seed", type=int, default=0, help="seed (random tables, k-means)")
   build.add_argument("--embeddings_from", default=None,
                      help="a trained run (MODEL_DIR or checkpoint) whose token embeddings "
                      "clustered/dispersed tables cluster")
   build.add_argument("--kmeans_iters", type=int, default=20)
+  text = build.add_argument_group(
+      "a top-k table from any text and tokenizer (no gin config; hashmoe.table_export)")
+  text.add_argument("--sentencepiece", default=None, help="a SentencePiece .model file")
+  text.add_argument("--hf_tokenizer", default=None,
+                    help="a Hugging Face tokenizer.json (needs the hf extra: "
+                    "pip install -e '.[hf]')")
+  text.add_argument("--text", action="append", default=[],
+                    help="a text file (plain, .gz, .xz, .zst, .bz2) or a folder of them "
+                    "(repeatable)")
+  text.add_argument("--text_glob", default="*",
+                    help="file names to read inside --text folders (default: every file)")
+  text.add_argument("--experts", type=int, default=None, help="number of routed experts E")
+  text.add_argument("--k", type=int, default=None, help="experts per token (<= --experts)")
+  text.add_argument("--vocab_size", type=int, default=None,
+                    help="the model's (padded) vocabulary size, >= the tokenizer's (default: "
+                    "the tokenizer's)")
+  text.add_argument("--layers", type=int, default=3,
+                    help="hash layers: one safetensors tensor each (default: %(default)s, "
+                    "DeepSeek-V4's)")
+  text.add_argument("--first_layer", type=int, default=0,
+                    help="module index of the first hash layer (default: %(default)s)")
+  text.add_argument("--layouts", default="maxtext,megatron_core,deepseek_v4",
+                    help="safetensors files to write, by their tensor names (default: "
+                    "%(default)s)")
+  text.add_argument("--heldout_fraction", type=float, default=0.05,
+                    help="share of the text (in blocks of 1000 lines) left out of the counts and "
+                    "reported apart (default: %(default)s)")
+  text.add_argument("--text_errors", choices=("strict", "replace"), default="strict",
+                    help="bytes that are not UTF-8: stop (strict) or substitute U+FFFD")
+  text.add_argument("--no_progress", action="store_true", help="no progress bar")
   prep = sub.add_parser(
       "prepare", help="tokenize, split and pack the run's task once into shards under "
       "PREPARED_DIR, which train then reads (fast, resumable in O(1) at any step)")
@@ -443,6 +481,50 @@ def _prepare(args: argparse.Namespace, context: _Context) -> int:
   return 0
 
 
+def _build_hash_from_text(args: argparse.Namespace) -> int:
+  """`hashmoe build-hash --sentencepiece/--hf_tokenizer`: a top-k table from text, for other
+  frameworks (`hashmoe.table_export.build_from_text`)."""
+  if args.sentencepiece and args.hf_tokenizer:
+    raise UsageError("give one tokenizer: --sentencepiece or --hf_tokenizer, not both")
+  missing = [f"--{n}" for n in ("text", "experts", "k") if not getattr(args, n)]
+  if missing:
+    raise UsageError(f"a table from text needs {', '.join(missing)}, e.g. --text corpus/ "
+                     "--experts 256 --k 6")
+  if args.experts < 1 or not 1 <= args.k <= args.experts:
+    raise UsageError(f"--k={args.k} with --experts={args.experts}: each token takes k distinct "
+                     "experts, so 1 <= k <= experts")
+  if not 0 <= args.heldout_fraction < 1:
+    raise UsageError(f"--heldout_fraction={args.heldout_fraction}; expected a fraction in [0, 1)")
+  from hashmoe import table_export  # pylint: disable=g-import-not-at-top
+  layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+  unknown = [x for x in layouts if x not in table_export.LAYOUTS]
+  if unknown:
+    raise UsageError(f"--layouts: unknown {unknown}; choose from {sorted(table_export.LAYOUTS)}")
+  if Path(args.output).suffix != ".npy":
+    raise UsageError(f"--output {args.output}: give the .npy to write, e.g. --output=tid2eid.npy "
+                     "(the safetensors, .npz and report are written beside it)")
+  _check_writable_dir(Path(args.output).absolute().parent, "the folder of --output")
+  try:
+    result = table_export.build_from_text(
+        kind=args.kind, num_experts=args.experts, k=args.k, texts=args.text,
+        output=args.output, sentencepiece=args.sentencepiece, hf_tokenizer=args.hf_tokenizer,
+        vocab_size=args.vocab_size, num_layers=args.layers, first_layer=args.first_layer,
+        layouts=layouts, heldout_fraction=args.heldout_fraction, seed=args.seed,
+        pattern=args.text_glob, errors=args.text_errors, progress=not args.no_progress)
+  except ImportError as e:
+    raise UsageError(str(e)) from e
+  except ValueError as e:
+    # A tokenizer that does not parse, an empty corpus, a bad size: the input's to fix.
+    raise UsageError(str(e)) from e
+  load = result.report["load"]
+  print(json.dumps({"files": result.paths, "kind": result.table.kind,
+                    "shape": list(result.table.table.shape),
+                    "max_over_mean": {part: v and round(v["max_over_mean"], 4)
+                                      for part, v in load.items()},
+                    "gin_flag": f"--gin.train.hash_tables=\"'{result.paths['npz']}'\""}))
+  return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Entry point of the `hashmoe` console script; returns the exit code."""
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -480,6 +562,16 @@ def _run(argv: list[str], debug: bool, context: _Context) -> int:
   bindings = list(args.gin_bindings) + flag_bindings
   origins = ([f"--gin_bindings={b!r}" for b in args.gin_bindings] +
              [a for a in argv if a.startswith("--gin.")])
+  if args.command == "build-hash" and (args.sentencepiece or args.hf_tokenizer):
+    if args.gin_file or bindings:
+      raise UsageError("build-hash takes either a run's gin config (a table for a hashmoe task) "
+                       "or a tokenizer (--sentencepiece/--hf_tokenizer with --text), not both")
+    return _build_hash_from_text(args)
+  if args.command == "build-hash":
+    given = [f"--{n}" for n in ("text", "experts", "k", "vocab_size") if getattr(args, n)]
+    if given:
+      raise UsageError(f"{', '.join(given)} go with a tokenizer: add --sentencepiece MODEL or "
+                       "--hf_tokenizer tokenizer.json (or drop them and give a run's gin config)")
   if args.command != "compare" and not args.gin_file and not any(
       "include" in b for b in bindings):
     raise UsageError(f"no config given: hashmoe {args.command} needs gin files, e.g. "

@@ -315,10 +315,149 @@ def build_topk_table(k: int, *, num_experts: int, vocab_size: int, token_counts:
     HashTable of kind TOPK_KIND with table int32[V, k]; row v lists token v's experts, lightest
     bucket first.
   """
-  _check_sizes(num_experts, vocab_size)
-  if not isinstance(k, (int, np.integer)) or not 1 <= k <= num_experts:
-    raise ValueError(f"k must be an int in [1, num_experts={num_experts}], got {k!r}")
+  k = _check_topk(k, num_experts, vocab_size)
   counts = hashing.validate_counts(token_counts, vocab_size)
   table = _greedy_balanced_assignment(counts, num_experts, k=int(k))
   return HashTable(kind=TOPK_KIND, table=table, num_experts=num_experts, vocab_size=vocab_size,
                    seed=seed, vocab_fingerprint=vocab_fingerprint)
+
+
+# --------------------------------------------------------------------------------------------------
+# Top-k table initialisations other frameworks use, for comparison with the balanced one. None of
+# them looks at token frequencies: their expert load on text is whatever the vocabulary's order
+# and the corpus make of it (docs/results/hash_tables/).
+
+
+def _check_topk(k: Any, num_experts: int, vocab_size: int) -> int:
+  _check_sizes(num_experts, vocab_size)
+  if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= num_experts:
+    raise ValueError(f"k must be an int in [1, num_experts={num_experts}] (k distinct experts per "
+                     f"token need at least k experts), got k={k!r}")
+  return int(k)
+
+
+# Uniform draws per block of rows of `random_topk_table` (float64: 64 MB).
+_RANDOM_BLOCK_DRAWS = 1 << 23
+
+
+def roundrobin_topk_table(k: int, *, num_experts: int, vocab_size: int, seed: int = 0,
+                          vocab_fingerprint: str = "") -> HashTable:
+  """Megatron-Core's placeholder table: token v takes experts (v + j) mod E for j = 0..k-1.
+
+  Source: NVIDIA/Megatron-LM, branch `dev` (snapshot of 2026-08-21),
+  `megatron/core/transformer/moe/router.py`, `TopKRouter.__init__`: for a hash layer it registers
+  the buffer `tid2eid = torch.stack([(ids + k) % num_experts for k in range(self.topk)], dim=1)`
+  (int32, ids = arange(actual_vocab_size)), and `TransformerConfig.__post_init__`
+  (`transformer_config.py`) warns that this "will cause severe expert imbalance" and asks for a
+  DeepSeek checkpoint's table or a frequency-aware initialisation. Consecutive ids share k - 1
+  experts, and the load follows the vocabulary's id order (BPE merges put frequent tokens at low
+  ids), not the corpus.
+
+  Args:
+    k: experts per token, 1 <= k <= num_experts.
+    num_experts: E.
+    vocab_size: V.
+    seed: recorded only; the table is deterministic.
+    vocab_fingerprint: recorded in the table.
+
+  Returns:
+    HashTable of kind "roundrobin_topk", table int32[V, k].
+  """
+  k = _check_topk(k, num_experts, vocab_size)
+  table = (np.arange(vocab_size, dtype=np.int64)[:, None] + np.arange(k)[None, :]) % num_experts
+  return HashTable(kind="roundrobin_topk", table=table.astype(np.int32), num_experts=num_experts,
+                   vocab_size=vocab_size, seed=seed, vocab_fingerprint=vocab_fingerprint)
+
+
+def random_topk_table(k: int, *, num_experts: int, vocab_size: int, seed: int = 0,
+                      vocab_fingerprint: str = "") -> HashTable:
+  """k distinct experts per token: the first k of an independent random permutation per token.
+
+  Token v's permutation is the argsort of row v of `default_rng(seed).random((V, E))`, so this is
+  exactly the table `routing.HashTopKRouter` makes when given no table (same seed, same table).
+  Frequency-blind: an expert's load is the sum of ~V k / E random tokens' counts, so a few very
+  frequent tokens decide it.
+
+  Returns:
+    HashTable of kind "random_topk", table int32[V, k]; row v lists its experts in permutation
+    order.
+  """
+  k = _check_topk(k, num_experts, vocab_size)
+  rng = np.random.default_rng(seed)
+  table = np.empty((vocab_size, k), dtype=np.int32)
+  # Row blocks bound the float64 scratch to 64 MB for a 129k x 256 table; the stream is consumed
+  # in row-major order either way, so the blocks give the one-shot table.
+  rows = max(1, _RANDOM_BLOCK_DRAWS // num_experts)
+  for start in range(0, vocab_size, rows):
+    draws = rng.random((min(rows, vocab_size - start), num_experts))
+    if k < num_experts:
+      # The k smallest draws in increasing order: argsort(...)[:, :k] without sorting all E.
+      part = np.argpartition(draws, k - 1, axis=1)[:, :k]
+      order = np.argsort(np.take_along_axis(draws, part, axis=1), axis=1)
+      block = np.take_along_axis(part, order, axis=1)
+    else:
+      block = np.argsort(draws, axis=1)
+    table[start:start + block.shape[0]] = block
+  return HashTable(kind="random_topk", table=table, num_experts=num_experts,
+                   vocab_size=vocab_size, seed=seed, vocab_fingerprint=vocab_fingerprint)
+
+
+def zeros_topk_table(k: int, *, num_experts: int, vocab_size: int, seed: int = 0,
+                     vocab_fingerprint: str = "") -> HashTable:
+  """Every token on experts 0..k-1: hashmoe's model of an unconverted MaxText table.
+
+  MaxText (AI-Hypercomputer/maxtext, snapshot of 2026-08-22, `src/maxtext/layers/moe.py`,
+  `RoutedMoE.__init__`) creates `tid2eid` as `Tid2EidVar(jnp.zeros((vocab_size,
+  num_experts_per_tok), float32))` and expects it from a converted checkpoint
+  (`checkpoint_conversion/utils/param_mapping.py`, `DEEPSEEKV4_MAXTEXT_TO_HF_PARAM_MAPPING`). Left
+  at zeros, its routing (`get_topk`: `tid2eid.astype(int32)[input_ids]`, then
+  `take_along_axis(pre_bias_logits, ...)`) gives every token expert 0 in all k slots: expert 0
+  computes each token k times with k equal weights (`deepseek_scale_weights` renormalises
+  sigmoid / sqrt-softplus scores to 1/k each), so the layer is expert 0 alone times
+  routed_scaling_factor (max/mean load = E). hashmoe's tables hold k distinct
+  experts per row (a repeated one is refused), so this models it as the nearest valid table, the
+  same k experts for every token (max/mean load = E / k): an upper bound on the quality of
+  MaxText's zeros, which has k - 1 fewer experts at work.
+
+  Returns:
+    HashTable of kind "zeros_topk", table int32[V, k] with row v = [0, 1, ..., k-1].
+  """
+  k = _check_topk(k, num_experts, vocab_size)
+  table = np.broadcast_to(np.arange(k, dtype=np.int32), (vocab_size, k))
+  return HashTable(kind="zeros_topk", table=np.array(table), num_experts=num_experts,
+                   vocab_size=vocab_size, seed=seed, vocab_fingerprint=vocab_fingerprint)
+
+
+# Short names (`hashmoe build-hash --kind`) of the top-k table builders, by HashTable kind.
+TOPK_SHORT_NAMES = {"balanced": TOPK_KIND, "roundrobin": "roundrobin_topk",
+                    "random": "random_topk", "zeros": "zeros_topk"}
+
+
+def build_topk(kind: str, k: int, *, num_experts: int, vocab_size: int,
+               token_counts: Optional[ArrayLike] = None, seed: int = 0,
+               vocab_fingerprint: str = "") -> HashTable:
+  """A top-k table of any kind of `hashing.TOPK_KINDS` (or its short name of `TOPK_SHORT_NAMES`).
+
+  Args:
+    kind: "balanced_topk" / "balanced" (`build_topk_table`; needs `token_counts`),
+      "roundrobin_topk" / "roundrobin", "random_topk" / "random", "zeros_topk" / "zeros".
+    k: experts per token.
+    token_counts: int[V] corpus counts (balanced only; ignored by the others).
+    seed, vocab_fingerprint: recorded in the table; `seed` also fixes the random table.
+
+  Returns:
+    HashTable with table int32[V, k].
+  """
+  full = TOPK_SHORT_NAMES.get(kind, kind)
+  common = dict(num_experts=num_experts, vocab_size=vocab_size, seed=seed,
+                vocab_fingerprint=vocab_fingerprint)
+  if full == TOPK_KIND:
+    if token_counts is None:
+      raise ValueError("a balanced top-k table needs token_counts: int[vocab_size] corpus counts")
+    return build_topk_table(k, token_counts=token_counts, **common)
+  builders = {"roundrobin_topk": roundrobin_topk_table, "random_topk": random_topk_table,
+              "zeros_topk": zeros_topk_table}
+  if full not in builders:
+    raise ValueError(f"top-k table kind must be one of {sorted(TOPK_SHORT_NAMES)} or "
+                     f"{list(hashing.TOPK_KINDS)}, got {kind!r}")
+  return builders[full](k, **common)

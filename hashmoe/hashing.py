@@ -42,6 +42,10 @@ import numpy as np
 TABLE_KINDS = ("random", "balanced", "clustered", "dispersed")
 # DeepSeek-V4-style hash-selected top-k: int32[vocab, k] of k distinct experts per token.
 TOPK_KIND = "balanced_topk"
+# Every top-k table kind (`hash_functions.TOPK_BUILDERS`): the frequency-balanced one, and the
+# initialisations other frameworks start from (Megatron-Core's round robin, a random permutation,
+# the experts 0..k-1 of an unconverted MaxText table).
+TOPK_KINDS = (TOPK_KIND, "roundrobin_topk", "random_topk", "zeros_topk")
 KEYS = ("token", "prev_token", "bigram", "position", "oracle_future", "predicted_future")
 
 # Key id used for "the token before the first token of a sequence" (prev_token and bigram keys).
@@ -171,9 +175,9 @@ class HashTable:
   """A fixed map from key ids to experts.
 
   Attributes:
-    kind: how it was built: one of TABLE_KINDS, or TOPK_KIND for a top-k table.
+    kind: how it was built: one of TABLE_KINDS, or of TOPK_KINDS for a top-k table.
     table: int32[vocab_size] (one expert per key id) or int32[vocab_size, k] (k distinct experts per
-      key id, kind TOPK_KIND); entries in [0, num_experts). Stored read-only.
+      key id, a kind of TOPK_KINDS); entries in [0, num_experts). Stored read-only.
     num_experts: number of experts (buckets).
     vocab_size: number of key ids the table covers: the vocabulary size for token keys, the key
       space (see `key_space_size`) for position/bigram keys.
@@ -189,8 +193,8 @@ class HashTable:
   vocab_fingerprint: str = ""
 
   def __post_init__(self):
-    if self.kind not in TABLE_KINDS + (TOPK_KIND,):
-      raise ValueError(f"kind must be one of {TABLE_KINDS + (TOPK_KIND,)}, got {self.kind!r}")
+    if self.kind not in TABLE_KINDS + TOPK_KINDS:
+      raise ValueError(f"kind must be one of {TABLE_KINDS + TOPK_KINDS}, got {self.kind!r}")
     for name in ("num_experts", "vocab_size", "seed"):
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
@@ -207,7 +211,7 @@ class HashTable:
       raise TypeError(f"table must be a numpy array, got {type(table).__name__}")
     if not np.issubdtype(table.dtype, np.integer):
       raise TypeError(f"table must have an integer dtype, got {table.dtype}")
-    want_ndim = 2 if self.kind == TOPK_KIND else 1
+    want_ndim = 2 if self.kind in TOPK_KINDS else 1
     if table.ndim != want_ndim or table.shape[0] != self.vocab_size:
       want = "[vocab_size, k]" if want_ndim == 2 else "[vocab_size]"
       raise ValueError(

@@ -67,7 +67,7 @@ def default_table_kind(config: models.TransformerConfig) -> str:
 
 def is_table_kind(spec: Any) -> bool:
   """Whether a `train.hash_tables` value names a kind to build (rather than table files)."""
-  return isinstance(spec, str) and spec in hashing.TABLE_KINDS + (hashing.TOPK_KIND,)
+  return isinstance(spec, str) and spec in hashing.TABLE_KINDS + hashing.TOPK_KINDS
 
 
 def hash_key_space(config: models.TransformerConfig) -> int:
@@ -144,7 +144,7 @@ def make_hash_tables(config: models.TransformerConfig, kind: str, *, out_path: P
   return stats_lib.build_hash_table(
       kind, counts, num_experts=s.num_experts, out_path=out_path,
       num_hashes=tables_per_layer(config),
-      k=s.router.experts_per_token if kind == hashing.TOPK_KIND else None,
+      k=s.router.experts_per_token if kind in hashing.TOPK_KINDS else None,
       embeddings=embeddings, seed=seed, vocab_fingerprint=vocab_fingerprint or None,
       kmeans_iters=kmeans_iters)
 

@@ -27,6 +27,8 @@ command cannot rot unnoticed:
   compare's argparse and `compare.resolve` (experiment and model names exist, settings valid);
   `--list` runs.
 - benchmark: `python benchmarks/NAME.py`: the benchmark's own argument parser.
+- build-hash-text: `hashmoe build-hash --sentencepiece/--hf_tokenizer`: parsed (a user's tokenizer
+  and text); tests/test_build_hash.py runs it on generated ones.
 - dry-run: tpu_scripts/tpu_pod.sh and gpu_multihost.sh with `--dry-run` (they print the gcloud and
   hashmoe commands they would run; tests/test_launch_scripts.py checks those lines).
 - allowed: `ALLOWED`, each with the reason it cannot run here.
@@ -54,7 +56,7 @@ import gin
 import jax
 import pytest
 
-from hashmoe import cli, compare, hashing, models
+from hashmoe import cli, compare, hash_functions, hashing, models, table_export
 from textdata import write_text_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,6 +263,9 @@ def plan(command: Command) -> tuple[str, str]:
   if command.error:
     raise KeyError(f"{command.source}: `{command.text}` is {command.error}")
   words = command.argv
+  if words[:2] == ("hashmoe", "build-hash") and any(
+      w.startswith(("--sentencepiece", "--hf_tokenizer")) for w in words):
+    return "build-hash-text", ""
   if words[:1] == ("hashmoe",) and words[1:2] in (("prepare",), ("train",), ("eval",),
                                                   ("build-hash",)):
     return "hashmoe", ""
@@ -608,6 +613,22 @@ def test_benchmark_command_parses(command):
   sys.modules[spec.name] = module  # its dataclasses look their module up there
   spec.loader.exec_module(module)
   module.parse_args(list(command.argv[2:]))  # SystemExit (argparse's error) fails the test
+
+
+TEXT_BUILD_COMMANDS = commands_of("build-hash-text")
+
+
+@pytest.mark.parametrize("command", TEXT_BUILD_COMMANDS, ids=ids(TEXT_BUILD_COMMANDS))
+def test_build_hash_from_text_command_parses(command):
+  """`hashmoe build-hash --sentencepiece/--hf_tokenizer` (a user's tokenizer and text, which
+  the docs name but this machine does not have): its flags through the CLI's argparse and the
+  checks build-hash makes before it reads anything. tests/test_build_hash.py runs the command on
+  tokenizers and text it generates."""
+  args = cli._build_parser().parse_args(list(command.argv[1:]))  # pylint: disable=protected-access
+  assert args.text and args.experts and 1 <= args.k <= args.experts, command.source
+  assert hash_functions.TOPK_SHORT_NAMES.get(args.kind, args.kind) in hashing.TOPK_KINDS
+  assert 0 <= args.heldout_fraction < 1
+  table_export.output_paths(args.output, args.layouts.split(","))
 
 
 DRY_RUN_COMMANDS = commands_of("dry-run")

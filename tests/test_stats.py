@@ -182,6 +182,12 @@ def test_build_hash_table_kinds_and_multihash_files(tmp_path):
   topk, = stats.build_hash_table("balanced_topk", counts, num_experts=8, k=2,
                                  out_path=tmp_path / "topk.npz")
   assert topk.table.shape == (60, 2) and topk.kind == hashing.TOPK_KIND
+  # The other top-k initialisations go through the same path, written and read back as such.
+  for kind in hashing.TOPK_KINDS[1:]:
+    built, = stats.build_hash_table(kind, counts, num_experts=8, k=2, seed=3,
+                                    out_path=tmp_path / f"{kind}.npz")
+    assert hashing.HashTable.load(tmp_path / f"{kind}.npz") == built == hash_functions.build_topk(
+        kind, 2, num_experts=8, vocab_size=60, seed=3)
 
   embeddings = np.random.default_rng(1).normal(size=(60, 5)).astype(np.float32)
   np.save(tmp_path / "emb.npy", embeddings)

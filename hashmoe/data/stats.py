@@ -372,8 +372,9 @@ def build_hash_table(kind: str, task_or_counts: TableSource, *, num_experts: int
   """Builds a hash table (or a MultiHash set) and writes it where the trainer loads it.
 
   Args:
-    kind: 'random', 'balanced', 'clustered', 'dispersed' (paper Sec. 3.1), or
-      `hashing.TOPK_KIND` ('balanced_topk', k distinct experts per token; needs `k`).
+    kind: 'random', 'balanced', 'clustered', 'dispersed' (paper Sec. 3.1), or one of
+      `hashing.TOPK_KINDS` ('balanced_topk', 'roundrobin_topk', 'random_topk', 'zeros_topk': k
+      distinct experts per token; needs `k`).
     task_or_counts: a registered task name (its training split is counted with `count_tokens`,
       and its vocabulary gives the fingerprint), a `TokenCounts`, or int[vocab] counts.
     num_experts: experts per table.
@@ -412,25 +413,25 @@ def build_hash_table(kind: str, task_or_counts: TableSource, *, num_experts: int
     raise ValueError(f"kind={kind!r} needs embeddings: float[{vocab_size}, d] token embeddings of "
                      "a trained dense baseline (paper Sec. 3.1, Clustered Hashes).")
 
-  if kind == hashing.TOPK_KIND:
+  if kind in hashing.TOPK_KINDS:
     if num_hashes != 1:
       raise ValueError(f"num_hashes={num_hashes} with kind={kind!r}; a top-k table already holds "
                        "k experts per token: expected num_hashes=1.")
     if k is None:
       raise ValueError(f"kind={kind!r} needs k (experts per token).")
-    tables = (hash_functions.build_topk_table(k, num_experts=num_experts, vocab_size=vocab_size,
-                                       token_counts=counts, seed=seed,
-                                       vocab_fingerprint=fingerprint),)
+    tables = (hash_functions.build_topk(kind, k, num_experts=num_experts, vocab_size=vocab_size,
+                                        token_counts=counts, seed=seed,
+                                        vocab_fingerprint=fingerprint),)
   elif kind in hashing.TABLE_KINDS:
     if k is not None:
-      raise ValueError(f"k={k} is only for kind={hashing.TOPK_KIND!r}, not {kind!r}.")
+      raise ValueError(f"k={k} is only for the top-k kinds {hashing.TOPK_KINDS}, not {kind!r}.")
     tables = hash_functions.build_multihash(kind, num_hashes, num_experts=num_experts,
                                      vocab_size=vocab_size, token_counts=counts,
                                      embeddings=embeddings, seed=seed,
                                      vocab_fingerprint=fingerprint, kmeans_iters=kmeans_iters)
   else:
     raise ValueError(
-        f"kind={kind!r}; expected one of {hashing.TABLE_KINDS + (hashing.TOPK_KIND,)}.")
+        f"kind={kind!r}; expected one of {hashing.TABLE_KINDS + hashing.TOPK_KINDS}.")
 
   paths = hash_table_paths(out_path, num_hashes)
   for table, path in zip(tables, paths):
