@@ -455,3 +455,31 @@ def test_bad_input_names_the_setting():
                      r"\(vocab_size=64\): a table built for another vocabulary"):
     routers.HashTopK(topk=2).build(num_experts=4, vocab_size=64, max_len=16,
                                    capacity_factor=None, tables=(ht,), ordinal=0)
+
+
+def test_bias_update_is_the_same_under_remat():
+  """A rematerialised layer (nn.remat, recomputed in the backward pass) writes the same next bias
+  as an unrematerialised one, from the same forward pass."""
+  rng = np.random.default_rng(2)
+  tokens = rng.integers(1, V, (2, 9)).astype(np.int32)
+  batch = {"decoder_input_tokens": tokens[:, :-1], "decoder_target_tokens": tokens[:, 1:]}
+  results = []
+  for policy in ("none", "full"):
+    config = models.tiny_config(V, num_encoder_layers=0, max_len=16, remat_policy=policy,
+                                sparse=models.SparseConfig(
+                                    router=routers.TopK(topk=2, bias_update_rate=0.1),
+                                    num_experts=4, layers=(1,)))
+    model = models.build_model(config)
+    variables = model.init(jax.random.key(0), batch)
+
+    def loss(params, model=model, variables=variables):
+      logits, mutated = model.apply({**variables, "params": params}, batch, deterministic=False,
+                                    mutable=["moe", routing.ROUTER_STATE])
+      return jnp.sum(logits), mutated[routing.ROUTER_STATE]
+
+    (value, state), _ = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    results.append((float(value), np.asarray(
+        state["decoder_1"]["moe"]["router"][routing.EXPERT_BIAS])))
+  assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+  np.testing.assert_array_equal(results[0][1], results[1][1])
+  assert (results[0][1] != 0).any()
