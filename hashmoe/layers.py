@@ -456,9 +456,13 @@ class SparseMlpBlock(nn.Module):
   Attributes:
     router: called `router(hidden: float[tokens, d], features, *, deterministic) -> Routing`.
     experts: called `experts(x: float[tokens, d], routing) -> (float[tokens, d], metrics dict)`.
+    shared: optional shared experts every token uses, called `shared(x: [batch, length, d], *,
+      deterministic) -> [batch, length, d]`; their output is added to the routed experts'
+      unweighted (DeepSeek-V3 eq. 12).
   """
   router: nn.Module
   experts: nn.Module
+  shared: Optional[nn.Module] = None
 
   @nn.compact
   def __call__(self, x: Array, features: RouterFeatures, *, deterministic: bool) -> Array:
@@ -486,6 +490,8 @@ class SparseMlpBlock(nn.Module):
              reduce_fn=_replace, init_fn=_nothing)
     self.sow(MOE_COLLECTION, METRICS_KEY, metrics, reduce_fn=_replace, init_fn=_nothing)
     y = y.reshape(batch, length, d).astype(x.dtype)
+    if self.shared is not None:
+      y = y + self.shared(x, deterministic=deterministic).astype(x.dtype)
     return nn.with_logical_constraint(y, ("batch", "length", "embed"))
 
 

@@ -66,7 +66,7 @@ from hashmoe import experts as experts_lib
 from hashmoe import hashing
 from hashmoe import routers
 from hashmoe.layers import (AUX_LOSS_KEY, METRICS_KEY, MOE_COLLECTION, REMAT_POLICIES, Embed,
-                            LayerNorm, PositionEmbed, SparseMlpBlock, TransformerLayer,
+                            LayerNorm, MlpBlock, PositionEmbed, SparseMlpBlock, TransformerLayer,
                             combine_masks, get_activation, make_attention_mask, make_causal_mask,
                             make_segment_mask, remat_policy)
 from hashmoe.routing import RouterFeatures
@@ -107,7 +107,14 @@ class SparseConfig:
       router decides the drops with it, and the experts size their dispatch buffers with it (a
       capacity dispatch under "auto"); with hash routing only the dispatch drops.
     dispatch: the experts' dispatch strategy ("auto", or one `hashmoe.experts.Experts` names).
-    expert_d_ff: hidden size D of each expert (None: the dense `d_ff`).
+    expert_d_ff: hidden size D of each expert (None: the dense `d_ff`). Many small experts
+      (fine-grained, DeepSeekMoE) are a large num_experts with a small expert_d_ff.
+    num_shared_experts: N experts every token uses besides its routed ones (DeepSeekMoE's shared
+      experts, DeepSeek-V3 eq. 12: their outputs are added unweighted). Computed as one dense FFN
+      of hidden size N * expert_d_ff at <layer>/moe/shared: with an elementwise activation that is
+      exactly the sum of N expert FFNs of width expert_d_ff (their hidden units side by side), in
+      one matmul pair and no dispatch; its weights shard like a dense FFN's ("mlp"), not over the
+      expert axis. 0: none.
   """
   router: Union[routers.RouterConfig, str] = dataclasses.field(default_factory=routers.Hash)
   num_experts: int = 16
@@ -116,6 +123,7 @@ class SparseConfig:
   capacity_factor: Optional[float] = None
   dispatch: str = "auto"
   expert_d_ff: Optional[int] = None
+  num_shared_experts: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "router", routers.router_config(self.router))
@@ -131,6 +139,10 @@ class SparseConfig:
       if len(set(idx)) != len(idx):
         raise ValueError(f"SparseConfig.{name} repeats an index: {idx}")
     self.router.check(self.num_experts)
+    self.router.check_layers(len(self.layers) + len(self.encoder_layers))
+    if not isinstance(self.num_shared_experts, (int, np.integer)) or self.num_shared_experts < 0:
+      raise ValueError(f"SparseConfig.num_shared_experts must be an int >= 0, got "
+                       f"{self.num_shared_experts!r}")
     if self.capacity_factor is not None and self.capacity_factor <= 0:
       raise ValueError(f"capacity_factor must be positive or None, got {self.capacity_factor}")
 
@@ -139,6 +151,11 @@ class SparseConfig:
     ("router" the family's name, "hash_key", "num_hashes", "balance_coef", ...): what checkpoints
     record, so that one written before the change compares equal to the same model now."""
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    if not self.num_shared_experts:
+      # Recorded only when set, so a checkpoint written before the field existed records the
+      # same settings as the same model now. (A change from N shared experts to none still fails
+      # on resume: the parameter layout differs.)
+      del fields["num_shared_experts"]
     return {**fields, **self.router.flat_fields()}
 
 
@@ -357,7 +374,7 @@ def _check_hash_tables(config: TransformerConfig, hash_tables: Optional[Mapping[
     router = None if s is None else s.router
     raise ValueError(f"hash_tables were given but the model has no hash layers "
                      f"(sparse router: {router!r})")
-  hashed = {f"decoder_{i}" for i in s.layers} | {f"encoder_{i}" for i in s.encoder_layers}
+  hashed = set(table_layer_names(config))
   unknown = sorted(set(hash_tables) - hashed - {"default"})
   if unknown:
     raise ValueError(f"hash_tables has keys {unknown} that name no sparse hash layer; expected "
@@ -376,6 +393,21 @@ def _sparse_layer_names(config: TransformerConfig) -> list[str]:
                                                                for i in sorted(s.layers)]
 
 
+def layer_routers(config: TransformerConfig) -> dict[str, routers.RouterConfig]:
+  """{sparse layer ("encoder_0", "decoder_7"): its router config}, in router-ordinal order
+  (encoder layers first); {} for a dense model. One config for every layer, except for routers
+  that differ between layers (`routers.FirstLayers`)."""
+  if config.sparse is None:
+    return {}
+  return {name: config.sparse.router.for_layer(i)
+          for i, name in enumerate(_sparse_layer_names(config))}
+
+
+def table_layer_names(config: TransformerConfig) -> list[str]:
+  """The sparse layers whose router looks experts up in hash tables."""
+  return [name for name, router in layer_routers(config).items() if router.uses_tables]
+
+
 def make_router(config: TransformerConfig, tables: Optional[tuple], layer: str) -> nn.Module:
   """The router `config.sparse` asks for in sparse layer `layer` ("decoder_7"), unbound
   (parent=None) so that the sparse block adopts it."""
@@ -383,6 +415,17 @@ def make_router(config: TransformerConfig, tables: Optional[tuple], layer: str) 
   return s.router.build(num_experts=s.num_experts, vocab_size=config.vocab_size,
                         max_len=config.max_len, capacity_factor=s.capacity_factor, tables=tables,
                         ordinal=_sparse_layer_names(config).index(layer))
+
+
+def make_shared_experts(config: TransformerConfig) -> Optional[nn.Module]:
+  """The sparse layers' shared experts (`SparseConfig.num_shared_experts`) as one dense FFN of
+  hidden size N * expert_d_ff, unbound; None without shared experts. No hidden dropout, like the
+  routed experts."""
+  s = config.sparse
+  if not s.num_shared_experts:
+    return None
+  return MlpBlock(s.num_shared_experts * (s.expert_d_ff or config.d_ff), config.activation,
+                  0.0, dtype=config.compute_dtype, parent=None)
 
 
 def make_experts(config: TransformerConfig) -> nn.Module:
@@ -458,7 +501,8 @@ def _make_layer(config: TransformerConfig, name: str, sparse: bool, cross_attent
     # Built unbound so that TransformerLayer adopts the block as its child "moe", and the block
     # adopts router and experts as "router" and "experts": params land at <layer>/moe/experts/wi.
     moe = SparseMlpBlock(router=make_router(config, _tables_for(name, hash_tables), name),
-                         experts=make_experts(config), parent=None)
+                         experts=make_experts(config), shared=make_shared_experts(config),
+                         parent=None)
   return TransformerLayer(
       num_heads=config.num_heads, head_dim=config.head_dim, d_ff=config.d_ff,
       activation=config.activation, dropout_rate=config.dropout_rate,

@@ -12,6 +12,9 @@ One config class per router family, each knowing what its router needs and build
 
   Hash        expert = table[key(x)], Roller et al. 2021 §3; MultiHash (§3.2) with num_hashes > 1
   HashTopK    k experts per key from a fixed table, mixed by a learned gate (DeepSeek-V4)
+  TopK        learned top-k with auxiliary-loss-free bias balancing (DeepSeek-V3)
+  FirstLayers one router in the first N sparse layers, another in the rest (DeepSeek-V4's hash
+              layers first, learned top-k after)
   Switch      learned top-1 over the hidden state (Fedus et al. 2021)
   TokenSwitch Switch over a learned embedding of the current token (the paper's Table 6)
   Base        BASE layers' balanced assignment (Lewis et al. 2021)
@@ -95,6 +98,23 @@ class RouterConfig:
   def check(self, num_experts: int) -> None:
     """Raises ValueError if the router cannot route to `num_experts` experts."""
     del num_experts
+
+  @property
+  def updates_state(self) -> bool:
+    """Whether training changes the router's non-parameter state (`routing.ROUTER_STATE`): a
+    trainer must store what the training pass writes there (`hashmoe.training.trainer` does)."""
+    return False
+
+  def check_layers(self, num_sparse_layers: int) -> None:
+    """Raises ValueError if the router cannot serve a model of `num_sparse_layers` sparse layers
+    (`FirstLayers` needs more than its first ones)."""
+    del num_sparse_layers
+
+  def for_layer(self, ordinal: int) -> "RouterConfig":
+    """The config of the router in the sparse layer at `ordinal` (encoder layers first): itself,
+    except for routers that differ between layers (`FirstLayers`)."""
+    del ordinal
+    return self
 
   def table_key_space(self, vocab_size: int, max_len: int) -> Optional[int]:
     """Rows of each of the router's tables in a model of `vocab_size` and `max_len` (None for
@@ -245,15 +265,33 @@ class HashTopK(_Hashed):
   Attributes:
     key, key_space, seed: see `_Hashed`.
     topk: experts per token, in [1, num_experts].
+    gate: how the k selected logits become weights (`routing.gate_weights`): "softmax" over the k
+      (the default), or per expert "sigmoid", "softplus", "sqrt_softplus".
+    normalize: renormalise the k weights to sum to 1 (a no-op for "softmax").
+    route_scale: a constant factor on the weights (> 0).
   """
   name: ClassVar[str] = "hash_topk"
   legacy_names: ClassVar[Mapping[str, str]] = {**_Hashed.legacy_names, "topk": "topk"}
-  table_kinds: ClassVar[tuple[str, ...]] = (hashing.TOPK_KIND,)
+  # The balanced table and the initialisations other frameworks start from (hashing.TOPK_KINDS).
+  table_kinds: ClassVar[tuple[str, ...]] = hashing.TOPK_KINDS
   default_table_kind: ClassVar[Optional[str]] = hashing.TOPK_KIND
 
   counts: ClassVar[tuple[str, ...]] = ("topk",)
 
   topk: int = 1
+  gate: str = "softmax"
+  normalize: bool = False
+  route_scale: float = 1.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.gate not in routing.HASH_TOPK_GATES:
+      raise ValueError(f"HashTopK: gate must be one of {routing.HASH_TOPK_GATES}, got "
+                       f"{self.gate!r}")
+    if not isinstance(self.normalize, bool):
+      raise ValueError(f"HashTopK: normalize must be True or False, got {self.normalize!r}")
+    if not self.route_scale > 0:
+      raise ValueError(f"HashTopK: route_scale must be > 0, got {self.route_scale!r}")
 
   @property
   def experts_per_token(self) -> int:
@@ -270,8 +308,16 @@ class HashTopK(_Hashed):
 
   def build(self, *, num_experts, vocab_size, max_len, capacity_factor, tables, ordinal):
     del capacity_factor
-    return routing.HashTopKRouter(num_experts, self.topk,
-                                  table=tables[0] if tables else None,
+    table = tables[0] if tables else None
+    if table is not None:
+      expected = self.table_key_space(vocab_size, max_len)
+      if table.vocab_size != expected:
+        raise ValueError(f"HashTopK: the top-k table covers {table.vocab_size} key ids, but the "
+                         f"model's key {self.key!r} has {expected} (vocab_size={vocab_size}): "
+                         "a table built for another vocabulary; rebuild it for this one")
+    return routing.HashTopKRouter(num_experts, self.topk, table=table,
+                                  gate=self.gate, normalize=self.normalize,
+                                  route_scale=self.route_scale,
                                   **self._build_args(tables, vocab_size, max_len, ordinal),
                                   parent=None)
 
@@ -346,6 +392,73 @@ class TokenSwitch(Switch):
 
 
 @dataclasses.dataclass(frozen=True)
+class TopK(RouterConfig):
+  """Learned top-k routing as DeepSeek-V3 does it (arXiv:2412.19437, §2.1.2; `routing.TopKRouter`):
+  sigmoid (or softmax) scores of h W, the k experts of largest score + a per-expert bias, weights
+  the selected scores (optionally renormalised), the bias moved outside the gradient towards
+  balance after every training step (auxiliary-loss-free balancing).
+
+  Attributes:
+    topk: experts per token, in [1, num_experts].
+    score: "sigmoid" (DeepSeek-V3, the default) or "softmax" (DeepSeek-V2, Mixtral).
+    normalize: renormalise the k selected scores to sum to 1 (DeepSeek-V3's norm_topk_prob).
+    route_scale: a constant factor on the weights (DeepSeek's routed_scaling_factor), > 0.
+    bias_update_rate: γ of the bias update b_i += γ sign(mean load - load_i) (DeepSeek-V3 uses
+      0.001 for most of its training); 0 turns the balancing off. Negative is an error.
+    seq_balance_coef: α of the sequence-wise balance loss (eq. 17-20; DeepSeek-V3: 0.0001);
+      0 turns it off.
+    z_loss_coef: coefficient of the router z-loss (ST-MoE); 0 turns it off.
+  """
+  name: ClassVar[str] = "topk"
+
+  topk: int = 1
+  score: str = "sigmoid"
+  normalize: bool = True
+  route_scale: float = 1.0
+  bias_update_rate: float = 0.0
+  seq_balance_coef: float = 0.0
+  z_loss_coef: float = 0.0
+
+  def __post_init__(self):
+    if not isinstance(self.topk, (int, np.integer)) or self.topk < 1:
+      raise ValueError(f"TopK: topk must be an int >= 1, got {self.topk!r}")
+    if self.score not in routing.TOPK_SCORES:
+      raise ValueError(f"TopK: score must be one of {routing.TOPK_SCORES}, got {self.score!r}")
+    if not isinstance(self.normalize, bool):
+      raise ValueError(f"TopK: normalize must be True or False, got {self.normalize!r}")
+    if not self.route_scale > 0:
+      raise ValueError(f"TopK: route_scale must be > 0, got {self.route_scale!r}")
+    if not self.bias_update_rate >= 0:
+      raise ValueError(f"TopK: bias_update_rate must be >= 0 (0 turns the bias update off), got "
+                       f"{self.bias_update_rate!r}")
+    for field in ("seq_balance_coef", "z_loss_coef"):
+      if not getattr(self, field) >= 0:
+        raise ValueError(f"TopK: {field} must be >= 0 (0 turns it off), got "
+                         f"{getattr(self, field)!r}")
+
+  @property
+  def experts_per_token(self) -> int:
+    return self.topk
+
+  @property
+  def updates_state(self) -> bool:
+    return self.bias_update_rate > 0
+
+  def check(self, num_experts: int) -> None:
+    if not 1 <= self.topk <= num_experts:
+      raise ValueError(f"TopK: topk must be in [1, num_experts={num_experts}], got {self.topk}")
+
+  def build(self, *, num_experts, vocab_size, max_len, capacity_factor, tables, ordinal):
+    # Nothing is dropped by the router; a capacity dispatch may still drop.
+    del vocab_size, max_len, capacity_factor, tables, ordinal
+    return routing.TopKRouter(num_experts, k=self.topk, score=self.score,
+                              normalize=self.normalize, route_scale=self.route_scale,
+                              bias_update_rate=self.bias_update_rate,
+                              seq_balance_coef=self.seq_balance_coef,
+                              z_loss_coef=self.z_loss_coef, parent=None)
+
+
+@dataclasses.dataclass(frozen=True)
 class Base(RouterConfig):
   """BASE layers (Lewis et al. 2021): a balanced linear assignment during training (each expert
   gets exactly tokens / E), greedy at evaluation; no auxiliary loss, nothing dropped."""
@@ -354,6 +467,119 @@ class Base(RouterConfig):
   def build(self, *, num_experts, vocab_size, max_len, capacity_factor, tables, ordinal):
     del vocab_size, max_len, capacity_factor, tables, ordinal
     return routing.BaseRouter(num_experts, parent=None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Routers that differ between layers.
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstLayers(RouterConfig):
+  """One router in the first `first_layers` sparse layers, another in the rest: DeepSeek-V4's
+  layout (hash top-k in its first 3 MoE layers, learned top-k after them) is
+  `FirstLayers(first=HashTopK(topk=6), first_layers=3, rest=TopK(topk=6))`.
+
+  Sparse layers are counted in the order of their router ordinal (encoder layers first, then
+  decoder layers, each by index). What the rest of the library asks a model's router about tables
+  (`uses_tables`, `key`, `table_kinds`, ...) is answered by the part that has them; so at most one
+  part may use tables, and both must give a token the same number of experts and slices (the
+  layers share one experts config, and "equal active compute" is the point of the layout).
+
+  Attributes:
+    first: the router of the first `first_layers` sparse layers.
+    first_layers: N >= 1; at most the model's number of sparse layers.
+    rest: the router of the other sparse layers.
+  """
+  name: ClassVar[str] = "first_layers"
+
+  first: RouterConfig = dataclasses.field(default_factory=lambda: HashTopK(topk=1))
+  first_layers: int = 1
+  rest: RouterConfig = dataclasses.field(default_factory=lambda: TopK(topk=1))
+
+  def __post_init__(self):
+    object.__setattr__(self, "first", router_config(self.first))
+    object.__setattr__(self, "rest", router_config(self.rest))
+    for part in ("first", "rest"):
+      if isinstance(getattr(self, part), FirstLayers):
+        raise ValueError(f"FirstLayers: {part} must be a single-layer router config, not another "
+                         "FirstLayers")
+    if not isinstance(self.first_layers, (int, np.integer)) or self.first_layers < 1:
+      raise ValueError(f"FirstLayers: first_layers must be an int >= 1, got "
+                       f"{self.first_layers!r}")
+    if self.first.uses_tables and self.rest.uses_tables:
+      raise ValueError("FirstLayers: first and rest both use hash tables; a model has one table "
+                       "spec, so at most one part may (use the hash router alone instead)")
+    for prop in ("experts_per_token", "num_slices"):
+      a, b = getattr(self.first, prop), getattr(self.rest, prop)
+      if a != b:
+        raise ValueError(f"FirstLayers: first gives {prop}={a} but rest gives {b}; the layers "
+                         "share one experts config, so they must agree (e.g. the same topk)")
+
+  @property
+  def _tabled(self) -> RouterConfig:
+    return self.rest if self.rest.uses_tables else self.first
+
+  @property
+  def num_tables(self) -> int:
+    return self._tabled.num_tables
+
+  @property
+  def num_slices(self) -> int:
+    return self.first.num_slices
+
+  @property
+  def experts_per_token(self) -> int:
+    return self.first.experts_per_token
+
+  @property
+  def key(self) -> Optional[str]:
+    return self._tabled.key
+
+  @property
+  def table_kinds(self) -> tuple[str, ...]:
+    return self._tabled.table_kinds
+
+  @property
+  def default_table_kind(self) -> Optional[str]:
+    return self._tabled.default_table_kind
+
+  @property
+  def updates_state(self) -> bool:
+    return self.first.updates_state or self.rest.updates_state
+
+  def check(self, num_experts: int) -> None:
+    self.first.check(num_experts)
+    self.rest.check(num_experts)
+
+  def check_layers(self, num_sparse_layers: int) -> None:
+    if self.first_layers > num_sparse_layers:
+      raise ValueError(f"FirstLayers: first_layers={self.first_layers} but the model has only "
+                       f"{num_sparse_layers} sparse layer(s); lower first_layers or make more "
+                       "layers sparse (SparseConfig.layers)")
+
+  def for_layer(self, ordinal: int) -> RouterConfig:
+    return self.first if ordinal < self.first_layers else self.rest
+
+  def table_key_space(self, vocab_size: int, max_len: int) -> Optional[int]:
+    return self._tabled.table_key_space(vocab_size, max_len)
+
+  def table_columns(self, stored: np.ndarray) -> Optional[np.ndarray]:
+    return self._tabled.table_columns(stored)
+
+  def build(self, *, num_experts, vocab_size, max_len, capacity_factor, tables, ordinal):
+    part = self.for_layer(ordinal)
+    return part.build(num_experts=num_experts, vocab_size=vocab_size, max_len=max_len,
+                      capacity_factor=capacity_factor,
+                      tables=tables if part.uses_tables else None, ordinal=ordinal)
+
+  def own_settings(self) -> dict[str, Any]:
+    # Each part's settings under its own prefix, JSON values only (checkpoints record them).
+    out: dict[str, Any] = {"routers.FirstLayers.first_layers": self.first_layers}
+    for part in ("first", "rest"):
+      router = getattr(self, part)
+      for name, value in {**router.flat_fields(), **router.own_settings()}.items():
+        out[f"routers.FirstLayers.{part}.{name.rsplit('.', 1)[-1]}"] = value
+    return out
 
 
 # Every family is a gin configurable: `SparseConfig.router = @routers.Hash()`. (A router config

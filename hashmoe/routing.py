@@ -15,10 +15,16 @@ fills (`routing_metrics`). Subclasses implement only `_compute_routing_instructi
   BaseRouter      BASE layers (Lewis et al. 2021): balanced linear assignment by an auction during
                   training, greedy argmax at evaluation, combine weight σ(h·w_e).
   HashTopKRouter  hash-selected top-k (DeepSeek-V4's first layers): a fixed table picks k experts
-                  per key, a learned gate weighs them (softmax over the k selected logits).
+                  per key, a learned gate weighs them (`gate_weights`: softmax over the k selected
+                  logits, sigmoid, softplus or sqrt(softplus), optionally renormalised).
+  TopKRouter      learned top-k (DeepSeek-V3 §2.1.2): softmax or sigmoid scores, top-k of score +
+                  a per-expert bias updated outside the gradient (auxiliary-loss-free balancing;
+                  the bias lives in the "router_state" collection), sequence-wise balance loss,
+                  z-loss.
 
 Pure functions hold the math: `routing_metrics`, `load_balancing_loss`, `router_z_loss`,
-`expert_capacity`, `capacity_mask` and `balanced_assignment` (the auction).
+`sequence_balance_loss`, `expert_bias_update`, `gate_weights`, `expert_capacity`, `capacity_mask`
+and `balanced_assignment` (the auction).
 
 Shapes: `tokens = batch * length`, flattened row-major from `RouterFeatures` (the hidden states the
 routers receive are already flattened the same way). `H` is the number of columns of a `Routing`
@@ -284,6 +290,112 @@ def router_z_loss(router_logits: Array, token_mask: Optional[Array] = None) -> A
   """
   log_z = jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1)
   return jnp.sum(_token_weights(router_logits.shape[0], token_mask) * jnp.square(log_z))
+
+
+# The non-parameter collection of router state that training updates outside the gradient (the
+# learned top-k router's per-expert selection bias). Saved with the checkpoint like "hash_tables".
+ROUTER_STATE = "router_state"
+EXPERT_BIAS = "expert_bias"
+# How a learned top-k router turns logits into scores (DeepSeek-V2: softmax; V3: sigmoid).
+TOPK_SCORES = ("softmax", "sigmoid")
+# How a hash top-k router turns the k selected logits into gate weights.
+HASH_TOPK_GATES = ("softmax", "sigmoid", "softplus", "sqrt_softplus")
+
+
+def gate_weights(selected_logits: Array, gate: str, *, normalize: bool = False,
+                 scale: float = 1.0) -> Array:
+  """Combine weights of k selected experts from their learned logits.
+
+  "softmax" is a softmax over the k selected logits (the weights already sum to 1, so
+  `normalize` changes nothing); "sigmoid", "softplus" and "sqrt_softplus" (sqrt(log(1 + e^z)))
+  score each expert on its own, as DeepSeek-V3 (sigmoid) and the issue's DeepSeek-V4 description
+  (softplus family) do, and `normalize` divides by their sum (DeepSeek-V3 eq. 13's
+  g = g' / Σ g'). `scale` multiplies the result (DeepSeek's `routed_scaling_factor`).
+
+  Args:
+    selected_logits: float32[tokens, k].
+    gate: one of `HASH_TOPK_GATES`.
+    normalize: renormalise the k weights to sum to 1.
+    scale: a constant factor on the weights.
+
+  Returns:
+    float32[tokens, k].
+  """
+  z = selected_logits.astype(jnp.float32)
+  if gate == "softmax":
+    w = jax.nn.softmax(z, axis=-1)
+  elif gate == "sigmoid":
+    w = jax.nn.sigmoid(z)
+  elif gate == "softplus":
+    w = jax.nn.softplus(z)
+  elif gate == "sqrt_softplus":
+    w = jnp.sqrt(jax.nn.softplus(z))
+  else:
+    raise ValueError(f"gate must be one of {HASH_TOPK_GATES}, got {gate!r}")
+  if normalize and gate != "softmax":
+    w = w / jnp.sum(w, axis=-1, keepdims=True)
+  return w * jnp.float32(scale)
+
+
+def sequence_balance_loss(scores: Array, expert_index: Array, batch: int,
+                          token_mask: Optional[Array] = None) -> Array:
+  """DeepSeek-V3's complementary sequence-wise balance loss, without its coefficient α.
+
+  DeepSeek-V3 (arXiv:2412.19437) §2.1.2, equations (17) - (20), for each sequence of T tokens:
+
+    L_Bal = Σ_{i=1..N} f_i P_i                                                        (17)
+    f_i   = N / (K T) Σ_t 1(expert i is among token t's K selected experts)            (18)
+    s'_i,t = s_i,t / Σ_j s_j,t                                                         (19)
+    P_i   = (1/T) Σ_t s'_i,t                                                           (20)
+
+  averaged over the batch's sequences. 1 under perfect balance. f_i counts the experts the router
+  actually selected (score + bias); the paper writes the top-k of the scores alone, which is the
+  same selection while the bias is 0. A sequence is a row of the batch (a packed row counts as one
+  sequence); T counts its real tokens, and rows without any are left out of the mean.
+
+  Args:
+    scores: float32[tokens, N] the affinities s (sigmoid or softmax scores), tokens = batch * T.
+    expert_index: int[tokens, K] the selected experts.
+    batch: rows B.
+    token_mask: bool[tokens] the real tokens; None: all.
+
+  Returns:
+    float32[]; 0 when no token is counted.
+  """
+  tokens, num_experts = scores.shape
+  k = expert_index.shape[-1]
+  if tokens % batch:
+    raise ValueError(f"{tokens} tokens do not split into {batch} rows")
+  mask = (jnp.ones((tokens,), jnp.float32) if token_mask is None
+          else jnp.asarray(token_mask, jnp.float32).reshape(tokens))
+  mask = mask.reshape(batch, -1, 1)
+  scores = scores.astype(jnp.float32)
+  normalized = scores / jnp.sum(scores, axis=-1, keepdims=True)  # s', eq. (19)
+  selected = jnp.sum(jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32), axis=-2)
+  length = jnp.sum(mask, axis=1)  # T of each row, [B, 1]
+  t = jnp.maximum(length, 1.0)
+  f = num_experts / (k * t) * jnp.sum(mask * selected.reshape(batch, -1, num_experts), axis=1)
+  p = jnp.sum(mask * normalized.reshape(batch, -1, num_experts), axis=1) / t
+  per_row = jnp.sum(f * p, axis=-1)  # eq. (17), [B]
+  rows = (length[:, 0] > 0).astype(jnp.float32)
+  return jnp.sum(rows * per_row) / jnp.maximum(jnp.sum(rows), 1.0)
+
+
+def expert_bias_update(bias: Array, counts: Array, rate: float) -> Array:
+  """DeepSeek-V3's auxiliary-loss-free balancing step (arXiv:2412.19437 §2.1.2): at the end of
+  each step, b_i ← b_i + γ · sign(mean load - load_i): an overloaded expert's bias falls by γ,
+  an underloaded one's rises by γ, one exactly at the mean keeps its bias.
+
+  Args:
+    bias: float32[E] the selection bias.
+    counts: float[E] the step's assignments per expert (real tokens only).
+    rate: γ >= 0 (0 leaves the bias as it is).
+
+  Returns:
+    float32[E].
+  """
+  counts = jnp.asarray(counts, jnp.float32)
+  return bias + jnp.float32(rate) * jnp.sign(jnp.mean(counts) - counts)
 
 
 # Switch's combine weight: what multiplies the chosen expert's output (`switch_combine_weight`).
@@ -623,7 +735,9 @@ class HashTopKRouter(Router):
 
   A fixed table (`hash_functions.build_topk_table`: k distinct experts per key, greedily balanced on
   token frequency) picks the experts; a learned gate decides how much each contributes:
-  combine_weight[t] = softmax over the k selected experts of (h_t W_gate)[selected], in float32.
+  combine_weight[t] = `gate_weights((h_t W_gate)[selected], gate, normalize, route_scale)`, in
+  float32: by default a softmax over the k selected experts' logits; sigmoid, softplus or
+  sqrt(softplus) per expert, optionally renormalised to sum to 1, as configured.
   Which experts run never depends on the hidden state, so the dispatch keeps every property of hash
   routing (no capacity, nothing dropped, no balance loss); only the mixture weights are learned.
 
@@ -637,6 +751,9 @@ class HashTopKRouter(Router):
     key_space: rows of the table; taken from `table` when None.
     table: a `hashing.HashTable` of kind `hashing.TOPK_KIND` with k columns, or None.
     seed: seed of the random table.
+    gate: how the selected logits become weights, one of `HASH_TOPK_GATES`.
+    normalize: renormalise the k weights to sum to 1 (a no-op for "softmax").
+    route_scale: a constant factor on the weights.
     kernel_init: initialiser of W_gate float32[d_model, E].
   """
   k: int
@@ -644,6 +761,9 @@ class HashTopKRouter(Router):
   key_space: Optional[int] = None
   table: Optional[hashing.HashTable] = None
   seed: int = 0
+  gate: str = "softmax"
+  normalize: bool = False
+  route_scale: float = 1.0
   kernel_init: Initializer = nn.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
 
   def __post_init__(self):
@@ -665,6 +785,10 @@ class HashTopKRouter(Router):
         raise ValueError(f"{name}: table was built for num_experts={table.num_experts}, but the "
                          f"router has num_experts={self.num_experts}")
       table_vocab = table.vocab_size
+    if self.gate not in HASH_TOPK_GATES:
+      raise ValueError(f"{name}: gate must be one of {HASH_TOPK_GATES}, got {self.gate!r}")
+    if not self.route_scale > 0:
+      raise ValueError(f"{name}: route_scale must be > 0, got {self.route_scale!r}")
     object.__setattr__(self, "key_space", _resolve_key_space(name, self.key_space, table_vocab))
     super().__post_init__()
 
@@ -705,11 +829,13 @@ class HashTopKRouter(Router):
                         (hidden.shape[-1], self.num_experts), jnp.float32)
     logits = hidden @ w_gate.astype(jnp.float32)  # [tokens, E]
     selected = jnp.take_along_axis(logits, expert_index, axis=-1)  # [tokens, k]
-    combine_weight = jax.nn.softmax(selected, axis=-1)
+    combine_weight = gate_weights(selected, self.gate, normalize=self.normalize,
+                                  scale=self.route_scale)
     # The gate's distribution lives on the k selected experts; scatter it to [tokens, E] so the
     # entropy/confidence metrics read the same way as Switch's.
+    share = combine_weight / jnp.sum(combine_weight, axis=-1, keepdims=True)
     dense = jnp.zeros(logits.shape, jnp.float32).at[
-        jnp.arange(logits.shape[0])[:, None], expert_index].set(combine_weight)
+        jnp.arange(logits.shape[0])[:, None], expert_index].set(share)
     return RoutingInstructions(expert_index=expert_index, combine_weight=combine_weight,
                                router_probs=dense,
                                sorted_assignments=_precomputed(self, features, expert_index,
@@ -900,3 +1026,104 @@ class BaseRouter(Router):
     return RoutingInstructions(
         expert_index=expert[:, None], combine_weight=jax.nn.sigmoid(chosen),
         metrics={"auction_rounds": rounds, "auction_unassigned_fraction": unassigned})
+
+
+class TopKRouter(Router):
+  """Learned top-k routing as DeepSeek-V3 (arXiv:2412.19437, §2.1.2) does it.
+
+  s_t = score(h_t W) over E experts in float32, score a softmax (DeepSeek-V2) or an elementwise
+  sigmoid (DeepSeek-V3, eq. 15); token t goes to the k experts of largest s_i,t + b_i, where b is
+  a per-expert bias used for the selection only (eq. 16); their combine weights are the scores
+  s_i,t themselves (no bias), optionally renormalised over the k (eq. 13, `normalize`) and
+  multiplied by `route_scale`. The router learns through the weights; the selection has no
+  gradient.
+
+  Auxiliary-loss-free balancing: b lives in the non-parameter collection `ROUTER_STATE`
+  ("router_state", variable "expert_bias" float32[E], zeros at init), replicated, saved in
+  checkpoints. A training call (deterministic=False) with that collection mutable writes the
+  next step's bias, `expert_bias_update(b, load, bias_update_rate)`, from this batch's
+  assignments per expert over its real tokens; the selection of this call used the bias as it
+  was. The trainer applies with the collection mutable and stores what comes back after the
+  optimizer update (`hashmoe.training.trainer`); evaluation and decoding read the bias and never
+  change it. Optional losses: the sequence-wise balance loss (`sequence_balance_loss`, eq. 17-20,
+  weighted by `seq_balance_coef`) and the router z-loss (`router_z_loss`, `z_loss_coef`).
+
+  Metrics, besides the standard ones: `balance_loss` (the sequence-wise loss, unweighted),
+  `router_z_loss` (unweighted), `expert_bias_abs_max` (max_i |b_i| the selection used) and the
+  router entropy/confidence of s normalised to sum to 1.
+
+  Attributes:
+    num_experts: E.
+    k: experts per token, in [1, E].
+    score: one of `TOPK_SCORES`.
+    normalize: renormalise the k selected scores to sum to 1.
+    route_scale: a constant factor on the combine weights (DeepSeek's routed_scaling_factor).
+    bias_update_rate: γ of the bias update; 0 keeps the bias at 0.
+    seq_balance_coef: α of the sequence-wise balance loss; 0 disables it.
+    z_loss_coef: coefficient of the router z-loss; 0 disables it.
+    kernel_init: initialiser of W float32[d_model, E].
+  """
+  k: int = 1
+  score: str = "sigmoid"
+  normalize: bool = True
+  route_scale: float = 1.0
+  bias_update_rate: float = 0.0
+  seq_balance_coef: float = 0.0
+  z_loss_coef: float = 0.0
+  kernel_init: Initializer = nn.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
+
+  def __post_init__(self):
+    name = type(self).__name__
+    if not isinstance(self.k, (int, np.integer)) or not 1 <= self.k <= self.num_experts:
+      raise ValueError(f"{name}: k must be an int in [1, num_experts={self.num_experts}], got "
+                       f"{self.k!r}")
+    if self.score not in TOPK_SCORES:
+      raise ValueError(f"{name}: score must be one of {TOPK_SCORES}, got {self.score!r}")
+    if not self.route_scale > 0:
+      raise ValueError(f"{name}: route_scale must be > 0, got {self.route_scale!r}")
+    for field in ("bias_update_rate", "seq_balance_coef", "z_loss_coef"):
+      if not getattr(self, field) >= 0:
+        raise ValueError(f"{name}: {field} must be >= 0 (0 turns it off), got "
+                         f"{getattr(self, field)!r}")
+    super().__post_init__()
+
+  def _compute_routing_instructions(self, hidden: Array, features: RouterFeatures, *,
+                                    deterministic: bool) -> RoutingInstructions:
+    tokens = hidden.shape[0]
+    kernel = self.param("kernel",
+                        nn.with_logical_partitioning(self.kernel_init, ("embed", "unmodeled")),
+                        (hidden.shape[-1], self.num_experts), jnp.float32)
+    bias = self.variable(ROUTER_STATE, EXPERT_BIAS, jnp.zeros, (self.num_experts,), jnp.float32)
+    logits = hidden @ kernel.astype(jnp.float32)  # [tokens, E]
+    if self.score == "softmax":
+      scores = jax.nn.softmax(logits, axis=-1)
+    else:
+      scores = jax.nn.sigmoid(logits)
+    # eq. (16): the bias decides who is selected, never how much the selected contribute.
+    used_bias = bias.value
+    _, expert_index = lax.top_k(lax.stop_gradient(scores) + used_bias, self.k)
+    weight = jnp.take_along_axis(scores, expert_index, axis=-1)  # [tokens, k]
+    if self.normalize:
+      weight = weight / jnp.sum(weight, axis=-1, keepdims=True)
+    weight = weight * jnp.float32(self.route_scale)
+    counted = None if features.valid is None else features.valid.reshape(-1)
+    balance = sequence_balance_loss(scores, expert_index, features.token_ids.shape[0], counted)
+    z_loss = router_z_loss(logits, counted)
+    if not deterministic and self.is_mutable_collection(ROUTER_STATE) and self.bias_update_rate:
+      mask = (jnp.ones((tokens, 1), jnp.float32) if counted is None
+              else counted.astype(jnp.float32)[:, None])
+      counts = jnp.zeros((self.num_experts,), jnp.float32).at[expert_index.reshape(-1)].add(
+          jnp.broadcast_to(mask, expert_index.shape).reshape(-1))
+      bias.value = lax.stop_gradient(
+          expert_bias_update(bias.value, counts, self.bias_update_rate))
+    aux_losses = {}
+    if self.seq_balance_coef:
+      aux_losses["balance_loss"] = self.seq_balance_coef * balance
+    if self.z_loss_coef:
+      aux_losses["router_z_loss"] = self.z_loss_coef * z_loss
+    probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    return RoutingInstructions(
+        expert_index=expert_index.astype(jnp.int32), combine_weight=weight, router_probs=probs,
+        aux_losses=aux_losses,
+        metrics={"balance_loss": balance, "router_z_loss": z_loss,
+                 "expert_bias_abs_max": jnp.max(jnp.abs(used_bias))})

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from hashmoe import compare, hashing, models, plots, routers
+from hashmoe.compare import specs
 from hashmoe.compare.comparison import Comparison, run_order, select_balance_coef
 from hashmoe.compare.configs import RUN_CONFIG, make_optimizer, model_config, validate_experiment
 from hashmoe.compare.report import sweep_series
@@ -511,6 +512,7 @@ EXPECTED_EXPERIMENTS = {
     "dense_baselines": {"dense", "wider", "deeper", "switch", "hash"},
     "switch_combine": {"dense", "switch", "switch_padding_in_aux", "switch_x_experts",
                        "switch_straight_through", "token_switch", "token_switch_x_experts", "hash"},
+    "deepseek_v4": {"topk", "v4_balanced", "v4_roundrobin", "v4_random", "v4_zeros"},
 }
 
 
@@ -550,6 +552,29 @@ def test_experiment_specific_settings():
   assert layers["hash_every_other"] == (1, 3)
   multihash = {m.name: m.router.num_hashes for m in compare.load_experiment("multihash").models}
   assert multihash["hash_32_n8"] == 8
+
+
+def test_deepseek_v4_experiment_compares_table_initialisations_at_equal_active_compute():
+  experiment = compare.load_experiment("deepseek_v4")
+  settings = compare.Settings(**{**dataclasses.asdict(compare.PRESETS["default"]),
+                                 **experiment.overrides})
+  configs = validate_experiment(experiment, settings)
+  by_name = {m.name: m for m in experiment.models}
+  assert {m.table_kind for m in experiment.models} == {None, *hashing.TOPK_KINDS}
+  assert set(specs.TOPK_TABLE_KINDS) == set(hashing.TOPK_KINDS)
+  counts = {name: models.param_counts(c) for name, c in configs.items()}
+  # The same parameters and active compute: the hash layers' gate is as big as a top-k router.
+  assert len({(c["total"], c["active"]) for c in counts.values()}) == 1
+  for name, config in configs.items():
+    s = config.sparse
+    assert (config.num_layers, s.layers, s.num_experts, s.expert_d_ff, s.num_shared_experts,
+            s.router.experts_per_token) == (4, (0, 1, 2, 3), 32, 32, 1, 4)
+    kinds = [r.name for r in models.layer_routers(config).values()]
+    assert kinds == (["topk"] * 4 if name == "topk" else ["hash_topk"] * 2 + ["topk"] * 2)
+  assert by_name["v4_zeros"].record()["num_shared_experts"] == 1
+  assert "num_shared_experts" not in compare.model_preset("hash").record()
+  with pytest.raises(ValueError, match=r"router 'hash' takes the tables .* not 'zeros_topk'"):
+    compare.ModelSpec("h", router=routers.Hash(), table="zeros_topk")
 
 
 def test_selecting_a_model_that_needs_the_baseline_brings_the_baseline():

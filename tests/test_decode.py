@@ -109,6 +109,22 @@ def test_cached_greedy_equals_full_pass_lm(case):
   assert len(np.unique(sequences[:, 6:])) > 1  # the decode is not one repeated token
 
 
+def test_deepseek_v4_style_model_decodes():
+  """Hash top-k in the first sparse layer, learned top-k (with a nonzero selection bias, as a
+  trained model has) in the second, a shared expert: a step routes each token by its own id and
+  hidden state, so greedy decoding through the cache equals the full pass."""
+  cfg = models.tiny_config(V, num_encoder_layers=0, num_layers=2, max_len=16, sparse=(
+      models.SparseConfig(router=routers.FirstLayers(
+          first=routers.HashTopK(topk=2, gate="sqrt_softplus", normalize=True), first_layers=1,
+          rest=routers.TopK(topk=2, bias_update_rate=0.01)),
+          num_experts=E, layers=(0, 1), expert_d_ff=16, num_shared_experts=1)))
+  model, variables = init(cfg)
+  bias = variables["router_state"]["decoder_1"]["moe"]["router"]["expert_bias"]
+  variables["router_state"]["decoder_1"]["moe"]["router"]["expert_bias"] = bias + jnp.asarray(
+      [0.3, -0.2, 0.1, 0.0])
+  check_greedy(model, variables)
+
+
 def test_switch_with_capacity_decodes_dropless():
   """Switch with a capacity factor: a step runs the dropless model (decoding_model), equal to the
   full pass of the same parameters with capacity_factor=None; the capacity model itself refuses a

@@ -37,6 +37,9 @@ PRESETS = {"models/tiny/hash_16.gin": ("models/tiny/baseline.gin", "models/route
            "models/paper/hash_64.gin": ("models/paper/baseline.gin", "models/routers/hash.gin", 64),
            "models/paper/hash_128.gin": ("models/paper/baseline.gin", "models/routers/hash.gin",
                                          128)}
+# Whole layouts that set their own depth, experts and routers (DeepSeek-V4-style): parsed, built
+# and counted alone.
+LAYOUTS = ("models/tiny/deepseek_v4.gin", "models/large/deepseek_v4_like.gin")
 # What a model is built from: a size alone, a size then a router file, or a preset.
 MODEL_COMPOSITIONS = (
     [(f"models/{scale}/{size}.gin",) + router for scale in ("tiny", "paper") for size in SIZES
@@ -91,27 +94,36 @@ def closed_form_count(c: models.TransformerConfig) -> int:
   biases, LayerNorm scale+bias before every sublayer and at the end of each stack; a sparse FFN
   replaces D-wide W_in/W_out by E stacked experts plus its router's parameters."""
   d, inner = c.d_model, c.num_heads * c.head_dim
-  attention, norm = 4 * d * inner, 2 * d
+  attention, norm = 4 * d * inner, (2 * d if c.norm == "layernorm" else d)
+  positions = c.max_len * d if c.position_embedding == "learned" else 0
 
-  def ffn(layer_is_sparse):
-    if not layer_is_sparse:
+  def ffn(ordinal):  # ordinal among the sparse layers, None for a dense FFN
+    if ordinal is None:
       return 2 * d * c.d_ff
     s = c.sparse
-    experts = s.num_experts * 2 * d * (s.expert_d_ff or c.d_ff)
+    router = s.router
+    if router.name == "first_layers":  # the first N sparse layers' router, then the rest's
+      router = router.first if ordinal < router.first_layers else router.rest
+    expert_d_ff = s.expert_d_ff or c.d_ff
+    experts = s.num_experts * 2 * d * expert_d_ff
+    shared = s.num_shared_experts * 2 * d * expert_d_ff
     router = {"hash": 0, "switch": d * s.num_experts, "hash_topk": d * s.num_experts,
-              "base": s.num_experts * d,
-              "token_switch": c.vocab_size * d + d * s.num_experts}[s.router.name]
-    return experts + router
+              "topk": d * s.num_experts, "base": s.num_experts * d,
+              "token_switch": c.vocab_size * d + d * s.num_experts}[router.name]
+    return experts + shared + router
 
-  sparse_dec = set(c.sparse.layers) if c.sparse else set()
-  total = c.vocab_size * d + c.max_len * d  # tokens, decoder positions
+  sparse_dec = sorted(c.sparse.layers) if c.sparse else []
+  total = c.vocab_size * d + positions  # tokens, decoder positions
+  if not c.share_embeddings:
+    total += d * c.vocab_size  # the output projection
   for i in range(c.num_layers):
     cross = attention + norm if c.is_encoder_decoder else 0
-    total += attention + norm + cross + ffn(i in sparse_dec) + norm
+    ordinal = sparse_dec.index(i) if i in sparse_dec else None
+    total += attention + norm + cross + ffn(ordinal) + norm
   total += norm
   if c.is_encoder_decoder:
-    total += c.max_len * d + norm
-    total += c.num_encoder_layers * (attention + norm + ffn(False) + norm)
+    total += positions + norm
+    total += c.num_encoder_layers * (attention + norm + ffn(None) + norm)
   return total
 
 
@@ -141,7 +153,7 @@ def test_sizes_come_in_paper_and_tiny_pairs_and_every_router_has_a_file():
   for scale in ("tiny", "paper"):
     names = {p.split("/")[-1] for p in MODEL_FILES if p.startswith(f"models/{scale}/")}
     assert names == {f"{size}.gin" for size in SIZES} | {
-        p.split("/")[-1] for p in PRESETS if p.startswith(f"models/{scale}/")}
+        p.split("/")[-1] for p in tuple(PRESETS) + LAYOUTS if p.startswith(f"models/{scale}/")}
   families = set()
   for path in ROUTER_FILES:
     config, _ = parse(["models/tiny/baseline.gin", path])
@@ -275,6 +287,35 @@ def test_the_big_models_have_their_paper_sizes_and_fsdp_runs():
   # run parsed above is the 4.5B one).
   batch = gin.query_parameter("%BATCH_SIZE")
   assert (config.scan_layers, config.remat_policy, batch) == (True, "save_dispatch", 256)
+
+
+@pytest.mark.parametrize("path", LAYOUTS)
+def test_deepseek_v4_layouts_build_with_hash_layers_first(path):
+  """The tiny DeepSeek-V4-style model and the paper-scale layout: every layer sparse, the first
+  HASH_LAYERS of them hash top-k and the rest learned top-k, fine-grained and shared experts;
+  counted in closed form (the large one abstractly: 490.9B parameters, 43.2B active)."""
+  tiny = path.startswith("models/tiny/")
+  # The large layout leaves vocabulary and encoder to the task, as models/large/lm_4_5b.gin does.
+  config, _ = parse([path] if tiny else ["tasks/text_dir.gin", path],
+                    [] if tiny else TASK_BINDINGS + ["VOCAB_SIZE = 129280"])
+  s = config.sparse
+  expected = ((4, 32, 32, 4, 2, 1, 64) if tiny else (61, 256, 2048, 6, 3, 1, 7168))
+  assert (config.num_layers, s.num_experts, s.expert_d_ff, s.router.experts_per_token,
+          s.router.first_layers, s.num_shared_experts, config.d_model) == expected
+  assert s.layers == tuple(range(config.num_layers))
+  kinds = [r.name for r in models.layer_routers(config).values()]
+  assert kinds == ["hash_topk"] * expected[4] + ["topk"] * (expected[0] - expected[4])
+  assert s.router.first.gate == "sqrt_softplus" and s.router.rest.bias_update_rate == 0.001
+  assert gin.query_parameter("hashmoe.train.train.hash_tables") == "balanced_topk"
+  counts = models.param_counts(config)
+  assert counts["total"] == closed_form_count(config)
+  # Active: all but the k of E routed experts of every sparse layer (shared ones always run).
+  per_expert = 2 * config.d_model * s.expert_d_ff
+  assert counts["total"] - counts["active"] == (
+      config.num_layers * (s.num_experts - expected[3]) * per_expert)
+  if not tiny:
+    assert config.vocab_size == 129280 and config.num_encoder_layers == 0
+    assert round(counts["total"] / 1e9, 1) == 490.9 and round(counts["active"] / 1e9, 1) == 43.2
 
 
 def test_command_line_overrides_a_macro():

@@ -59,7 +59,8 @@ def test_flat_fields_are_the_old_sparse_config_fields(case):
 
 
 def test_every_family_is_registered_under_its_name_and_hashable():
-  assert set(routers.REGISTRY) == {"hash", "hash_topk", "switch", "token_switch", "base"}
+  assert set(routers.REGISTRY) == {"hash", "hash_topk", "switch", "token_switch", "base", "topk",
+                                   "first_layers"}
   for name, cls in routers.REGISTRY.items():
     assert cls.name == name and routers.router_config(name) == cls()
     assert hash(cls()) == hash(cls())

@@ -115,7 +115,8 @@ def model_config(spec: ModelSpec, settings: Settings, *, vocab_size: int,
       changes["sparse"] = models.SparseConfig(
           router=router, num_experts=int(spec.num_experts or settings.num_experts),
           layers=spec.layers if spec.layers is not None else default_layers,
-          capacity_factor=spec.capacity_factor, expert_d_ff=spec.expert_d_ff)
+          capacity_factor=spec.capacity_factor, expert_d_ff=spec.expert_d_ff,
+          num_shared_experts=spec.num_shared_experts)
     return dataclasses.replace(base, **changes)
   except ValueError as e:
     raise ValueError(f"model {spec.name!r}: {e}") from e

@@ -112,13 +112,13 @@ class TrainRunner:
                                         seed=request.seed,
                                         vocab_fingerprint=data.vocab_fingerprint,
                                         embeddings=embeddings)
-    stats = None
-    if all(t.table.ndim == 1 for t in tables):
-      # How evenly the tables spread the training split's keys (what Figure 4 is about; a
-      # top-k table's load is not one expert per key).
-      weights = np.asarray(counts(), np.float64)
-      loads = [np.bincount(t.table, weights=weights, minlength=t.num_experts) for t in tables]
-      stats = {"train_split_max_over_mean": [float(l.max() / l.mean()) for l in loads]}
+    # How evenly the tables spread the training split's keys (what Figure 4 is about): a key's
+    # occurrences count once for each of a top-k table's k experts.
+    weights = np.asarray(counts(), np.float64)
+    loads = [np.bincount(t.table.reshape(-1), minlength=t.num_experts,
+                         weights=np.repeat(weights, t.table.size // t.table.shape[0]))
+             for t in tables]
+    stats = {"train_split_max_over_mean": [float(l.max() / l.mean()) for l in loads]}
     return os.fspath(out_path), stats
 
   def _measure(self, trainer, state, data, config) -> dict[str, Any]:

@@ -30,6 +30,9 @@ DEFAULT_MODELS = ("dense", "switch", "hash")
 BASES = ("baseline", "wider", "deeper")
 SCALES = ("tiny", "paper")
 TABLE_KINDS = ("random", "balanced", "clustered", "dispersed")
+# A top-k router's tables (`hashing.TOPK_KINDS`, named here so that building the flags imports no
+# JAX): the frequency-balanced one and the initialisations other frameworks start from.
+TOPK_TABLE_KINDS = ("balanced_topk", "roundrobin_topk", "random_topk", "zeros_topk")
 EXPERIMENTS_SUBDIR = "experiments"
 
 
@@ -148,7 +151,9 @@ class ModelSpec:
     num_experts: E; None takes the comparison's `--experts`.
     table: how a router with tables gets them: "balanced" (greedy on the training split's counts
       of the hash key, §3.1; a balanced top-k table for `routers.HashTopK`), "random",
-      "clustered" / "dispersed" (k-means over the dense baseline's token embeddings).
+      "clustered" / "dispersed" (k-means over the dense baseline's token embeddings); for a
+      top-k router one of `TOPK_TABLE_KINDS` ("balanced_topk" is what "balanced" gives it;
+      "roundrobin_topk", "random_topk", "zeros_topk" are other frameworks' initialisations).
     tuned: tune the router's balance_coef on validation perplexity over the comparison's grid
       (Section 5.1); for routers with a balance_coef (Switch, TokenSwitch). False keeps the
       router's own.
@@ -158,6 +163,7 @@ class ModelSpec:
     num_layers: overrides the base model's decoder depth.
     d_ff: overrides the dense FFN width (and the experts', which default to it).
     expert_d_ff: hidden size of each expert (None: the dense FFN's d_ff).
+    num_shared_experts: shared experts every token uses (`SparseConfig.num_shared_experts`).
   """
   name: str
   router: Any = None
@@ -170,6 +176,7 @@ class ModelSpec:
   num_layers: Optional[int] = None
   d_ff: Optional[int] = None
   expert_d_ff: Optional[int] = None
+  num_shared_experts: int = 0
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name or not all(
@@ -181,19 +188,24 @@ class ModelSpec:
         object.__setattr__(self, "router", _routers().router_config(self.router))
       except ValueError as e:
         raise ValueError(f"model {self.name!r}: router must be None (dense) or {e}") from e
-    if self.table not in TABLE_KINDS:
-      raise ValueError(f"model {self.name!r}: table must be one of {TABLE_KINDS}, got "
-                       f"{self.table!r}")
+    if self.table not in TABLE_KINDS + TOPK_TABLE_KINDS:
+      raise ValueError(f"model {self.name!r}: table must be one of "
+                       f"{TABLE_KINDS + TOPK_TABLE_KINDS}, got {self.table!r}")
     if self.base not in BASES:
       raise ValueError(f"model {self.name!r}: base must be one of {BASES}, got {self.base!r}")
     if self.layers is not None:
       object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
     if self.router is None and (self.num_experts is not None or self.layers is not None
-                                or self.tuned or self.expert_d_ff is not None):
+                                or self.tuned or self.expert_d_ff is not None
+                                or self.num_shared_experts):
       raise ValueError(f"model {self.name!r} is dense (router=None) but sets sparse options")
     if not self.uses_tables and self.table != "balanced":
       raise ValueError(f"model {self.name!r}: table applies to routers with tables, the router "
                        f"is {self._router_name!r}")
+    if self.uses_tables and self.table != "balanced" and (
+        self.table not in self.router.table_kinds):
+      raise ValueError(f"model {self.name!r}: router {self._router_name!r} takes the tables "
+                       f"{('balanced',) + tuple(self.router.table_kinds)}, not {self.table!r}")
     if self.tuned and "balance_coef" not in {f.name for f in dataclasses.fields(self.router)}:
       raise ValueError(f"model {self.name!r}: tuned tunes the router's balance_coef, which router "
                        f"{self._router_name!r} does not have")
@@ -264,6 +276,9 @@ class ModelSpec:
               "topk": flat["topk"]}
     if own:
       record["router_settings"] = own
+    if self.num_shared_experts:
+      # Only when set, so that runs finished before the field existed still match.
+      record["num_shared_experts"] = self.num_shared_experts
     return record
 
 

@@ -186,6 +186,13 @@ def _check_module(module: nn.Module, encoder_decoder: bool, model_name: str,
               "check which task file set TransformerConfig.num_encoder_layers)")
     raise TypeError(f"{model_name} wraps a hashmoe.models.{expected.__name__}, got "
                     f"{type(module).__name__}{hint}")
+  sparse = module.config.sparse
+  if sparse is not None and sparse.router.updates_state:
+    # loss_fn hands t5x its flax_mutables back unchanged, so the bias would never move.
+    raise ValueError(f"{model_name}: the router {sparse.router!r} updates its selection bias "
+                     "after every step (routers.TopK.bias_update_rate > 0), which this adapter "
+                     "does not carry out; train the model with `hashmoe train`, or set "
+                     "routers.TopK.bias_update_rate = 0")
   for vocabulary in vocabularies:
     if vocabulary.vocab_size > module.config.vocab_size:
       raise ValueError(f"the vocabulary has {vocabulary.vocab_size} ids but the model's "

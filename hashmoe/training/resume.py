@@ -37,8 +37,10 @@ RESUMABLE_SPARSE_FIELDS = frozenset({"dispatch", "capacity_factor", "balance_coe
                                      "jitter"})
 # Router config fields (not flat SparseConfig fields) a resumed run may change: like the loss
 # coefficients, which positions the auxiliary losses average over changes the objective, not the
-# model.
-RESUMABLE_ROUTER_FIELDS = frozenset({"exclude_padding"})
+# model; so do the top-k router's bias update rate and loss coefficients (its fields have no flat
+# names, so its z_loss_coef is listed here rather than in RESUMABLE_SPARSE_FIELDS).
+RESUMABLE_ROUTER_FIELDS = frozenset({"exclude_padding", "bias_update_rate", "seq_balance_coef",
+                                     "z_loss_coef"})
 # `train` arguments a checkpoint fixes: its data position was saved for the task, SEQ_LEN and
 # BATCH_SIZE; the seed draws the step keys (the restart guarantee); the tables are the
 # checkpoint's own.

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hashmoe import models, sharding
 from hashmoe.layers import MOE_COLLECTION
+from hashmoe.routing import ROUTER_STATE
 from hashmoe.training import metrics as metrics_lib
 from hashmoe.training import multihost
 
@@ -77,7 +78,9 @@ class TrainState:
     step: int32[], updates applied so far.
     params: float32 master weights (compute may be bfloat16, per the model config).
     opt_state: the optimizer's state.
-    constants: the model's non-trainable collections, e.g. {"hash_tables": ...}; never updated.
+    constants: the model's non-trainable collections, e.g. {"hash_tables": ...}. The gradient
+      never reaches them; only `routing.ROUTER_STATE` (the learned top-k router's selection bias)
+      changes, set by each train step from what the routers wrote (see `Trainer._step`).
   """
   step: Array
   params: PyTree
@@ -162,12 +165,14 @@ class Trainer:
   # -- steps -----------------------------------------------------------------------------------
 
   def _loss(self, params, constants, batch, rngs, deterministic):
+    # A training pass lets the routers write their state (the top-k selection bias's next value);
+    # an evaluation pass reads it only.
+    mutable = [MOE_COLLECTION] if deterministic else [MOE_COLLECTION, ROUTER_STATE]
     logits, mutated = self.model.apply({PARAMS: params, **constants}, batch,
-                                       deterministic=deterministic, rngs=rngs,
-                                       mutable=[MOE_COLLECTION])
+                                       deterministic=deterministic, rngs=rngs, mutable=mutable)
     aux_loss, moe = models.collect_aux(mutated)
     nll_sum, num_tokens = token_nll(logits, batch["decoder_target_tokens"], loss_weights(batch))
-    return nll_sum, num_tokens, aux_loss, moe
+    return nll_sum, num_tokens, aux_loss, moe, mutated.get(ROUTER_STATE)
 
   def _step(self, state: TrainState, batch: Mapping[str, Array]):
     key = jax.random.fold_in(self._step_key, state.step)
@@ -175,23 +180,30 @@ class Trainer:
     rngs = {"dropout": dropout_key, "jitter": jitter_key}
 
     def objective(params):
-      nll_sum, num_tokens, aux_loss, moe = self._loss(params, state.constants, batch, rngs, False)
+      nll_sum, num_tokens, aux_loss, moe, router_state = self._loss(
+          params, state.constants, batch, rngs, False)
       ce = nll_sum / jnp.maximum(num_tokens, 1.0)
       # The routers' aux losses (Switch's balance loss, z-loss) join the objective as they are:
       # each is already scaled by its coefficient.
-      return ce + aux_loss, (ce, aux_loss, num_tokens, moe)
+      return ce + aux_loss, (ce, aux_loss, num_tokens, moe, router_state)
 
-    (loss, (ce, aux_loss, num_tokens, moe)), grads = jax.value_and_grad(
+    (loss, (ce, aux_loss, num_tokens, moe, router_state)), grads = jax.value_and_grad(
         objective, has_aux=True)(state.params)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    constants = state.constants
+    if router_state is not None and ROUTER_STATE in constants:
+      # Outside the gradient, after the update (DeepSeek-V3 §2.1.2: the bias moves at the end of
+      # each step): the routers computed next step's bias from this batch's loads.
+      constants = {**constants, ROUTER_STATE: flax.core.unfreeze(router_state)}
     metrics = {"loss": loss, "ce_loss": ce, "aux_loss": aux_loss, "tokens": num_tokens,
                "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates),
                "moe": moe}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         constants=constants), metrics
 
   def _eval(self, params, constants, batch):
-    nll_sum, num_tokens, aux_loss, _ = self._loss(params, constants, batch, None, True)
+    nll_sum, num_tokens, aux_loss, _, _ = self._loss(params, constants, batch, None, True)
     return {"nll_sum": nll_sum, "tokens": num_tokens, "aux_loss": aux_loss}
 
   def _compiled_fn(self, name: str, fn, *args):
