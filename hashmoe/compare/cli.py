@@ -236,6 +236,7 @@ def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
   from hashmoe.compare.report import format_table
   from hashmoe.compare.runner import TrainRunner
   from hashmoe.data.cached import register_corpus, unigram_perplexity
+  from hashmoe.training.trainer import shared_compilation
   # pylint: enable=g-import-not-at-top
   try:
     experiment, settings = resolve(args)
@@ -249,7 +250,8 @@ def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
       f"{settings.seq_len}, {settings.num_experts} experts, output in {out_dir}")
   comparison = None
   try:
-    with _stop_on_signals():
+    # Runs of one model (its seeds) share their traced and compiled steps.
+    with _stop_on_signals(), shared_compilation():
       encoding, errors = _text_decoding(args)
       corpus = register_corpus(args.text_dir, settings.vocab_size, encoding=encoding,
                                errors=errors)
