@@ -1,0 +1,128 @@
+"""Wall and CPU time of the default `hashmoe compare`, old commit against new, and whether their
+results are identical.
+
+    git worktree add /tmp/speed_old b7c1f9e
+    python benchmarks/compare_speed.py --old /tmp/speed_old --new . --rounds 2 --out /tmp/speed
+    python benchmarks/compare_speed.py --diff A/results.json B/results.json
+
+Each round runs `python -m hashmoe.cli compare` (the README's command, default settings) once from
+each tree, old first, in a fresh output folder and with a JAX compilation cache folder that starts
+empty (the "cold" figure: a first run of the README's command; `--warm` adds a run of the new tree
+on the cache its cold run filled). The runs are interleaved (old, new, old, new) because the machine
+is shared: each records wall seconds, the child's CPU seconds (user + sys, from `getrusage`) and
+the load average before and after. The CPU ratio is the figure least disturbed by other jobs.
+
+The results must be equal: every number of results.json except timings and the machine (losses,
+perplexities, curves, expert loads, the tuning) is compared exactly (`results_differences`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+# Fields that measure the run, not the model: they differ between any two runs.
+TIMING_KEYS = frozenset({"tokens_per_s", "wall_s", "cpu_s", "machine", "load_average_at_start"})
+
+
+def _leaves(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+  if isinstance(obj, Mapping):
+    for key in sorted(obj):
+      if key not in TIMING_KEYS:
+        yield from _leaves(obj[key], f"{path}/{key}")
+  elif isinstance(obj, (list, tuple)):
+    for i, item in enumerate(obj):
+      yield from _leaves(item, f"{path}[{i}]")
+  else:
+    yield path, obj
+
+
+def _equal(a: Any, b: Any) -> bool:
+  if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+    return True
+  return a == b and type(a) is type(b)
+
+
+def results_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, list[str]]:
+  """{"different": paths whose values differ, "only_old": ..., "only_new": ...} of two results.json
+  objects, timings and machine left out. Values are compared exactly (JSON floats round-trip
+  float64, so equal text is equal bits)."""
+  a, b = dict(_leaves(old)), dict(_leaves(new))
+  return {"different": [p for p in a if p in b and not _equal(a[p], b[p])],
+          "only_old": [p for p in a if p not in b], "only_new": [p for p in b if p not in a]}
+
+
+def _run(tree: Path, out: Path, cache: Path, extra: list[str]) -> dict[str, Any]:
+  env = dict(os.environ, PYTHONPATH=os.fspath(tree), JAX_COMPILATION_CACHE_DIR=os.fspath(cache))
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
+  load0, wall0 = os.getloadavg(), time.perf_counter()
+  with open(out.with_suffix(".log"), "w") as log:
+    code = subprocess.call([sys.executable, "-m", "hashmoe.cli", "compare", "--out",
+                            os.fspath(out), "--no-progress", *extra], cwd=tree, env=env,
+                           stdout=log, stderr=subprocess.STDOUT)
+  wall = time.perf_counter() - wall0
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+  return {"tree": os.fspath(tree), "out": os.fspath(out), "exit": code, "wall_s": wall,
+          "cpu_s": cpu, "load_before": list(load0), "load_after": list(os.getloadavg())}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--old", help="the old tree (a worktree of the old commit)")
+  parser.add_argument("--new", default=".", help="the new tree (default: here)")
+  parser.add_argument("--rounds", type=int, default=2, help="old/new pairs (interleaved)")
+  parser.add_argument("--warm", action="store_true",
+                      help="also run the new tree again on its filled compilation cache")
+  parser.add_argument("--out", default="/tmp/compare_speed", help="where runs and JSON go")
+  parser.add_argument("--diff", nargs=2, metavar=("OLD", "NEW"),
+                      help="only compare two results.json files")
+  parser.add_argument("compare_args", nargs="*", help="extra `hashmoe compare` flags (after --)")
+  args = parser.parse_args(argv)
+  if args.diff:
+    old, new = (json.loads(Path(p).read_text()) for p in args.diff)
+    diff = results_differences(old, new)
+    print(json.dumps(diff, indent=2))
+    return 1 if diff["different"] else 0
+  if not args.old:
+    parser.error("--old is required (or --diff)")
+  root = Path(args.out)
+  root.mkdir(parents=True, exist_ok=True)
+  runs = []
+  for r in range(args.rounds):
+    for side, tree in (("old", args.old), ("new", args.new)):
+      name = f"{side}{r}"
+      shutil.rmtree(root / name, ignore_errors=True)
+      shutil.rmtree(root / f"cache_{name}", ignore_errors=True)
+      run = _run(Path(tree).resolve(), root / name, root / f"cache_{name}", args.compare_args)
+      runs.append({"name": name, **run})
+      print(json.dumps(runs[-1]), flush=True)
+  if args.warm:
+    run = _run(Path(args.new).resolve(), root / "new_warm", root / "cache_new0",
+               args.compare_args)
+    runs.append({"name": "new_warm", **run})
+    print(json.dumps(runs[-1]), flush=True)
+  reference = json.loads((root / "old0" / "results.json").read_text())
+  for run in runs:
+    results = Path(run["out"]) / "results.json"
+    run["differences"] = (results_differences(reference, json.loads(results.read_text()))
+                          if results.exists() else "no results.json")
+  summary = {"runs": runs}
+  for side in ("old", "new"):
+    mine = [r for r in runs if r["name"].startswith(side) and r["name"] != "new_warm"]
+    summary[side] = {k: sorted(r[k] for r in mine) for k in ("wall_s", "cpu_s")}
+  (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
+  return 0 if all(r["exit"] == 0 for r in runs) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
