@@ -4,6 +4,7 @@ results are identical.
     git worktree add /tmp/speed_old b7c1f9e
     python benchmarks/compare_speed.py --old /tmp/speed_old --new . --rounds 2 --out /tmp/speed
     python benchmarks/compare_speed.py --diff A/results.json B/results.json
+    python benchmarks/compare_speed.py --flops
 
 Each round runs `python -m hashmoe.cli compare` (the README's command, default settings) once from
 each tree, old first, in a fresh output folder and with a JAX compilation cache folder that starts
@@ -75,6 +76,58 @@ def _run(tree: Path, out: Path, cache: Path, extra: list[str]) -> dict[str, Any]
           "cpu_s": cpu, "load_before": list(load0), "load_after": list(os.getloadavg())}
 
 
+def flops(models: list[str], repeats: int = 50) -> dict[str, Any]:
+  """XLA's count of FLOPs per token of each default-compare model's train step (forward,
+  backward, update: `Compiled.cost_analysis`) and the GFLOP/s a jitted float32 matmul reaches at
+  the models' shapes on this machine now (the fastest of `repeats` calls after a warm-up: on a
+  shared machine, the closest to its peak)."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from hashmoe.compare import configs
+  from hashmoe.compare.specs import PRESETS, default_experiment
+  from hashmoe import models as models_lib
+  from hashmoe.training.trainer import Trainer
+  # pylint: enable=g-import-not-at-top
+  settings = PRESETS["default"]
+  rows, tokens = settings.batch_size, settings.batch_size * settings.seq_len
+  out: dict[str, Any] = {"models": {}, "matmul_gflops": {}, "load": list(os.getloadavg())}
+  for name in models:
+    spec = default_experiment([name]).models[0]
+    config = configs.model_config(spec, settings, vocab_size=settings.vocab_size)
+    trainer = Trainer(config, models_lib.build_model(config), configs.make_optimizer(settings),
+                      configs.mesh(settings))
+    batch = {k: jax.ShapeDtypeStruct((rows, settings.seq_len), np.int32,
+                                     sharding=trainer.batch_sharding)
+             for k in ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids",
+                       "decoder_positions")}
+    batch["decoder_loss_weights"] = jax.ShapeDtypeStruct((rows, settings.seq_len), np.float32,
+                                                         sharding=trainer.batch_sharding)
+    with trainer.context():
+      compiled = trainer._train_step.lower(  # pylint: disable=protected-access
+          trainer.abstract_state, batch, trainer._step_key).compile()  # pylint: disable=protected-access
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out["models"][name] = {"flops_per_step": float(cost["flops"]),
+                           "flops_per_token": float(cost["flops"]) / tokens}
+  d, f, v = 64, 128, settings.vocab_size  # configs/models/tiny/baseline.gin, the vocabulary
+  for m, k, n in ((tokens, d, v), (tokens, v, d), (tokens, d, f), (tokens, f, d), (v, tokens, d),
+                  (1024, 1024, 1024)):
+    a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+    fn = jax.jit(jnp.matmul)
+    fn(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      fn(a, b).block_until_ready()
+      times.append(time.perf_counter() - start)
+    out["matmul_gflops"][f"{m}x{k}x{n}"] = 2 * m * k * n / min(times) / 1e9
+  out["load_after"] = list(os.getloadavg())
+  return out
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--old", help="the old tree (a worktree of the old commit)")
@@ -85,6 +138,8 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default="/tmp/compare_speed", help="where runs and JSON go")
   parser.add_argument("--diff", nargs=2, metavar=("OLD", "NEW"),
                       help="only compare two results.json files")
+  parser.add_argument("--flops", action="store_true",
+                      help="only print FLOPs per token of each model's step and matmul GFLOP/s")
   parser.add_argument("compare_args", nargs="*", help="extra `hashmoe compare` flags (after --)")
   args = parser.parse_args(argv)
   if args.diff:
@@ -92,6 +147,9 @@ def main(argv=None) -> int:
     diff = results_differences(old, new)
     print(json.dumps(diff, indent=2))
     return 1 if diff["different"] else 0
+  if args.flops:
+    print(json.dumps(flops(["dense", "switch", "hash"]), indent=2))
+    return 0
   if not args.old:
     parser.error("--old is required (or --diff)")
   root = Path(args.out)
