@@ -105,9 +105,10 @@ def flops(models: list[str], repeats: int = 50) -> dict[str, Any]:
                        "decoder_positions")}
     batch["decoder_loss_weights"] = jax.ShapeDtypeStruct((rows, settings.seq_len), np.float32,
                                                          sharding=trainer.batch_sharding)
+    # pylint: disable-next=protected-access
+    step, key = trainer._train_step, trainer._step_key
     with trainer.context():
-      compiled = trainer._train_step.lower(  # pylint: disable=protected-access
-          trainer.abstract_state, batch, trainer._step_key).compile()  # pylint: disable=protected-access
+      compiled = step.lower(trainer.abstract_state, batch, key).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out["models"][name] = {"flops_per_step": float(cost["flops"]),

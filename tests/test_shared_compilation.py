@@ -86,7 +86,8 @@ def test_other_optimizer_or_outside_the_block_shares_nothing(setup):
   other_tx = optim.make_optimizer(1e-2, weight_decay=0.01, clip_norm=1.0)
   with trainer_lib.shared_compilation():
     first = make(0)
-    assert make(0, other_tx)._train_step is not first._train_step  # pylint: disable=protected-access
+    other = make(0, other_tx)
+    assert other._train_step is not first._train_step  # pylint: disable=protected-access
     with trainer_lib.shared_compilation():  # Nested: still the outer block's programs.
       assert make(1)._train_step is first._train_step  # pylint: disable=protected-access
     assert make(1)._train_step is first._train_step  # pylint: disable=protected-access
