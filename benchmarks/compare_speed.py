@@ -5,6 +5,7 @@ results are identical.
     python benchmarks/compare_speed.py --old /tmp/speed_old --new . --rounds 2 --out /tmp/speed
     python benchmarks/compare_speed.py --diff A/results.json B/results.json
     python benchmarks/compare_speed.py --flops
+    python benchmarks/compare_speed.py --profile hash:0 --out /tmp/speed_profile
 
 Each round runs `python -m hashmoe.cli compare` (the README's command, default settings) once from
 each tree, old first, in a fresh output folder and with a JAX compilation cache folder that starts
@@ -129,6 +130,39 @@ def flops(models: list[str], repeats: int = 50) -> dict[str, Any]:
   return out
 
 
+def profile_run(run: str, out: Path, steps: int, top: int = 45) -> None:
+  """cProfile of one default-compare run in this process ("MODEL:SEED[:COEF]", e.g. hash:0 or
+  switch:0:0.01), as `hashmoe compare` trains it, into OUT/runs/...; prints wall and process CPU
+  seconds and the `top` functions by cumulative time (where the wall time goes: waiting for the
+  device in the loop's fetch, compiling, tracing, evaluating, reading data)."""
+  # pylint: disable=g-import-not-at-top
+  import cProfile
+  import dataclasses
+  import pstats
+
+  from hashmoe import cli
+  cli._import_trainer(False)  # pylint: disable=protected-access
+  from hashmoe.compare.comparison import Comparison
+  from hashmoe.compare.runner import TrainRunner
+  from hashmoe.compare.specs import PRESETS, default_experiment
+  from hashmoe.data.cached import register_corpus
+  # pylint: enable=g-import-not-at-top
+  model, seed, *coef = run.split(":")
+  settings = dataclasses.replace(PRESETS["default"], steps=steps or PRESETS["default"].steps)
+  corpus = register_corpus(None, settings.vocab_size)
+  runner = TrainRunner(corpus, settings, progress_bar=False, log=print)
+  experiment = default_experiment([model])
+  comparison = Comparison(experiment, settings, out, runner, corpus=corpus.description)
+  profiler = cProfile.Profile()
+  wall0, cpu0 = time.perf_counter(), time.process_time()
+  profiler.enable()
+  comparison.run_one(experiment.models[0], int(seed), float(coef[0]) if coef else None)
+  profiler.disable()
+  print(f"wall {time.perf_counter() - wall0:.1f} s, process CPU {time.process_time() - cpu0:.1f} "
+        f"s, load {os.getloadavg()}")
+  pstats.Stats(profiler).sort_stats("cumulative").print_stats(top)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--old", help="the old tree (a worktree of the old commit)")
@@ -141,6 +175,9 @@ def main(argv=None) -> int:
                       help="only compare two results.json files")
   parser.add_argument("--flops", action="store_true",
                       help="only print FLOPs per token of each model's step and matmul GFLOP/s")
+  parser.add_argument("--profile", metavar="MODEL:SEED[:COEF]",
+                      help="only profile one run of the default comparison in this process")
+  parser.add_argument("--steps", type=int, default=0, help="--profile: steps (default 400)")
   parser.add_argument("compare_args", nargs="*", help="extra `hashmoe compare` flags (after --)")
   args = parser.parse_args(argv)
   if args.diff:
@@ -148,6 +185,9 @@ def main(argv=None) -> int:
     diff = results_differences(old, new)
     print(json.dumps(diff, indent=2))
     return 1 if diff["different"] else 0
+  if args.profile:
+    profile_run(args.profile, Path(args.out) / "profile", args.steps)
+    return 0
   if args.flops:
     print(json.dumps(flops(["dense", "switch", "hash"]), indent=2))
     return 0
