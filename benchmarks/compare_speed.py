@@ -163,7 +163,7 @@ def profile_run(run: str, out: Path, steps: int, top: int = 45) -> None:
   pstats.Stats(profiler).sort_stats("cumulative").print_stats(top)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--old", help="the old tree (a worktree of the old commit)")
   parser.add_argument("--new", default=".", help="the new tree (default: here)")
@@ -180,6 +180,13 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=0, help="--profile: steps (default 400)")
   parser.add_argument("compare_args", nargs="*", help="extra `hashmoe compare` flags (after --)")
   args = parser.parse_args(argv)
+  if not (args.diff or args.profile or args.flops or args.old):
+    parser.error("--old is required (or --diff, --profile, --flops)")
+  return args
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
   if args.diff:
     old, new = (json.loads(Path(p).read_text()) for p in args.diff)
     diff = results_differences(old, new)
@@ -191,8 +198,6 @@ def main(argv=None) -> int:
   if args.flops:
     print(json.dumps(flops(["dense", "switch", "hash"]), indent=2))
     return 0
-  if not args.old:
-    parser.error("--old is required (or --diff)")
   root = Path(args.out)
   root.mkdir(parents=True, exist_ok=True)
   runs = []
