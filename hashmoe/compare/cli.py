@@ -222,7 +222,7 @@ def _stop_on_signals() -> Iterator[None]:
 
 
 # glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 MALLOC_ENV = "HASHMOE_MALLOC_TUNING"
 
 
@@ -232,12 +232,13 @@ def tune_malloc() -> bool:
 
   Every XLA:CPU step allocates and frees the same few-MiB buffers. By default glibc serves
   blocks above its adaptive mmap threshold with fresh mmaps and trims the heap top above 128 KiB,
-  so each step faults its buffers' pages in again: ~29,000 page faults and a third of the process
-  CPU time (system time) per default-compare step, measured (docs/PERFORMANCE.md, "The main job").
+  so each step faults its buffers' pages in again: ~29,000 page faults per default-compare step,
+  and system time is a third of the comparison's CPU time (docs/PERFORMANCE.md, "The main job").
   Raising the mmap threshold to its 32 MiB maximum and the trim threshold keeps those pages mapped
-  and reused; one arena keeps XLA's worker threads from each growing and trimming a heap of their
-  own (measured: 29,000 -> 2,400 faults per dense step). Allocation placement only: no number a
-  step computes changes (bit-equal losses and parameters, measured)."""
+  and reused (measured: ~17,000 faults per step instead of ~29,000). Allocation placement only: no
+  number a step computes changes (bit-equal losses and parameters, measured). The arena count
+  cannot be lowered here: glibc fixes it when a second thread first allocates, long before this
+  runs; MALLOC_ARENA_MAX=1 in the environment does it (docs/PERFORMANCE.md)."""
   if os.environ.get(MALLOC_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
     return False
   try:
@@ -246,8 +247,7 @@ def tune_malloc() -> bool:
     return False
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
   return all(mallopt(param, value) == 1 for param, value in (
-      (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 512 << 20), (_M_TOP_PAD, 64 << 20),
-      (_M_ARENA_MAX, 1)))
+      (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 512 << 20), (_M_TOP_PAD, 64 << 20)))
 
 
 def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
