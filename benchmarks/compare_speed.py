@@ -74,7 +74,9 @@ def _run(tree: Path, out: Path, cache: Path, extra: list[str]) -> dict[str, Any]
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
   cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
   return {"tree": os.fspath(tree), "out": os.fspath(out), "exit": code, "wall_s": wall,
-          "cpu_s": cpu, "load_before": list(load0), "load_after": list(os.getloadavg())}
+          "cpu_s": cpu, "sys_s": after.ru_stime - before.ru_stime,
+          "page_faults": after.ru_minflt - before.ru_minflt, "load_before": list(load0),
+          "load_after": list(os.getloadavg())}
 
 
 def flops(models: list[str], repeats: int = 50) -> dict[str, Any]:
