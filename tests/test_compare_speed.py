@@ -79,3 +79,18 @@ def test_tuned_malloc_reuses_step_buffers_instead_of_faulting_them_in():
   assert tuned and not untuned
   # Measured: ~75,000 faults untuned (fresh mmaps), ~1,500 tuned (pages kept in the heap).
   assert tuned_faults * 10 < untuned_faults, (tuned_faults, untuned_faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's settings")
+def test_compare_restarts_under_malloc_settings_unless_set_or_switched_off(monkeypatch):
+  from hashmoe import cli  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+  monkeypatch.delenv("HASHMOE_MALLOC_TUNING", raising=False)
+  env = cli._malloc_env()  # pylint: disable=protected-access
+  assert env["MALLOC_ARENA_MAX"] == "1" and env["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)
+  assert env["PATH"] == os.environ["PATH"]  # The rest of the environment is kept.
+  monkeypatch.setenv("HASHMOE_MALLOC_TUNING", "0")
+  assert cli._malloc_env() is None  # pylint: disable=protected-access
+  monkeypatch.delenv("HASHMOE_MALLOC_TUNING")
+  monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # The user's own choice (and no restart loop).
+  assert cli._malloc_env() is None  # pylint: disable=protected-access
