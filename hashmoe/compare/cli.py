@@ -235,10 +235,11 @@ def tune_malloc() -> bool:
   so each step faults its buffers' pages in again: ~29,000 page faults per default-compare step,
   and system time is a third of the comparison's CPU time (docs/PERFORMANCE.md, "The main job").
   Raising the mmap threshold to its 32 MiB maximum and the trim threshold keeps those pages mapped
-  and reused (measured: ~17,000 faults per step instead of ~29,000). Allocation placement only: no
-  number a step computes changes (bit-equal losses and parameters, measured). The arena count
-  cannot be lowered here: glibc fixes it when a second thread first allocates, long before this
-  runs; MALLOC_ARENA_MAX=1 in the environment does it (docs/PERFORMANCE.md)."""
+  and reused. Allocation placement only: no number a step computes changes (identical
+  results.json, docs/PERFORMANCE.md). Alone it removes few faults in a real comparison (the
+  buffers live in XLA's threads' arenas); the arena count cannot be lowered here, glibc fixes it
+  when a second thread first allocates: `hashmoe.cli` restarts `hashmoe compare` with
+  MALLOC_ARENA_MAX=1 for that."""
   if os.environ.get(MALLOC_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
     return False
   try:
