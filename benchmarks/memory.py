@@ -27,6 +27,8 @@ expert-parallel dispatch) except that the sparse layers get a capacity factor (-
 Run from the repository root:
   python benchmarks/memory.py --json /tmp/memory.json    # baseline and hash_64, 32 devices
   python benchmarks/memory.py --models lm_4_5b --devices 32 --fsdp both --json /tmp/lm.json
+  python benchmarks/memory.py --models lm_4_5b --fsdp on --scan on --remat full \
+      --append --json docs/results/memory/memory.json   # add rows to the recorded table
 Scan and remat rows need `TransformerConfig.scan_layers` / `remat_policy`; where the config has no
 such field, --scan / --remat rows are skipped with a note.
 """
@@ -85,7 +87,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--capacity-factor", type=float, default=2.0,
                  help="sparse layers' capacity factor; 0 for dropless (worst-case buffers on CPU)")
   p.add_argument("--json", default=None, help="write {'rows': [...]} here, a PNG beside it")
+  p.add_argument("--append", action="store_true",
+                 help="merge into an existing --json file: keep its rows, replace those measured "
+                      "again with the same settings, add the command; the PNG shows all rows")
   args = p.parse_args(argv)
+  if args.append and not args.json:
+    p.error("--append merges into the --json file; give --json PATH")
   for name in args.models.split(","):
     if name not in MODELS and name != "tiny":
       p.error(f"--models: unknown model {name!r}; choose from {sorted(MODELS)} or 'tiny'")
@@ -213,10 +220,15 @@ def measure_row(name: str, devices: int, fsdp: bool, scan: bool, remat: Optional
     lowered = trainer._train_step.lower(state, abstract_batch,  # pylint: disable=protected-access
                                         trainer._step_key)  # pylint: disable=protected-access
     lower_s = time.perf_counter() - start
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
+    # CPU seconds of all the process's threads: on a shared, loaded machine wall time mostly
+    # measures waiting for a core, this the work of compiling.
+    compile_cpu_s = time.process_time() - cpu_start
   mem = compiled.memory_analysis()
+  # The optimised program's size, what compile time grows with: one instruction per line.
+  hlo_instructions = sum(1 for line in compiled.as_text().splitlines() if " = " in line)
   argument = int(mem.argument_size_in_bytes)
   output = int(mem.output_size_in_bytes)
   alias = int(mem.alias_size_in_bytes)
@@ -230,7 +242,8 @@ def measure_row(name: str, devices: int, fsdp: bool, scan: bool, remat: Optional
       "model": name, "total_params": int(total_params), "devices": devices,
       "mesh": {k: int(v) for k, v in mesh.shape.items()}, "scan": scanned, "remat": policy,
       "fsdp": fsdp, "bytes_per_device": per_device,
-      "compile_seconds": round(compile_s, 2), "lower_seconds": round(lower_s, 2),
+      "compile_seconds": round(compile_s, 2), "compile_cpu_seconds": round(compile_cpu_s, 2),
+      "lower_seconds": round(lower_s, 2), "hlo_instructions": hlo_instructions,
       "argument_bytes": argument, "output_bytes": output, "alias_bytes": alias,
       "temp_bytes": temp, "batch": batch, "seq_len": seq_len, "dtype": config.dtype,
       "capacity_factor": config.sparse.capacity_factor if config.sparse else None,
@@ -240,7 +253,7 @@ def measure_row(name: str, devices: int, fsdp: bool, scan: bool, remat: Optional
         f"remat={row['remat']:8s} params={total_params / 1e6:8.1f}M "
         f"arg={argument / GIB:6.2f} out={output / GIB:6.2f} alias={alias / GIB:6.2f} "
         f"temp={temp / GIB:6.2f} per-device={per_device / GIB:6.2f} GiB "
-        f"compile={compile_s:6.1f}s", flush=True)
+        f"compile={compile_s:6.1f}s (cpu {compile_cpu_s:6.1f}s)", flush=True)
   return row
 
 
@@ -280,26 +293,63 @@ def _child_argv(argv: Sequence[str], devices: int, out: str) -> list[str]:
   return [sys.executable, __file__, *kept, f"--devices={devices}", f"--json={out}"]
 
 
+def row_label(r: dict[str, Any]) -> str:
+  """The PNG's name for a row: model, devices, mesh, batch and what differs from the defaults."""
+  cf = r.get("capacity_factor")
+  # Dense models have no capacity factor either; only a sparse model has an expert axis above 1.
+  if cf is None and r["mesh"].get("expert", 1) > 1:
+    transport = " dropless"
+  elif cf is not None and cf != 2.0:
+    transport = f" cf{cf:g}"
+  else:
+    transport = ""
+  mesh = "x".join(str(v) for v in r["mesh"].values())
+  return (f"{r['model']} {r['devices']}d {mesh} {r['batch']}x{r['seq_len']}"
+          f"{' fsdp' if r['fsdp'] else ''}{' scan' if r['scan'] else ''}"
+          f"{'' if r['remat'] == 'none' else ' ' + r['remat']}{transport}")
+
+
 def write_png(rows: Sequence[dict[str, Any]], png: Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  labels = [f"{r['model']} {r['devices']}d {'x'.join(str(v) for v in r['mesh'].values())}"
-            f" {r['batch']}x{r['seq_len']}"
-            f"{' fsdp' if r['fsdp'] else ''}{' scan' if r['scan'] else ''}"
-            f"{'' if r['remat'] == 'none' else ' ' + r['remat']}" for r in rows]
-  fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
+  labels = [row_label(r) for r in rows]
+  fig, ax = plt.subplots(figsize=(11, 0.35 * len(rows) + 1.5))
   gib = [r["bytes_per_device"] / GIB for r in rows]
   ax.barh(range(len(rows)), gib, color=["C1" if r["fsdp"] else "C0" for r in rows])
   ax.axvline(V4_HBM_GIB, color="k", ls="--", lw=1, label="32 GiB (TPU v4 HBM)")
   ax.set_yticks(range(len(rows)), labels, fontsize=8)
   ax.invert_yaxis()
-  ax.set_xlabel("bytes per device, GiB (XLA:CPU buffer assignment; orange = FSDP)")
-  ax.set_title("Training step: per-device memory of the compiled program")
+  ax.set_xlabel("GiB per device (XLA:CPU buffer assignment; orange = FSDP)")
+  ax.set_title("Training step: per-device memory")
   ax.legend(loc="lower right", fontsize=8)
   fig.tight_layout()
   fig.savefig(png, dpi=120)
   plt.close(fig)
+
+
+# What makes two rows the same measurement: a new row with these values replaces an old one.
+ROW_KEY = ("model", "devices", "mesh", "fsdp", "scan", "remat", "batch", "seq_len", "dtype",
+           "capacity_factor")
+
+
+def merge_record(old: dict[str, Any], rows: Sequence[dict[str, Any]],
+                 command: str) -> dict[str, Any]:
+  """`old` ({"rows": [...]} with "command" or "commands") with `rows` merged in.
+
+  Old rows keep their order; a new row with the same `ROW_KEY` values takes the old one's place
+  (the newer measurement wins), other new rows go at the end. The commands become a list with
+  `command` last.
+  """
+  if not isinstance(old.get("rows"), list):
+    raise ValueError("--append: the existing --json file has no 'rows' list; it is not a "
+                     "benchmarks/memory.py record (write a new file without --append)")
+  key = lambda r: json.dumps([r.get(k) for k in ROW_KEY], sort_keys=True)
+  new = {key(r): r for r in rows}
+  merged = [new.pop(key(r), r) for r in old["rows"]]
+  merged += [r for r in rows if key(r) in new]
+  commands = list(old.get("commands") or ([old["command"]] if "command" in old else []))
+  return {"commands": commands + [command], "rows": merged}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -325,10 +375,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.json:
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"command": "python benchmarks/memory.py " + " ".join(argv), "rows": rows}
+    command = "python benchmarks/memory.py " + " ".join(argv)
+    record = {"command": command, "rows": rows}
+    if args.append and path.exists():
+      record = merge_record(json.loads(path.read_text()), rows, command)
     path.write_text(json.dumps(record, indent=2) + "\n")
-    if rows:
-      write_png(rows, path.with_suffix(".png"))
+    if record["rows"]:
+      write_png(record["rows"], path.with_suffix(".png"))
     print(f"wrote {path}", file=sys.stderr)
   return 0
 

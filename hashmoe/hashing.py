@@ -523,18 +523,20 @@ def _namespace(*arrays: Any) -> Any:
 
 
 def sequence_starts(token_ids: ArrayLike, *, positions: Optional[ArrayLike] = None,
-                    segment_ids: Optional[ArrayLike] = None) -> Any:
+                    segment_ids: Optional[ArrayLike] = None, continued: bool = False) -> Any:
   """bool[batch, length]: True where a token is the first of its sequence.
 
   A token starts a sequence at column 0, where `segment_ids` changes (packed examples), and where
   `positions` is 0 (packing without segment ids, seqio's convention that positions restart at 0).
+  With `continued` the rows continue sequences begun before column 0 (a decoding step), so column
+  0 starts a sequence only where `positions` says so.
   """
   xp = _namespace(token_ids, positions, segment_ids)
   batch, length = token_ids.shape
   starts = xp.zeros((batch, length), dtype=bool)
-  if xp is np:
+  if not continued and xp is np:
     starts[:, 0] = True
-  else:
+  elif not continued:
     starts = starts.at[:, 0].set(True)
   if segment_ids is not None:
     segment_ids = xp.asarray(segment_ids)
@@ -547,7 +549,8 @@ def sequence_starts(token_ids: ArrayLike, *, positions: Optional[ArrayLike] = No
 
 def routing_keys(key: str, *, token_ids: ArrayLike, positions: Optional[ArrayLike] = None,
                  segment_ids: Optional[ArrayLike] = None, targets: Optional[ArrayLike] = None,
-                 predicted_ids: Optional[ArrayLike] = None, key_space: int) -> Any:
+                 predicted_ids: Optional[ArrayLike] = None, key_space: int,
+                 previous_ids: Optional[ArrayLike] = None) -> Any:
   """The ids a hash table is looked up with, for one of KEYS (paper §3.1, §5.3.2).
 
   Args:
@@ -564,6 +567,10 @@ def routing_keys(key: str, *, token_ids: ArrayLike, positions: Optional[ArrayLik
     predicted_ids: int[batch, length] predicted next tokens (required by "predicted_future").
     key_space: size of the table the keys index (`key_space_size`). Bigram ids are folded into it;
       for the other keys, concrete inputs are range-checked against it.
+    previous_ids: int[batch], the token before column 0 of each row when the rows continue
+      sequences begun earlier (cached decoding feeds one token per step and keeps the previous
+      one); column 0 then starts a sequence only where `positions` is 0. None: column 0 starts a
+      sequence.
 
   Returns:
     int32[batch, length] key ids in [0, key_space): numpy for numpy inputs, jnp otherwise (works
@@ -574,10 +581,15 @@ def routing_keys(key: str, *, token_ids: ArrayLike, positions: Optional[ArrayLik
   key_space = _check_key_space(key_space)
   if token_ids is None:
     raise ValueError("token_ids is required for every key")
-  xp = _namespace(token_ids, positions, segment_ids, targets, predicted_ids)
+  xp = _namespace(token_ids, positions, segment_ids, targets, predicted_ids, previous_ids)
   token_ids = xp.asarray(token_ids)
   if token_ids.ndim != 2:
     raise ValueError(f"token_ids must be int[batch, length], got shape {token_ids.shape}")
+  if previous_ids is not None:
+    previous_ids = xp.asarray(previous_ids)
+    if tuple(previous_ids.shape) != tuple(token_ids.shape[:1]):
+      raise ValueError(f"previous_ids must be int[batch] = {tuple(token_ids.shape[:1])} (one "
+                       f"token per row), got shape {tuple(previous_ids.shape)}")
   features = {}
   for name, value in (("positions", positions), ("segment_ids", segment_ids), ("targets", targets),
                       ("predicted_ids", predicted_ids)):
@@ -613,9 +625,11 @@ def routing_keys(key: str, *, token_ids: ArrayLike, positions: Optional[ArrayLik
     return checked(positions, "positions")
 
   # prev_token and bigram: shift right by one within each sequence.
-  starts = sequence_starts(token_ids, positions=positions, segment_ids=segment_ids)
-  shifted = xp.concatenate(
-      [xp.full((batch, 1), BOUNDARY_ID, dtype=token_ids.dtype), token_ids[:, :-1]], axis=1)
+  starts = sequence_starts(token_ids, positions=positions, segment_ids=segment_ids,
+                           continued=previous_ids is not None)
+  first = (xp.full((batch, 1), BOUNDARY_ID, dtype=token_ids.dtype) if previous_ids is None
+           else previous_ids.astype(token_ids.dtype)[:, None])
+  shifted = xp.concatenate([first, token_ids[:, :-1]], axis=1)
   prev = xp.where(starts, xp.asarray(BOUNDARY_ID, dtype=token_ids.dtype), shifted)
   if key == "prev_token":
     return checked(prev, "token_ids")

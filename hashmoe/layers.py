@@ -281,7 +281,8 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array] = None, *,
-               deterministic: bool) -> Array:
+               deterministic: bool, decode: bool = False,
+               decode_index: Optional[Array] = None) -> Array:
     """Attend from `inputs_q` to `inputs_kv`.
 
     Args:
@@ -289,6 +290,16 @@ class MultiHeadAttention(nn.Module):
       inputs_kv: [batch, kv_len, d]; the same array as `inputs_q` for self-attention.
       mask: bool[batch | 1, 1, q_len, kv_len], True = may attend; None = attend everywhere.
       deterministic: disables dropout.
+      decode: causal self-attention through a key/value cache in the "cache" collection
+        (flaxformer's names): `cached_key` / `cached_value` dtype[batch, max_length, heads,
+        head_dim]. A call that finds no cache creates it, shaped by its inputs
+        ([batch, max_length, d]), and attends as without `decode` (`mask` applies). Once it exists
+        each call takes one token per row ([batch, 1, d]), writes its key and value at
+        `decode_index` and attends to positions <= `decode_index`; `mask` must then be None.
+      decode_index: int32[], the position of a decoding step's token, shared by the rows (they
+        decode in lockstep). The model keeps it once for all layers (`hashmoe.models`'
+        `DecodeState`), so the layers' caches hold only keys and values and stack along a
+        scanned layer axis.
 
     Returns:
       dtype[batch, q_len, d].
@@ -311,6 +322,8 @@ class MultiHeadAttention(nn.Module):
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     key = nn.with_logical_constraint(key, ("batch", "length", "heads", "kv"))
     value = nn.with_logical_constraint(value, ("batch", "length", "heads", "kv"))
+    if decode:
+      key, value, mask = self._use_cache(key, value, mask, decode_index)
 
     logits = jnp.einsum("bqhk,bshk->bhqs", q, key).astype(jnp.float32)
     if mask is not None:
@@ -327,6 +340,40 @@ class MultiHeadAttention(nn.Module):
                     (h, k, d), self.param_dtype).astype(self.dtype)
     y = jnp.einsum("bqhk,hkd->bqd", out, wo)
     return nn.with_logical_constraint(y, ("batch", "length", "embed"))
+
+  def _use_cache(self, key: Array, value: Array, mask: Optional[Array],
+                 index: Optional[Array]) -> tuple[Array, Array, Optional[Array]]:
+    """(keys, values, mask) to attend with in decode mode; see `__call__`'s `decode`."""
+    initialized = self.has_variable("cache", "cached_key")
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+    if not initialized:
+      return key, value, mask
+    if index is None:
+      raise ValueError("a cached decoding step needs decode_index (the position of its token)")
+    batch, length = key.shape[:2]
+    max_length = cached_key.value.shape[1]
+    if length != 1:
+      raise ValueError(f"a decoding step takes one token per row, got inputs of length {length} "
+                       f"(the cache holds {max_length} positions; it is created by the first "
+                       "decode call, which takes the full length)")
+    if cached_key.value.shape[0] != batch:
+      raise ValueError(f"the cache was created for batch {cached_key.value.shape[0]}, this step "
+                       f"has {batch} rows")
+    if mask is not None:
+      raise ValueError("a cached decoding step builds its own causal mask; pass mask=None")
+    i = jnp.asarray(index, jnp.int32)
+    zero = jnp.zeros((), jnp.int32)
+    key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
+                                       (zero, i, zero, zero))
+    value = jax.lax.dynamic_update_slice(cached_value.value,
+                                         value.astype(cached_value.value.dtype),
+                                         (zero, i, zero, zero))
+    cached_key.value, cached_value.value = key, value
+    # Positions after i are not written yet: masked as the full pass's causal mask masks them, so
+    # they get exactly zero weight and the step equals the full pass's row i.
+    mask = (jnp.arange(max_length) <= i)[None, None, None, :]
+    return key, value, mask
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,7 +525,8 @@ class TransformerLayer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, self_mask: Optional[Array], *, encoded: Optional[Array] = None,
                cross_mask: Optional[Array] = None, features: Optional[RouterFeatures] = None,
-               deterministic: bool) -> Array:
+               deterministic: bool, decode: bool = False,
+               decode_index: Optional[Array] = None) -> Array:
     """Apply the layer.
 
     Args:
@@ -488,6 +536,9 @@ class TransformerLayer(nn.Module):
       cross_mask: bool[batch, 1, length, enc_length], or None.
       features: router features (int32[batch, length] each); required iff `moe` is set.
       deterministic: disables dropout and router jitter.
+      decode: self-attention through its key/value cache (`MultiHeadAttention`'s `decode`); the
+        cross-attention attends to the whole of `encoded` at every step, uncached.
+      decode_index: int32[], the position of a decoding step's token (`MultiHeadAttention`).
 
     Returns:
       dtype[batch, length, d].
@@ -504,7 +555,8 @@ class TransformerLayer(nn.Module):
 
     x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", "length", "embed"))
     h = norm("pre_self_attention_norm")(x)
-    h = attention("self_attention")(h, h, self_mask, deterministic=deterministic)
+    h = attention("self_attention")(h, h, self_mask, deterministic=deterministic, decode=decode,
+                                    decode_index=decode_index)
     x = x + residual_dropout(h, "self_attention_dropout")
 
     if self.cross_attention:

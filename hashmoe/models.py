@@ -32,6 +32,15 @@ under `nn.scan` (one compiled body, parameters stacked on a "layers" axis; `stac
 `unstack_layers` convert parameters between the layouts), and `TransformerConfig.remat_policy`
 chooses what each layer keeps for the backward pass (`hashmoe.layers.REMAT_POLICIES`).
 
+Cached decoding: `DecoderLM(..., decode=True)` and `EncoderDecoder.decode(..., decode=True)` run
+one token per row through a key/value cache in flax's "cache" collection (flaxformer's
+convention): the first decode call, on a [batch, max_length] batch, creates it (use
+`hashmoe.decoding.init_cache`, which does so abstractly), each later call takes
+int32[batch, 1] tokens and returns that position's logits. The cache also holds the decoder's
+step index (the position of the token) and the previous token, which previous-token and bigram
+hash keys route on. `hashmoe.decoding` has the loops (greedy, temperature) and the rules that
+make a step equal the full pass; `hashmoe.t5x.models` decodes through it.
+
 Paper presets (Section 5.1, ParlAI seq2seq on pushshift.io Reddit, 8008-token BPE):
 `baseline_config` (2 encoder + 11 decoder layers, d=1024, D=4096, 16 heads), `wider_config`
 (D=6144), `deeper_config` (22 decoder layers), and `tiny_config` for CPU tests. `param_counts`
@@ -65,6 +74,10 @@ from hashmoe.routing import RouterFeatures
 Array = jax.Array
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# Hash keys that read features a decoding step does not have: the next token (oracle) and a frozen
+# model's prediction of it. Such models can be scored but not decoded.
+UNDECODABLE_KEYS = ("oracle_future", "predicted_future")
+CACHE_COLLECTION = "cache"
 # Remat policies that name the sparse layers' dispatch: they need a sparse layer to mean anything.
 _DISPATCH_POLICIES = frozenset({"save_dispatch", "dots_no_batch_and_dispatch"})
 
@@ -516,6 +529,60 @@ def _row_routing(batch: Mapping[str, Array]) -> Optional[dict[str, hashing.RowRo
 # Models.
 
 
+def check_decodable(config: TransformerConfig) -> None:
+  """Raises ValueError, naming the setting, where a cached decoding step of `config`'s model
+  cannot equal its full pass (`hashmoe.decoding` explains each rule)."""
+  s = config.sparse
+  if s is None:
+    return
+  if s.router.key in UNDECODABLE_KEYS:
+    raise ValueError(f"the hash key {s.router.key!r} routes on a feature that does not exist "
+                     "while decoding (the next token, or a frozen model's prediction of it); "
+                     "such models can be scored but not decoded")
+  if s.capacity_factor is not None:
+    raise ValueError(
+        f"SparseConfig.capacity_factor={s.capacity_factor}: in the full pass a token's drop "
+        "depends on the tokens before it in the flattened batch (other rows, and later "
+        "positions of earlier rows), which a decoding step cannot see; decode the dropless "
+        "model, hashmoe.decoding.decoding_model(model) (capacity_factor=None, the same "
+        "parameters)")
+
+
+def check_decode_length(config: TransformerConfig, max_length: int) -> None:
+  """Raises ValueError when a decode of `max_length` positions would run past the model's
+  positions (`TransformerConfig.max_len`)."""
+  if max_length > config.max_len:
+    raise ValueError(
+        f"a decoding cache of max_length={max_length} positions is longer than the model's "
+        f"TransformerConfig.max_len={config.max_len} (its position table); decode at most "
+        "max_len positions or train a model with a larger max_len")
+
+
+class DecodeState(nn.Module):
+  """The decoder's own entries in the "cache" collection: `cache_index` int32[] (the position of
+  the next token; the rows decode in lockstep) and `previous_token` int32[batch] (the token of the
+  previous step, for previous-token and bigram hash keys)."""
+
+  @nn.compact
+  def __call__(self, tokens: Array) -> Optional[tuple[Array, Array]]:
+    """tokens: int32[batch, length]. Returns None on the call that creates the entries; then
+    (the step's position int32[], the previous token int32[batch]) of a one-token step, advancing
+    the state."""
+    initialized = self.has_variable(CACHE_COLLECTION, "cache_index")
+    index = self.variable(CACHE_COLLECTION, "cache_index", lambda: jnp.zeros((), jnp.int32))
+    previous = self.variable(CACHE_COLLECTION, "previous_token",
+                             lambda: jnp.zeros(tokens.shape[:1], jnp.int32))
+    if not initialized:
+      return None
+    if tokens.shape != (previous.value.shape[0], 1):
+      raise ValueError(f"a decoding step takes one token per row, int32[batch, 1] for the "
+                       f"cache's batch {previous.value.shape[0]}; got shape {tokens.shape}")
+    i = index.value
+    before = previous.value
+    index.value, previous.value = i + 1, tokens[:, 0]
+    return i, before
+
+
 class _Transformer(nn.Module):
   """Shared pieces: embeddings, layer stacks, output projection."""
   config: TransformerConfig
@@ -554,9 +621,13 @@ class _Transformer(nn.Module):
   def _run_stack(self, layers: Sequence[TransformerLayer], prefix: str, x: Array,
                  self_mask: Optional[Array], *, encoded: Optional[Array] = None,
                  cross_mask: Optional[Array] = None, features: RouterFeatures,
-                 deterministic: bool) -> Array:
+                 deterministic: bool, decode: bool = False,
+                 decode_index: Optional[Array] = None) -> Array:
     """x through the layers `_stack(prefix)` built, scanned runs under `nn.scan`, every layer under
-    `config.remat_policy`."""
+    `config.remat_policy`; with `decode`, through every layer's cache (`_decode_stack`)."""
+    if decode:
+      return self._decode_stack(layers, prefix, x, self_mask, encoded, cross_mask, features,
+                                decode_index)
     runs = layer_runs(self.config, prefix)
     for layer, (_, indices, sparse) in zip(layers, runs):
       if sparse or not self.config.scan_layers:
@@ -575,6 +646,54 @@ class _Transformer(nn.Module):
                      metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
       x, _ = scan(layer, x, self_mask, encoded, cross_mask)
     return x
+
+  def _decode_stack(self, layers: Sequence[TransformerLayer], prefix: str, x: Array,
+                    self_mask: Optional[Array], encoded: Optional[Array],
+                    cross_mask: Optional[Array], features: RouterFeatures,
+                    index: Optional[Array]) -> Array:
+    """A decode call through the stack: no remat (no backward pass); a scanned run scans its
+    caches too, stacked on axis 1 ([batch, layers, max_length, heads, head_dim]) so that every
+    cache leaf keeps the batch first, as t5x's decoding expands and reorders them."""
+    for layer, (_, indices, sparse) in zip(layers, layer_runs(self.config, prefix)):
+      if sparse or not self.config.scan_layers:
+        x = layer(x, self_mask, encoded=encoded, cross_mask=cross_mask,
+                  features=features if sparse else None, deterministic=True, decode=True,
+                  decode_index=index)
+        continue
+
+      def body(layer, carry, self_mask, encoded, cross_mask, index):
+        return layer(carry, self_mask, encoded=encoded, cross_mask=cross_mask, features=None,
+                     deterministic=True, decode=True, decode_index=index), None
+
+      scan = nn.scan(body, variable_axes={"params": 0, CACHE_COLLECTION: 1},
+                     split_rngs={"params": True}, in_axes=(nn.broadcast,) * 4,
+                     length=len(indices), metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
+      x, _ = scan(layer, x, self_mask, encoded, cross_mask, index)
+    return x
+
+  def _check_decode(self, deterministic: bool) -> None:
+    check_decodable(self.config)
+    if not deterministic:
+      raise ValueError("cached decoding is evaluation: pass deterministic=True (no dropout, no "
+                       "router jitter, BASE's greedy routing)")
+
+  def _decode_features(self, tokens: Array
+                       ) -> tuple[Array, RouterFeatures, Optional[Array]]:
+    """(positions, router features, the step's position int32[] or None on the call that
+    creates the cache) of a decode call's tokens, advancing the decoder's state."""
+    cfg = self.config
+    state = self.decode_state(tokens)
+    if state is None:
+      # The call that creates the cache: it is as long as the decode will be.
+      check_decode_length(cfg, tokens.shape[1])
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+      index = previous = None
+    else:
+      index, previous = state
+      positions = jnp.full(tokens.shape, index, jnp.int32)
+    features = RouterFeatures(token_ids=tokens, positions=positions,
+                              valid=jnp.ones(tokens.shape, bool), previous_token_ids=previous)
+    return positions, features, index
 
   def _embed(self, tokens: Array, positions: Array, position_embedder: nn.Module,
              deterministic: bool) -> Array:
@@ -623,14 +742,19 @@ class DecoderLM(_Transformer):
     self.position_embedder = self._position_embedder()
     self.decoder_layers = self._stack("decoder", cross=False)
     self.decoder_norm = self._norm()
+    self.decode_state = DecodeState()
 
-  def __call__(self, batch: Mapping[str, Array], *, deterministic: bool = True) -> Array:
+  def __call__(self, batch: Mapping[str, Array], *, deterministic: bool = True,
+               decode: bool = False) -> Array:
     """Next-token logits.
 
     Args:
       batch: {"decoder_input_tokens": int32[batch, length], optional "decoder_target_tokens",
         "decoder_positions", "decoder_segment_ids", "predicted_ids" of the same shape}.
       deterministic: disables dropout and router jitter.
+      decode: one cached decoding step (see the module docstring); only "decoder_input_tokens"
+        is read, int32[batch, 1] once the cache exists. Every position is real, as in an
+        unpadded full pass.
 
     Returns:
       float32[batch, length, vocab_size]; position t depends only on inputs at positions <= t of
@@ -646,6 +770,17 @@ class DecoderLM(_Transformer):
     _require(batch, ("decoder_input_tokens",), "DecoderLM")
     validate_batch(batch, cfg.vocab_size, cfg.max_len)
     tokens = jnp.asarray(batch["decoder_input_tokens"], jnp.int32)
+    if decode:
+      self._check_decode(deterministic)
+      if "decoder_segment_ids" in batch:
+        raise ValueError("cached decoding decodes one sequence per row; packed rows "
+                         "(decoder_segment_ids) cannot be decoded")
+      positions, features, index = self._decode_features(tokens)
+      mask = None if index is not None else make_causal_mask(tokens.shape[1])
+      x = self._embed(tokens, positions, self.position_embedder, True)
+      x = self._run_stack(self.decoder_layers, "decoder", x, mask, features=features,
+                          deterministic=True, decode=True, decode_index=index)
+      return self._logits(self.decoder_norm(x))
     positions = _positions(batch, "decoder", tokens.shape)
     valid = _decoder_valid(batch, tokens)
     segments = _optional(batch, "decoder_segment_ids")
@@ -680,6 +815,7 @@ class EncoderDecoder(_Transformer):
     self.encoder_norm = self._norm()
     self.decoder_layers = self._stack("decoder", cross=True)
     self.decoder_norm = self._norm()
+    self.decode_state = DecodeState()
 
   def encode(self, batch: Mapping[str, Array], *, deterministic: bool = True) -> Array:
     """Encoder output dtype[batch, enc_length, d_model] for {"encoder_input_tokens",
@@ -699,12 +835,30 @@ class EncoderDecoder(_Transformer):
     return self.encoder_norm(x)
 
   def decode(self, encoded: Array, batch: Mapping[str, Array], *,
-             deterministic: bool = True) -> Array:
+             deterministic: bool = True, decode: bool = False) -> Array:
     """float32[batch, length, vocab] logits from the encoder output and the decoder features
-    (the encoder features are still read for the cross-attention mask)."""
+    (the encoder features are still read for the cross-attention mask).
+
+    With `decode`, one cached decoding step (see the module docstring): only
+    "decoder_input_tokens" (int32[batch, 1] once the cache exists) and "encoder_input_tokens"
+    are read; every decoder position is real, as in an unpadded full pass.
+    """
     _require(batch, ("encoder_input_tokens", "decoder_input_tokens"), "EncoderDecoder.decode")
     tokens = jnp.asarray(batch["decoder_input_tokens"], jnp.int32)
     enc_valid = jnp.asarray(batch["encoder_input_tokens"]) > 0
+    if decode:
+      self._check_decode(deterministic)
+      if "decoder_segment_ids" in batch or "encoder_segment_ids" in batch:
+        raise ValueError("cached decoding decodes one sequence per row; packed rows "
+                         "(decoder_segment_ids / encoder_segment_ids) cannot be decoded")
+      positions, features, index = self._decode_features(tokens)
+      self_mask = None if index is not None else make_causal_mask(tokens.shape[1])
+      cross_mask = make_attention_mask(jnp.ones(tokens.shape, bool), enc_valid)
+      x = self._embed(tokens, positions, self.decoder_position_embedder, True)
+      x = self._run_stack(self.decoder_layers, "decoder", x, self_mask, encoded=encoded,
+                          cross_mask=cross_mask, features=features, deterministic=True,
+                          decode=True, decode_index=index)
+      return self._logits(self.decoder_norm(x))
     positions = _positions(batch, "decoder", tokens.shape)
     valid = _decoder_valid(batch, tokens)
     segments = _optional(batch, "decoder_segment_ids")
@@ -723,8 +877,11 @@ class EncoderDecoder(_Transformer):
                         cross_mask=cross_mask, features=features, deterministic=deterministic)
     return self._logits(self.decoder_norm(x))
 
-  def __call__(self, batch: Mapping[str, Array], *, deterministic: bool = True) -> Array:
-    """float32[batch, length, vocab_size] logits; see the module docstring for `batch`.
+  def __call__(self, batch: Mapping[str, Array], *, deterministic: bool = True,
+               decode: bool = False) -> Array:
+    """float32[batch, length, vocab_size] logits; see the module docstring for `batch`. With
+    `decode`, the encoder runs on the batch and the decoder takes one cached step (`decode`);
+    decoding loops encode once and call `decode` instead.
 
     Raises:
       ValueError: as `DecoderLM.__call__`: checked in concrete batches only, never under `jit`.
@@ -732,7 +889,7 @@ class EncoderDecoder(_Transformer):
     _require(batch, ("encoder_input_tokens", "decoder_input_tokens"), "EncoderDecoder")
     validate_batch(batch, self.config.vocab_size, self.config.max_len)
     encoded = self.encode(batch, deterministic=deterministic)
-    return self.decode(encoded, batch, deterministic=deterministic)
+    return self.decode(encoded, batch, deterministic=deterministic, decode=decode)
 
 
 def build_model(config: TransformerConfig,

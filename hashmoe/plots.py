@@ -7,6 +7,7 @@ numbers drawn, so a figure can be checked, re-plotted or diffed without reading 
     write_ppl_curves(curves, "out/valid_ppl.png")       # -> out/valid_ppl.png, out/valid_ppl.json
     write_expert_load("hash", load, "out/load_hash.png")
     write_load_overview(loads, "out/load_all.png")
+    write_router_curves(curves, {"router_confidence": {...}}, "out/router_confidence.png")
 
 Figure 4 of Roller et al. (2021) shows how evenly tokens spread over the experts of a hash layer
 (balanced far more even than random). `write_expert_load` draws one model's per-expert share of
@@ -159,6 +160,90 @@ def write_ppl_curves(curves: Mapping[str, Curve], png: PathLike, *,
       "baseline": None if baseline is None else {"label": baseline[0],
                                                   "ppl": _finite_or_none(baseline[1])},
   }
+  return _save(fig, png, numbers)
+
+
+# The y labels of the router panels `write_router_curves` knows; another metric is labelled by name.
+ROUTER_PANEL_LABELS = {"router_confidence": "mean max router probability",
+                       "combine_weight_mean": "mean combine weight"}
+
+
+def _draw_curve(ax, label: str, curve: Curve, color: str) -> None:
+  steps, mean = np.asarray(curve.steps), np.asarray(curve.mean)
+  ax.plot(steps, mean, marker="o", markersize=2, linewidth=1.5, color=color,
+          label=label if curve.seeds == 1 else f"{label} ({curve.seeds} seeds)")
+  if curve.std is not None and curve.seeds > 1:
+    std = np.asarray(curve.std)
+    ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+
+
+def _plain_log_labels(value: float, _) -> str:
+  """Labels of a log axis as plain numbers (0.05, 200), minor ticks only at 2 and 5 × 10^k so
+  that an axis spanning several decades stays readable."""
+  if value <= 0:
+    return ""
+  mantissa = round(value / 10 ** math.floor(math.log10(value)), 6)
+  return f"{value:g}" if mantissa in (1.0, 2.0, 5.0) else ""
+
+
+def _curve_numbers(curve: Curve) -> dict[str, Any]:
+  return {"steps": list(curve.steps), "mean": [_finite_or_none(v) for v in curve.mean],
+          "std": None if curve.std is None else [_finite_or_none(v) for v in curve.std],
+          "seeds": curve.seeds}
+
+
+def write_router_curves(ppl_curves: Mapping[str, Curve],
+                        router_panels: Mapping[str, Mapping[str, Curve]], png: PathLike, *,
+                        title: str = "Perplexity and router confidence") -> tuple[str, str]:
+  """Validation perplexity and the routers' own metrics against training steps, side by side: a
+  router that is not confident (max probability ≈ 1/E) gives its experts a small combine weight,
+  and this shows when that changes against what the perplexity does.
+
+  Args:
+    ppl_curves: {model: Curve} of validation perplexity (the first panel, log scale).
+    router_panels: {metric: {line label ("switch", or "switch decoder_3" with several sparse
+      layers): Curve}}, one panel per metric in the mapping's order (log scale: the values span
+      1/E to 1, or more for a scaled combine weight); `ROUTER_PANEL_LABELS` names the y axes.
+    png: output path (.png); numbers to the .json beside it.
+    title: the figure's title.
+
+  Returns:
+    (png path, json path). The JSON is {"title", "panels": {"validation_ppl" and each metric:
+    {"y", "lines": {label: {"steps", "mean", "std", "seeds"}}}}}.
+  """
+  if not ppl_curves and not any(router_panels.values()):
+    raise ValueError("write_router_curves needs at least one curve")
+  panels = {"validation_ppl": ("validation perplexity", ppl_curves)}
+  for metric, lines in router_panels.items():
+    if lines:
+      panels[metric] = (ROUTER_PANEL_LABELS.get(metric, metric), lines)
+  for name, (_, lines) in panels.items():
+    for label, curve in lines.items():
+      if not isinstance(curve, Curve):
+        raise TypeError(f"{name} curve {label!r} must be a Curve, got {type(curve).__name__}")
+  # One colour per model in every panel, in order of first appearance.
+  colors: dict[str, str] = {}
+  for _, lines in panels.values():
+    for label in lines:
+      colors.setdefault(label, f"C{len(colors) % 10}")
+  fig = Figure(figsize=(_FIGSIZE[0] / 1.6 * len(panels), _FIGSIZE[1]))
+  numbers: dict[str, Any] = {"title": title, "panels": {}}
+  for i, (name, (ylabel, lines)) in enumerate(panels.items()):
+    ax = fig.add_subplot(1, len(panels), i + 1)
+    for label, curve in lines.items():
+      _draw_curve(ax, label, curve, colors[label])
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(_plain_log_labels))
+    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(_plain_log_labels))
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    if lines:
+      ax.legend(fontsize="x-small")
+    numbers["panels"][name] = {"y": ylabel, "lines": {label: _curve_numbers(c)
+                                                      for label, c in lines.items()}}
+  fig.suptitle(title, fontsize="medium")
+  fig.tight_layout()
   return _save(fig, png, numbers)
 
 

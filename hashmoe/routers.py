@@ -132,6 +132,15 @@ class RouterConfig:
     fields.update({old: getattr(self, new) for new, old in self.legacy_names.items()})
     return fields
 
+  def own_settings(self) -> dict[str, Any]:
+    """{"routers.<Family>.<field>": value} of the fields that have no flat SparseConfig name
+    (`legacy_names`), e.g. Switch's combine: what checkpoints record of them besides
+    `flat_fields` (a checkpoint written before a field existed does not name it, and a setting
+    only one side names is not a change)."""
+    family = REGISTRY.get(self.name, type(self)).__name__
+    return {f"routers.{family}.{f.name}": getattr(self, f.name) for f in dataclasses.fields(self)
+            if f.name not in self.legacy_names}
+
   def replace(self, **changes: Any) -> "RouterConfig":
     return dataclasses.replace(self, **changes)
 
@@ -280,6 +289,11 @@ class Switch(RouterConfig):
     balance_coef: α of the load-balancing loss (0.01 is Switch's default; the paper tunes it).
     z_loss_coef: coefficient of the router z-loss (ST-MoE uses 1e-3); 0 disables it.
     jitter: ε of the multiplicative input jitter during training; 0 disables it.
+    combine: the chosen expert's combine weight, one of `routing.SWITCH_COMBINES`: "prob" (p, the
+      paper's; the default), "prob_times_experts" (E·p), "straight_through" (1 forward, p's
+      gradient backward). `routing.switch_combine_weight` gives each one's source and rationale.
+    exclude_padding: the load-balancing and z-losses average over the real tokens only (True, the
+      default); False counts padding positions too, as this library did before the option.
   """
   name: ClassVar[str] = "switch"
   legacy_names: ClassVar[Mapping[str, str]] = {
@@ -288,6 +302,16 @@ class Switch(RouterConfig):
   balance_coef: float = 0.01
   z_loss_coef: float = 0.0
   jitter: float = 0.0
+  combine: str = "prob"
+  exclude_padding: bool = True
+
+  def __post_init__(self):
+    if self.combine not in routing.SWITCH_COMBINES:
+      raise ValueError(f"{type(self).__name__}: combine must be one of "
+                       f"{routing.SWITCH_COMBINES}, got {self.combine!r}")
+    if not isinstance(self.exclude_padding, bool):
+      raise ValueError(f"{type(self).__name__}: exclude_padding must be True or False, got "
+                       f"{self.exclude_padding!r}")
 
   def _router_args(self, vocab_size: int) -> dict[str, Any]:
     del vocab_size
@@ -297,7 +321,8 @@ class Switch(RouterConfig):
     del max_len, tables, ordinal
     return routing.SwitchRouter(num_experts, balance_coef=self.balance_coef,
                                 z_loss_coef=self.z_loss_coef, jitter=self.jitter,
-                                capacity_factor=capacity_factor,
+                                capacity_factor=capacity_factor, combine=self.combine,
+                                exclude_padding=self.exclude_padding,
                                 **self._router_args(vocab_size), parent=None)
 
 

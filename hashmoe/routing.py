@@ -66,7 +66,13 @@ class RouterFeatures:
 
   `valid` (bool[batch, length]) marks real tokens; padding is still routed (shapes are static) but
   left out of the routing metrics (expert load, dropped fraction, entropy), which would otherwise
-  report the padding id's expert as loaded. None counts every position.
+  report the padding id's expert as loaded, and of Switch's auxiliary losses
+  (`SwitchRouter.exclude_padding`). None counts every position.
+
+  `previous_token_ids` (int32[batch]) is the token before column 0 of each row, for rows that
+  continue a sequence begun earlier: a cached decoding step sees one token and the model's cache
+  keeps the one before it, which previous-token and bigram keys need
+  (`hashing.routing_keys(previous_ids=...)`). None: column 0 starts a sequence.
   """
   token_ids: jax.Array
   positions: Optional[jax.Array] = None
@@ -76,6 +82,7 @@ class RouterFeatures:
   sorted_assignments: Optional[Mapping[str, hashing.SortedAssignments]] = None
   valid: Optional[jax.Array] = None
   row_routing: Optional[Mapping[str, hashing.RowRouting]] = None
+  previous_token_ids: Optional[jax.Array] = None
 
 
 @flax.struct.dataclass
@@ -86,7 +93,8 @@ class Routing:
     expert_index: int32[tokens, num_hashes]; num_hashes is 1 except for MultiHash (one column per
       slice) and hash-selected top-k (one column per selected expert).
     combine_weight: float32[tokens, num_hashes]; 1.0 for hash routing, the router probability for
-      Switch, 0.0 for a token dropped by a capacity limit (it then passes through the residual).
+      Switch (or a variant, `switch_combine_weight`), 0.0 for a token dropped by a capacity limit
+      (it then passes through the residual).
     aux_loss: float32[]; the auxiliary loss to add to the objective (0 for hash routing).
     metrics: dict of float32 arrays explaining the routing (per-expert load, dropped fraction, ...).
     sorted_assignments: optional `hashing.SortedAssignments` of these assignments, precomputed from
@@ -161,6 +169,9 @@ def routing_metrics(expert_index: Array, combine_weight: Array, num_experts: int
         over batches where shares do not, so an evaluation pass sums these.
       assignments []: all assignments, kept or dropped (tokens * H; dropped_fraction's
         denominator).
+      combine_weight_mean []: mean combine weight over the assignments (a dropped one counts its
+        weight, 0): the scale the layer puts on its experts' outputs. 1 for hash routing, p for
+        Switch (≈ 1/E before its router is confident), σ(h·w_e) for BASE, 1/k for a top-k gate.
       and, with router_probs,
       router_entropy []: mean over tokens of -sum_e p log p (nats; 0·log 0 = 0).
       router_confidence []: mean over tokens of max_e p.
@@ -192,6 +203,7 @@ def routing_metrics(expert_index: Array, combine_weight: Array, num_experts: int
   num_tokens = jnp.sum(token_mask).astype(jnp.float32)
   num_assignments = jnp.maximum(num_tokens * expert_index.shape[1], 1.0)
   metrics = {
+      "combine_weight_mean": jnp.sum(jnp.where(counted, combine_weight, 0.0)) / num_assignments,
       "expert_load": load,
       "max_over_mean_load": jnp.max(load) * num_experts,
       "dropped_fraction": jnp.sum(~kept & counted).astype(jnp.float32) / num_assignments,
@@ -210,7 +222,20 @@ def routing_metrics(expert_index: Array, combine_weight: Array, num_experts: int
   return metrics
 
 
-def load_balancing_loss(router_probs: Array, expert_index: Array) -> Array:
+def _token_weights(tokens: int, token_mask: Optional[Array]) -> Array:
+  """float32[tokens]: 1 / (counted tokens) on the counted tokens, 0 elsewhere; every token counted
+  when `token_mask` is None. No counted token gives all zeros (a mean over nothing is 0)."""
+  if token_mask is None:
+    return jnp.full((tokens,), 1.0 / max(tokens, 1), jnp.float32)
+  mask = jnp.asarray(token_mask, bool).reshape(-1)
+  if mask.shape != (tokens,):
+    raise ValueError(f"token_mask must have {tokens} entries (one per token), got {mask.shape[0]}")
+  mask = mask.astype(jnp.float32)
+  return mask / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def load_balancing_loss(router_probs: Array, expert_index: Array,
+                        token_mask: Optional[Array] = None) -> Array:
   """Switch Transformer's auxiliary load-balancing loss, without its coefficient α.
 
   Fedus et al. 2021, "Switch Transformers", equations (4) - (6):
@@ -223,34 +248,86 @@ def load_balancing_loss(router_probs: Array, expert_index: Array) -> Array:
   reaches N when every token goes to one expert with probability 1. f_i counts the router's choice
   before any capacity drop, as in the paper; only P_i carries gradient.
 
+  B is the batch's real tokens when `token_mask` is given: padding is routed (shapes are static)
+  but is not text, and counting it would make the loss balance the padding's expert too (flaxformer
+  likewise leaves padding out of its router losses).
+
   Args:
     router_probs: float32[tokens, N] softmax router probabilities.
     expert_index: int[tokens] the top-1 expert of each token.
+    token_mask: bool[tokens] the tokens in B (real ones); None: all.
 
   Returns:
-    float32[].
+    float32[]; 0 when no token is counted.
   """
   num_experts = router_probs.shape[-1]
+  weight = _token_weights(router_probs.shape[0], token_mask)[:, None]  # 1/T on B
   dispatch = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32)
-  fraction_dispatched = jnp.mean(dispatch, axis=0)  # f_i, eq. (5)
-  mean_prob = jnp.mean(router_probs.astype(jnp.float32), axis=0)  # P_i, eq. (6)
+  fraction_dispatched = jnp.sum(weight * dispatch, axis=0)  # f_i, eq. (5)
+  mean_prob = jnp.sum(weight * router_probs.astype(jnp.float32), axis=0)  # P_i, eq. (6)
   return num_experts * jnp.sum(fraction_dispatched * mean_prob)
 
 
-def router_z_loss(router_logits: Array) -> Array:
+def router_z_loss(router_logits: Array, token_mask: Optional[Array] = None) -> Array:
   """The router z-loss of ST-MoE (Zoph et al. 2022), without its coefficient.
 
   (1/T) Σ_t (log Σ_i exp(x_{t,i}))²: penalises large router logits, which round badly in low
-  precision and destabilise training.
+  precision and destabilise training. With `token_mask`, t runs over the real tokens only (T of
+  them), as for `load_balancing_loss`.
 
   Args:
     router_logits: float[tokens, E].
+    token_mask: bool[tokens] the tokens counted; None: all.
 
   Returns:
-    float32[].
+    float32[]; 0 when no token is counted.
   """
   log_z = jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1)
-  return jnp.mean(jnp.square(log_z))
+  return jnp.sum(_token_weights(router_logits.shape[0], token_mask) * jnp.square(log_z))
+
+
+# Switch's combine weight: what multiplies the chosen expert's output (`switch_combine_weight`).
+SWITCH_COMBINES = ("prob", "prob_times_experts", "straight_through")
+
+
+def switch_combine_weight(gate: Array, combine: str, num_experts: int) -> Array:
+  """The weight a top-1 router's chosen expert output is multiplied by, from its probability.
+
+  A router that is not yet confident gives every expert p ≈ 1/E, so with the faithful weight a
+  64-expert layer's output starts ~64 times smaller than a dense FFN's and stays small until the
+  router learns to be confident (measured in docs/RESULTS.md). The variants keep the routing (the
+  argmax) and change only this weight:
+
+    "prob"                w = p. Fedus et al. 2021 §2.1 (Shazeer et al. 2017's gate for k=1): the
+                          router learns through w alone. The default: the faithful baseline.
+    "prob_times_experts"  w = E · p, forward and backward: 1 for a uniform router, so the layer
+                          starts at a dense FFN's scale, and the router's gradient is E times
+                          Switch's. A constant factor on un-renormalised softmax gate weights,
+                          as DeepSeek-V2/V3 apply (`routed_scaling_factor`); E is the factor
+                          that undoes the 1/E of a uniform router.
+    "straight_through"    w = 1 forward, dw/dp = 1 backward (w = 1 + p - stop_gradient(p)): the
+                          straight-through estimator (Bengio, Léonard & Courville 2013) applied to
+                          the gate. Forward it is what renormalised top-k routers (Mixtral-style,
+                          GShard's top-2 normalisation) give at k = 1: the weights of the chosen
+                          experts renormalised to sum to 1 are exactly 1, which would cut the
+                          router off from the loss entirely (the argmax has no gradient); the
+                          straight-through backward keeps Switch's gradient p·(δ - p) through p.
+
+  Args:
+    gate: float32[tokens, 1] the chosen expert's router probability p.
+    combine: one of `SWITCH_COMBINES`.
+    num_experts: E.
+
+  Returns:
+    float32[tokens, 1].
+  """
+  if combine == "prob":
+    return gate
+  if combine == "prob_times_experts":
+    return gate * jnp.float32(num_experts)
+  if combine == "straight_through":
+    return 1.0 + gate - lax.stop_gradient(gate)
+  raise ValueError(f"combine must be one of {SWITCH_COMBINES}, got {combine!r}")
 
 
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
@@ -388,7 +465,8 @@ def _keys(key: str, features: RouterFeatures, key_space: int) -> Array:
     keys = hashing.routing_keys(
         key, token_ids=features.token_ids, positions=features.positions,
         segment_ids=features.segment_ids, targets=features.targets,
-        predicted_ids=features.predicted_ids, key_space=key_space)
+        predicted_ids=features.predicted_ids, key_space=key_space,
+        previous_ids=features.previous_token_ids)
     keys = jnp.asarray(keys, jnp.int32).reshape(-1)
   check_key_ids(keys, key_space, key)
   return keys
@@ -654,7 +732,11 @@ class SwitchRouter(Router):
       (drawn from the "jitter" rng stream, needed only when jitter > 0 and not deterministic);
     * capacity factor: each expert takes `expert_capacity(tokens, E, capacity_factor)` tokens in
       token order (GShard); the rest get combine weight 0 and skip the expert via the residual.
-      Applied in training and evaluation alike.
+      Applied in training and evaluation alike;
+    * the combine weight: p (the default, faithful to the paper), E·p or straight-through 1
+      (`switch_combine_weight`, which says where each comes from and why);
+    * padding left out of both auxiliary losses (`exclude_padding`, on by default): their means
+      run over the real tokens (`RouterFeatures.valid`), as flaxformer's router losses can.
   `token_based=True` is the Hash Layers paper's "Switch with token-based routing" (§5.3.3, Table 6):
   the router input x is a separate learned embedding of the current token id (vocab_size ×
   router_embed_dim, used by the router only) instead of the hidden state.
@@ -663,8 +745,8 @@ class SwitchRouter(Router):
   parameter initialization").
 
   Metrics, besides the standard ones: `balance_loss` and `router_z_loss` (both *unweighted*, so they
-  stay readable when a coefficient is 0; balance_loss is 1 under perfect balance), and
-  `router_entropy`/`router_confidence` of p(x).
+  stay readable when a coefficient is 0; balance_loss is 1 under perfect balance; over the tokens
+  the losses count), and `router_entropy`/`router_confidence` of p(x).
 
   Attributes:
     num_experts: E.
@@ -672,6 +754,10 @@ class SwitchRouter(Router):
     z_loss_coef: coefficient of the router z-loss (ST-MoE uses 1e-3); 0 disables it.
     jitter: ε of the multiplicative input jitter; 0 disables it.
     capacity_factor: None for no capacity limit (dropless).
+    combine: the combine weight, one of `SWITCH_COMBINES` ("prob": p, Fedus et al. 2021).
+    exclude_padding: average the load-balancing and z-losses over the real tokens only
+      (`features.valid`); False averages over every position, padding included (this library's
+      behaviour before the option existed).
     token_based: route on a learned token embedding instead of the hidden state.
     vocab_size: number of token ids (required with token_based).
     router_embed_dim: width of the token embedding; None uses d_model.
@@ -682,6 +768,8 @@ class SwitchRouter(Router):
   z_loss_coef: float = 0.0
   jitter: float = 0.0
   capacity_factor: Optional[float] = None
+  combine: str = "prob"
+  exclude_padding: bool = True
   token_based: bool = False
   vocab_size: Optional[int] = None
   router_embed_dim: Optional[int] = None
@@ -697,6 +785,8 @@ class SwitchRouter(Router):
       raise ValueError(f"{name}: jitter must be in [0, 1), got {self.jitter}")
     if self.capacity_factor is not None and not self.capacity_factor > 0:
       raise ValueError(f"{name}: capacity_factor must be > 0 or None, got {self.capacity_factor}")
+    if self.combine not in SWITCH_COMBINES:
+      raise ValueError(f"{name}: combine must be one of {SWITCH_COMBINES}, got {self.combine!r}")
     if self.token_based and (self.vocab_size is None or self.vocab_size < 1):
       raise ValueError(f"{name}: token_based routing needs vocab_size (the token embedding's "
                        f"rows), got {self.vocab_size!r}")
@@ -729,8 +819,11 @@ class SwitchRouter(Router):
     probs = jax.nn.softmax(logits, axis=-1)
     expert = jnp.argmax(probs, axis=-1).astype(jnp.int32)  # [tokens]
     gate = jnp.take_along_axis(probs, expert[:, None], axis=-1)  # [tokens, 1]
-    balance = load_balancing_loss(probs, expert)
-    z_loss = router_z_loss(logits)
+    counted = None
+    if self.exclude_padding and features.valid is not None:
+      counted = features.valid.reshape(-1)
+    balance = load_balancing_loss(probs, expert, counted)
+    z_loss = router_z_loss(logits, counted)
     if self.capacity_factor is None:
       kept = jnp.ones((tokens, 1), bool)
     else:
@@ -740,8 +833,10 @@ class SwitchRouter(Router):
     if self.z_loss_coef:
       aux_losses["router_z_loss"] = self.z_loss_coef * z_loss
     return RoutingInstructions(
-        expert_index=expert[:, None], combine_weight=jnp.where(kept, gate, 0.0), kept=kept,
-        router_probs=probs, aux_losses=aux_losses,
+        expert_index=expert[:, None],
+        combine_weight=jnp.where(kept, switch_combine_weight(gate, self.combine, self.num_experts),
+                                 0.0),
+        kept=kept, router_probs=probs, aux_losses=aux_losses,
         metrics={"balance_loss": balance, "router_z_loss": z_loss})
 
 

@@ -224,6 +224,31 @@ def test_figures_are_valid_pngs_with_their_numbers(default_run):
   assert load["load"] == pytest.approx(results["models"]["hash"]["expert_load"]["decoder_1"])
 
 
+def test_router_curves_are_what_the_runs_logged(default_run):
+  """results.json's router confidence and combine weight against steps are metrics.jsonl's values
+  (Switch: mean max probability, and a combine weight equal to it, dropless top-1; hash: weight 1),
+  and router_confidence.png draws them beside the perplexity."""
+  out, results, _, _ = default_run
+  for name in ("switch", "hash"):
+    entry = results["models"][name]
+    coef = entry.get("balance_coef")
+    run_dir = out / "runs" / name / (f"seed0-coef{coef:g}" if coef is not None else "seed0")
+    logged = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    weights = {str(r["step"]): r["moe"]["decoder_1"]["combine_weight_mean"] for r in logged}
+    assert entry["router_curves"]["combine_weight_mean"]["decoder_1"] == [weights]
+    if name == "hash":
+      assert set(weights.values()) == {1.0} and "router_confidence" not in entry["router_curves"]
+      continue
+    confidence = {str(r["step"]): r["moe"]["decoder_1"]["router_confidence"] for r in logged}
+    assert entry["router_curves"]["router_confidence"]["decoder_1"] == [confidence]
+    assert weights == pytest.approx(confidence, rel=1e-5)
+    assert all(1 / 4 - 1e-6 <= c <= 1.0 for c in confidence.values())  # 4 experts
+  drawn = json.loads((out / "router_confidence.json").read_text())["panels"]
+  assert set(drawn["router_confidence"]["lines"]) == {"switch"}
+  assert set(drawn["validation_ppl"]["lines"]) == set(results["models"])
+  assert (out / "router_confidence.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
 def test_table_lists_every_model_with_its_numbers(default_run):
   out, results, logs, _ = default_run
   table = (out / "table.txt").read_text()
@@ -484,6 +509,8 @@ EXPECTED_EXPERIMENTS = {
     "token_switch": {f"{r}_{e}" for r in ("switch", "token_switch", "hash") for e in (64, 128)},
     "base_layers": {"dense", "base", "hash", "switch"},
     "dense_baselines": {"dense", "wider", "deeper", "switch", "hash"},
+    "switch_combine": {"dense", "switch", "switch_padding_in_aux", "switch_x_experts",
+                       "switch_straight_through", "token_switch", "token_switch_x_experts", "hash"},
 }
 
 
@@ -508,6 +535,12 @@ def test_every_experiment_file_parses_and_builds_every_model(name):
 
 
 def test_experiment_specific_settings():
+  combine = {m.name: m.router for m in compare.load_experiment("switch_combine").models}
+  assert combine["switch"] == routers.Switch()
+  assert combine["switch_padding_in_aux"] == routers.Switch(exclude_padding=False)
+  assert combine["switch_x_experts"] == routers.Switch(combine="prob_times_experts")
+  assert combine["switch_straight_through"] == routers.Switch(combine="straight_through")
+  assert combine["token_switch_x_experts"] == routers.TokenSwitch(combine="prob_times_experts")
   hash_functions = compare.load_experiment("hash_functions")
   by_name = {m.name: m for m in hash_functions.models}
   assert by_name["clustered"].table == "clustered" and by_name["dispersed"].table == "dispersed"

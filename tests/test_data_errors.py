@@ -9,7 +9,6 @@ user what to do, and the instruction is then followed to show that it works.
 """
 import argparse
 import dataclasses
-import itertools
 import json
 import os
 import re

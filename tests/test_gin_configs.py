@@ -16,7 +16,6 @@ configs/experiments/ belongs to `hashmoe compare` and is tested with it.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import flax.linen as nn
@@ -149,6 +148,8 @@ def test_sizes_come_in_paper_and_tiny_pairs_and_every_router_has_a_file():
     families.add(config.sparse.router.name)
     if path.endswith("multihash.gin"):
       assert config.sparse.router.num_hashes == 4
+    if "/switch_" in path:  # switch_<combine>.gin: Switch with that combine weight
+      assert config.sparse.router.combine == path.split("/switch_")[-1][:-len(".gin")]
   assert families == set(routers.REGISTRY)
 
 
@@ -270,6 +271,10 @@ def test_the_big_models_have_their_paper_sizes_and_fsdp_runs():
                                    values=["FSDP", "EXPERT_PARALLEL"])
     assert fsdp is True and config.sparse.num_experts % expert == 0, run
     assert gin.query_parameter("hashmoe.train.train.fsdp") is not None
+  # What docs/PERFORMANCE.md measured to fit a 32 GiB v4 chip at 256 x 1024 tokens (the last
+  # run parsed above is the 4.5B one).
+  batch = gin.query_parameter("%BATCH_SIZE")
+  assert (config.scan_layers, config.remat_policy, batch) == (True, "save_dispatch", 256)
 
 
 def test_command_line_overrides_a_macro():

@@ -8,7 +8,6 @@ checked by exporting for those platforms from this host.
 import base64
 import functools
 import json
-import re
 
 import hypothesis
 from hypothesis import strategies as st

@@ -49,6 +49,8 @@ def test_memory_json_schema_png_and_argument_bytes(tmp_path):
   assert (row["model"], row["devices"], row["fsdp"], row["scan"]) == ("tiny", 8, True, False)
   assert row["mesh"] == {"data": 8, "expert": 1, "model": 1}
   assert out.with_suffix(".png").stat().st_size > 0
+  assert 0 < row["compile_cpu_seconds"] and 0 < row["compile_seconds"]
+  assert row["hlo_instructions"] > 10  # a forward, backward and AdamW update, however small
 
   # The same state and batch: parameters counted and the arguments' per-device shards summed.
   args = memory.parse_args(["--models", "tiny", "--devices", "8"])
@@ -71,3 +73,56 @@ def test_bad_arguments_are_named():
     memory.parse_args(["--models", "gpt5"])
   with pytest.raises(SystemExit):
     memory.parse_args(["--devices", "eight"])
+
+
+def _fake_row(model, bytes_per_device, **changes):
+  row = {"model": model, "total_params": 10, "devices": 8,
+         "mesh": {"data": 8, "expert": 1, "model": 1}, "scan": False, "remat": "none",
+         "fsdp": True, "bytes_per_device": bytes_per_device, "compile_seconds": 1.0, "batch": 16,
+         "seq_len": 16, "dtype": "bfloat16", "capacity_factor": None}
+  return {**row, **changes}
+
+
+def test_append_replaces_a_remeasured_row_and_keeps_the_others(tmp_path):
+  memory = _load()
+  out = tmp_path / "memory.json"
+  other = _fake_row("hash_128", 7 * 2 ** 30, scan=True, remat="full")
+  # The tiny row that the run below measures again, with a byte count no compile gives.
+  stale = _fake_row("tiny", 1)
+  out.write_text(json.dumps({"commands": ["python benchmarks/memory.py --models hash_128"],
+                             "rows": [other, stale]}))
+  argv = ["--models", "tiny", "--devices", "8", "--fsdp", "on", "--append", "--json", str(out)]
+  assert memory.main(argv) == 0
+  record = json.loads(out.read_text())
+  assert record["commands"] == ["python benchmarks/memory.py --models hash_128",
+                                "python benchmarks/memory.py " + " ".join(argv)]
+  first, second = record["rows"]
+  assert first == other  # untouched, in its place
+  assert second["model"] == "tiny" and second["bytes_per_device"] > 1  # measured, not the stale one
+  assert second["argument_bytes"] > 0 and "command" not in record
+  assert out.with_suffix(".png").stat().st_size > 0
+
+  # A row with other settings is added after the old ones, not in place of one.
+  merged = memory.merge_record(record, [dict(second, remat="full")], "again")
+  assert [r["remat"] for r in merged["rows"]] == ["full", "none", "full"]
+  assert merged["commands"][-1] == "again"
+
+
+def test_append_needs_json_and_a_memory_record():
+  memory = _load()
+  with pytest.raises(SystemExit):
+    memory.parse_args(["--models", "tiny", "--append"])
+  with pytest.raises(ValueError, match="no 'rows' list"):
+    memory.merge_record({"something": 1}, [], "cmd")
+
+
+def test_png_labels_name_the_settings_that_differ():
+  memory = _load()
+  dense = _fake_row("baseline", 1, mesh={"data": 32, "expert": 1, "model": 1}, devices=32)
+  assert memory.row_label(dense) == "baseline 32d 32x1x1 16x16 fsdp"
+  sparse = _fake_row("lm_4_5b", 1, mesh={"data": 1, "expert": 32, "model": 1}, devices=32,
+                     scan=True, remat="save_dispatch", fsdp=False)
+  assert memory.row_label(dict(sparse, capacity_factor=2.0)) == (
+      "lm_4_5b 32d 1x32x1 16x16 scan save_dispatch")
+  assert memory.row_label(dict(sparse, capacity_factor=32.0)).endswith("save_dispatch cf32")
+  assert memory.row_label(sparse).endswith("save_dispatch dropless")

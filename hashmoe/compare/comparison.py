@@ -111,6 +111,13 @@ def summarize(result: ModelResult) -> dict[str, Any]:
     entry["balance_coef"] = result.balance_coef
   if result.tuning is not None:
     entry["tuning"] = {f"{c:g}": p for c, p in result.tuning.items()}
+  curves = [r.router_curves for r in runs if r.router_curves]
+  if len(curves) == len(runs):
+    # Per metric and layer, one {step: value} per seed, as "curves" holds validation perplexity.
+    entry["router_curves"] = {
+        metric: {layer: [{str(k): v for k, v in sorted(c[metric][layer].items())} for c in curves]
+                 for layer in layers if all(layer in c.get(metric, {}) for c in curves)}
+        for metric, layers in curves[0].items()}
   stats = [r.table_stats for r in runs if r.table_stats]
   if stats:
     entry["table_train_split_max_over_mean"] = stats[0]["train_split_max_over_mean"]

@@ -2,8 +2,9 @@
 
 `format_table` prints one row per model of results.json (perplexities, parameters, speed, load);
 `write_figures` draws the validation curves, each sparse model's expert load (the paper's
-Figure 4) and, for experiments that sweep the number of experts or hashes, perplexity against it
-(`sweep_series`), each beside a JSON of the numbers drawn.
+Figure 4), validation perplexity beside the routers' confidence and combine weight during training
+(`router_panels`) and, for experiments that sweep the number of experts or hashes, perplexity
+against it (`sweep_series`), each beside a JSON of the numbers drawn.
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from hashmoe.compare.specs import PathLike
 
 
 def write_figures(results: Mapping[str, Any], out_dir: PathLike) -> list[str]:
-  """valid_ppl.png (all models), load_<model>.png per sparse model, load_all.png (with JSONs)."""
+  """valid_ppl.png (all models), load_<model>.png per sparse model, load_all.png and
+  router_confidence.png (validation perplexity beside the routers' confidence and combine weight
+  against steps), with JSONs."""
   out = Path(out_dir)
   models = results["models"]
   if not models:
@@ -40,6 +43,11 @@ def write_figures(results: Mapping[str, Any], out_dir: PathLike) -> list[str]:
                                          tokens=entry.get("load_tokens"))
   if loads:
     written += plots.write_load_overview(loads, out / "load_all.png")
+  panels = router_panels(models)
+  if panels:
+    written += plots.write_router_curves(
+        curves, panels, out / "router_confidence.png",
+        title=f"Perplexity and router confidence ({results['corpus'].split(' (')[0]})")
   for field, label in (("num_experts", "experts"), ("num_hashes", "hashes (MultiHash N)")):
     series = sweep_series(models, field)
     if series:
@@ -47,6 +55,23 @@ def write_figures(results: Mapping[str, Any], out_dir: PathLike) -> list[str]:
                                    title=f"Validation perplexity at step {results['steps']} "
                                    f"against the number of {label.split(' ')[0]}")
   return written
+
+
+def router_panels(models: Mapping[str, Mapping[str, Any]]
+                  ) -> dict[str, dict[str, plots.Curve]]:
+  """{metric: {line label: Curve over seeds}} of the models' training-time router metrics
+  (results.json's "router_curves"); a line per model, or per model and layer with several sparse
+  layers. Empty when no model has any."""
+  panels: dict[str, dict[str, plots.Curve]] = {}
+  for name, entry in models.items():
+    for metric, layers in (entry.get("router_curves") or {}).items():
+      for layer, runs in layers.items():
+        if not runs or not all(runs):
+          continue
+        label = name if len(layers) == 1 else f"{name} {layer}"
+        panels.setdefault(metric, {})[label] = plots.mean_curve(
+            [{int(k): v for k, v in run.items()} for run in runs])
+  return panels
 
 
 def sweep_series(models: Mapping[str, Mapping[str, Any]], field: str

@@ -25,8 +25,8 @@ from hashmoe import models
 from hashmoe import tables as tables_lib
 from hashmoe import train as train_lib
 from hashmoe.compare import configs
-from hashmoe.compare.runs import (RunRecord, RunRequest, Stopped, read_jsonl, throughput,
-                                  validation_curve)
+from hashmoe.compare.runs import (RunRecord, RunRequest, Stopped, read_jsonl, router_curves,
+                                  throughput, validation_curve)
 from hashmoe.compare.specs import ModelSpec, PathLike, Settings
 from hashmoe.data import cached
 from hashmoe.layers import MOE_COLLECTION
@@ -233,4 +233,5 @@ class TrainRunner:
         dropped_fraction=measured.get("dropped_fraction"),
         load_tokens=measured.get("load_tokens"), wall_s=time.perf_counter() - wall0,
         cpu_s=time.process_time() - cpu0, model_dir=os.fspath(model_dir),
-        table_stats=table_stats, valid_ppl_remeasured=measured["valid_ppl_check"])
+        table_stats=table_stats, valid_ppl_remeasured=measured["valid_ppl_check"],
+        router_curves=router_curves(metrics))

@@ -62,6 +62,9 @@ class RunRecord:
     table_stats: hash tables' balance over the training split counts (hash models), or None.
     valid_ppl_remeasured: validation perplexity of the restored final checkpoint, measured again
       by the measuring pass (equals valid_ppl: a check that the checkpoint is the evaluated model).
+    router_curves: {metric: {sparse layer: {step: value}}} of the training steps metrics.jsonl
+      logged, for the `ROUTER_CURVE_METRICS` the routers report (None: dense, or a run recorded
+      before they were kept). See `router_curves`.
   """
   model: str
   seed: int
@@ -83,16 +86,25 @@ class RunRecord:
   model_dir: str = ""
   table_stats: Optional[dict[str, Any]] = None
   valid_ppl_remeasured: Optional[float] = None
+  router_curves: Optional[dict[str, dict[str, dict[int, float]]]] = None
 
   def to_json(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d["curve"] = {str(k): v for k, v in self.curve.items()}
+    if self.router_curves is not None:
+      d["router_curves"] = {metric: {layer: {str(k): v for k, v in points.items()}
+                                     for layer, points in layers.items()}
+                            for metric, layers in self.router_curves.items()}
     return d
 
   @classmethod
   def from_json(cls, d: Mapping[str, Any]) -> "RunRecord":
     d = dict(d)
     d["curve"] = {int(k): float(v) for k, v in d["curve"].items()}
+    if d.get("router_curves") is not None:
+      d["router_curves"] = {metric: {layer: {int(k): float(v) for k, v in points.items()}
+                                     for layer, points in layers.items()}
+                            for metric, layers in d["router_curves"].items()}
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -140,3 +152,24 @@ def validation_curve(evals: Sequence[Mapping[str, Any]], split: str = "validatio
                      ) -> dict[int, float]:
   """{step: ppl} of eval.jsonl's records of `split` (the last record of a step wins)."""
   return {int(r["step"]): float(r["ppl"]) for r in evals if r.get("split", split) == split}
+
+
+# What a learned router's layer is doing, step by step (the sparse layers' metrics.jsonl values):
+# the mean max router probability (Switch, token-Switch, top-k) and the mean combine weight (every
+# router: 1 for hash, p for Switch, σ for BASE), both over the batch's real tokens.
+ROUTER_CURVE_METRICS = ("router_confidence", "combine_weight_mean")
+
+
+def router_curves(metrics: Sequence[Mapping[str, Any]]
+                  ) -> Optional[dict[str, dict[str, dict[int, float]]]]:
+  """{metric: {sparse layer: {step: value}}} of metrics.jsonl's records, for each of
+  `ROUTER_CURVE_METRICS` some layer logged (a non-finite value, written as a string, is left out);
+  None when no record holds any (a dense model)."""
+  curves: dict[str, dict[str, dict[int, float]]] = {}
+  for record in metrics:
+    for layer, values in (record.get("moe") or {}).items():
+      for metric in ROUTER_CURVE_METRICS:
+        value = values.get(metric)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+          curves.setdefault(metric, {}).setdefault(layer, {})[int(record["step"])] = float(value)
+  return curves or None

@@ -238,20 +238,33 @@ class ModelSpec:
       parts.append(f"{self.table} table, key {self.key}")
       if self.router.num_slices > 1:
         parts.append(f"{self.router.num_slices} hashes")
+    combine = getattr(self.router, "combine", "prob")
+    if combine != "prob":
+      parts.append(f"combine weight {combine}")
+    if not getattr(self.router, "exclude_padding", True):
+      parts.append("padding in the aux losses")
     return ", ".join(parts)
 
   def record(self) -> dict[str, Any]:
     """The spec as results.json and a run's identity keep it: the flat fields ModelSpec had before
     router configs (router by name, hash_key, num_hashes, balance_coef, topk), so that results and
-    finished runs of earlier comparisons read and match the same."""
+    finished runs of earlier comparisons read and match the same; and "router_settings", the
+    router's fields that never were flat ones (Switch's combine and exclude_padding), for routers
+    that have such fields. (So a Switch run finished before those fields existed, when its
+    auxiliary losses still counted padding, is not reused.)"""
     flat = {"router": None, **_routers().LEGACY_DEFAULTS} if self.router is None else (
         self.router.flat_fields())
-    return {"name": self.name, "router": flat["router"], "num_experts": self.num_experts,
-            "table": self.table, "hash_key": flat["hash_key"], "num_hashes": flat["num_hashes"],
-            "layers": self.layers, "balance_coef": self.balance_coef,
-            "capacity_factor": self.capacity_factor, "base": self.base,
-            "num_layers": self.num_layers, "d_ff": self.d_ff, "expert_d_ff": self.expert_d_ff,
-            "topk": flat["topk"]}
+    own = {} if self.router is None else {
+        name.rsplit(".", 1)[-1]: value for name, value in self.router.own_settings().items()}
+    record = {"name": self.name, "router": flat["router"], "num_experts": self.num_experts,
+              "table": self.table, "hash_key": flat["hash_key"], "num_hashes": flat["num_hashes"],
+              "layers": self.layers, "balance_coef": self.balance_coef,
+              "capacity_factor": self.capacity_factor, "base": self.base,
+              "num_layers": self.num_layers, "d_ff": self.d_ff, "expert_d_ff": self.expert_d_ff,
+              "topk": flat["topk"]}
+    if own:
+      record["router_settings"] = own
+    return record
 
 
 # `--models` names without an experiment file (the default experiment uses the first three).

@@ -2,7 +2,7 @@
 
   models.py        `HashMoeDecoderOnlyModel`, `HashMoeEncoderDecoderModel`: t5x's model classes
                    over hashmoe's Flax modules (aux losses in the loss, hash tables as t5x
-                   `flax_mutables`, scoring and cache-less decoding).
+                   `flax_mutables`, scoring and cached decoding).
   partitioning.py  `HashMoePartitioner`: t5x's pjit partitioner on hashmoe's ("data", "expert",
                    "model") mesh with hashmoe's logical-axis rules.
   data.py          a task's vocabulary and the hash layers' initial tables, for the gin files.

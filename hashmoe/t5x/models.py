@@ -29,13 +29,18 @@ non-trainable "hash_tables" collection; t5x keeps every non-"params" collection 
 the same arrays), and saved in and restored from every checkpoint. They are annotated as
 replicated ("hash_tables_axes" of None axes). The "moe" collection is per-step output, not state.
 
-Decoding. hashmoe's attention has no key/value cache, so `tokens_to_logits` reruns the decoder
-over the whole prefix at every step and reads the logits at the current index (O(L^2) per sequence
-instead of O(L): fine for evaluation-size decodes, slow for long generations). Any t5x decode
-function works (`temperature_sample`, `beam_search`); the decoder-only model decodes a prompt
-given by "decoder_causal_attention" (seqio's prefix-LM features) or from BOS when there is none.
-Oracle-future and predicted-future hash keys read features that do not exist while decoding
-(the next token; a frozen model's prediction) and are refused.
+Decoding. `tokens_to_logits` runs one cached step (`hashmoe.decoding.decode_step`): each new
+token goes through the decoder's key/value cache (flax's "cache" collection, created zeroed by
+`hashmoe.decoding.init_cache` for the batch's decoder length), so a token costs the same at every
+position instead of a full pass over the prefix. Every t5x decode function works
+(`temperature_sample`, `beam_search`: they expand, flatten and reorder the cache's leaves along
+their leading batch axis, and leave the `cache_index` leaves alone); the encoder runs once. The
+decoder-only model decodes a prompt given by "decoder_causal_attention" (seqio's prefix-LM
+features) or from BOS when there is none; the prompt is teacher-forced one cached step per token
+(no prefill), so every row is at the same position and the cache index is one scalar. The decoded
+model is `hashmoe.decoding.decoding_model`: dropless, as the rules of a cached step require
+(`hashmoe.decoding`'s docstring); oracle-future and predicted-future hash keys read features that
+do not exist while decoding (the next token; a frozen model's prediction) and are refused.
 """
 from __future__ import annotations
 
@@ -58,6 +63,7 @@ from t5x import metrics as metrics_lib
 from t5x import models as t5x_models
 from t5x import optimizers
 
+from hashmoe import decoding as hashmoe_decoding
 from hashmoe import models as hashmoe_models
 from hashmoe.layers import MOE_COLLECTION
 
@@ -74,8 +80,6 @@ MOE_METRICS_PREFIX = "moe"
 _MODEL_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_positions",
                    "decoder_segment_ids", "decoder_loss_weights", "predicted_ids",
                    "encoder_input_tokens", "encoder_positions", "encoder_segment_ids")
-# Hash keys that read features a decoding loop does not have.
-_UNDECODABLE_KEYS = ("oracle_future", "predicted_future")
 
 
 def hashmoe_module(config: hashmoe_models.TransformerConfig,
@@ -339,27 +343,28 @@ class _HashMoeModelMixin:
 
   # -- decoding ----------------------------------------------------------------------------------
 
-  def _check_decodable(self) -> None:
-    sparse = self.module.config.sparse
-    if sparse is not None and sparse.router.key in _UNDECODABLE_KEYS:
-      raise ValueError(f"the hash key {sparse.router.key!r} routes on a feature that does not exist "
-                       "while decoding (the next token or a frozen model's prediction of it); "
-                       "such models can be scored (score_batch) but not decoded")
+  def _decoding_module(self) -> nn.Module:
+    """The module a decode runs (`hashmoe.decoding.decoding_model`), or a ValueError naming the
+    setting that cannot decode (an oracle/predicted-future hash key)."""
+    return hashmoe_decoding.decoding_model(self.module)
 
-  def _decode(self, prompt: Array, tokens_to_logits: Callable, rng: Optional[Array],
-              num_decodes: int, return_all_decodes: bool,
-              decoder_params: Optional[MutableMapping[str, Any]],
-              initial_index: Optional[Array] = None) -> tuple[Array, dict[str, Array]]:
+  def _decode(self, prompt: Array, cache: Mapping[str, Any], tokens_to_logits: Callable,
+              rng: Optional[Array], num_decodes: int, return_all_decodes: bool,
+              decoder_params: Optional[MutableMapping[str, Any]]) -> tuple[Array, dict[str, Array]]:
     decoder_params = dict(decoder_params or {})
     if rng is not None:
       if decoder_params.get("decode_rng") is not None:
         raise ValueError("got an RNG both as `rng` and as decoder_params['decode_rng']; give one")
       decoder_params["decode_rng"] = rng
-    if initial_index is not None:
-      decoder_params["initial_index"] = initial_index
+    if decoder_params.get("initial_index") is not None:
+      raise ValueError("decoder_params['initial_index'] would start decoding past a prompt that "
+                       "was never fed to the cache; hashmoe feeds the prompt one cached step per "
+                       "token (give it in the inputs instead)")
     decoder_params.setdefault("eos_id", self.output_vocabulary.eos_id or 1)
-    # No key/value cache: the state's `cache` stays an empty dict through the loop.
-    decodes, scores = self._decode_fn(inputs=prompt, cache={}, tokens_to_logits=tokens_to_logits,
+    # Every cache leaf has the batch first (scanned runs stack their caches on axis 1), so t5x's
+    # cache_offset is 0.
+    decodes, scores = self._decode_fn(inputs=prompt, cache=cache,
+                                      tokens_to_logits=tokens_to_logits,
                                       num_decodes=num_decodes, cache_offset=0, **decoder_params)
     if return_all_decodes:
       return decodes, {"scores": scores}
@@ -370,13 +375,6 @@ class _HashMoeModelMixin:
                     flax_mutables: Optional[Mapping[str, Any]] = None) -> Array:
     """The decoded sequences of `predict_batch_with_aux`."""
     return self.predict_batch_with_aux(params, batch, rng=rng, flax_mutables=flax_mutables)[0]
-
-
-def _logits_at(logits: Array, index: Array) -> Array:
-  """logits[b, index[b]]: float32[batch, vocab] from [batch, length, vocab] and a scalar or
-  int32[batch] index."""
-  index = jnp.broadcast_to(jnp.asarray(index, jnp.int32), logits.shape[:1])
-  return jnp.take_along_axis(logits, index[:, None, None], axis=1)[:, 0]
 
 
 class HashMoeDecoderOnlyModel(_HashMoeModelMixin, t5x_models.DecoderOnlyModel):
@@ -422,25 +420,25 @@ class HashMoeDecoderOnlyModel(_HashMoeModelMixin, t5x_models.DecoderOnlyModel):
       ([batch, num_decodes, length], {"scores": [batch, num_decodes]}), decodes sorted by
       increasing score.
     """
-    self._check_decodable()
+    module = self._decoding_module()
     tokens = batch["decoder_input_tokens"]
     if "decoder_causal_attention" in batch:
       prompt = tokens * batch["decoder_causal_attention"]
-      # Index of the last prompt token (position 0 is BOS), where t5x's decoding starts.
-      initial_index = jnp.sum(prompt[:, 1:] != 0, axis=-1)
+      # Index of the last prompt token (position 0 is BOS): the prompt's length, removed from
+      # the decodes below.
+      prompt_length = jnp.sum(prompt[:, 1:] != 0, axis=-1)
     else:
-      prompt, initial_index = jnp.zeros_like(tokens), None
+      prompt, prompt_length = jnp.zeros_like(tokens), None
     variables = self._variables(params, flax_mutables)
+    cache = hashmoe_decoding.init_cache(module, variables, *tokens.shape)
 
     def tokens_to_logits(state: decoding.DecodingState) -> tuple[Array, Any]:
-      logits, _ = self.module.apply(variables, {"decoder_input_tokens": state.sequences},
-                                    deterministic=True, mutable=[MOE_COLLECTION])
-      return _logits_at(logits, state.cur_index), state.cache
+      return hashmoe_decoding.decode_step(module, variables, state.cache, state.cur_token)
 
-    decodes, aux = self._decode(prompt, tokens_to_logits, rng, num_decodes, return_all_decodes,
-                                decoder_params, initial_index)
-    if initial_index is not None:
-      decodes = t5x_models.remove_prefix(decodes, initial_index)
+    decodes, aux = self._decode(prompt, cache, tokens_to_logits, rng, num_decodes,
+                                return_all_decodes, decoder_params)
+    if prompt_length is not None:
+      decodes = t5x_models.remove_prefix(decodes, prompt_length)
     return decodes, aux
 
 
@@ -482,15 +480,15 @@ class HashMoeEncoderDecoderModel(_HashMoeModelMixin, t5x_models.EncoderDecoderMo
                              ) -> Tuple[Array, Mapping[str, Array]]:
     """Decodes targets for the batch's inputs with `decode_fn` (beam search by default).
 
-    The encoder runs once; each decoding step reruns the decoder over the prefix (no cache).
-    `prompt_with_targets` teacher-forces the batch's decoder inputs (EOS removed), as t5x's
+    The encoder runs once; each decoding step is one cached decoder step. `prompt_with_targets`
+    teacher-forces the batch's decoder inputs (EOS removed), one cached step per token, as t5x's
     `EncoderDecoderModel` does without prefilling.
 
     Returns:
       (int32[batch, length], {"scores": float32[batch]}), or with `return_all_decodes`
       ([batch, num_decodes, length], {"scores": [batch, num_decodes]}).
     """
-    self._check_decodable()
+    module = self._decoding_module()
     if return_all_decodes is None:
       return_all_decodes = self._default_decoder_params.return_all_decodes
     if num_decodes is None:
@@ -502,18 +500,18 @@ class HashMoeEncoderDecoderModel(_HashMoeModelMixin, t5x_models.EncoderDecoderMo
       prompt = jnp.zeros_like(tokens)
     variables = self._variables(params, flax_mutables)
     encoder_batch = {k: v for k, v in batch.items() if k.startswith("encoder_")}
-    encoded, _ = self.module.apply(variables, encoder_batch, deterministic=True,
-                                   mutable=[MOE_COLLECTION], method=self.module.encode)
-    # Decodes of one example are adjacent rows (t5x's flat batch-beam layout).
+    encoded, _ = module.apply(variables, encoder_batch, deterministic=True,
+                              mutable=[MOE_COLLECTION], method=module.encode)
+    # Decodes of one example are adjacent rows (t5x's flat batch-beam layout); the decode
+    # function expands the cache the same way.
     expand = functools.partial(decoding.flat_batch_beam_expand, beam_size=num_decodes)
     encoded = expand(encoded)
-    encoder_batch = jax.tree.map(expand, encoder_batch)
+    encoder_tokens = expand(batch["encoder_input_tokens"])
+    cache = hashmoe_decoding.init_cache(module, variables, *tokens.shape)
 
     def tokens_to_logits(state: decoding.DecodingState) -> tuple[Array, Any]:
-      logits, _ = self.module.apply(
-          variables, encoded, {**encoder_batch, "decoder_input_tokens": state.sequences},
-          deterministic=True, mutable=[MOE_COLLECTION], method=self.module.decode)
-      return _logits_at(logits, state.cur_index), state.cache
+      return hashmoe_decoding.decode_step(module, variables, state.cache, state.cur_token,
+                                          encoded=encoded, encoder_input_tokens=encoder_tokens)
 
-    return self._decode(prompt, tokens_to_logits, rng, num_decodes, return_all_decodes,
+    return self._decode(prompt, cache, tokens_to_logits, rng, num_decodes, return_all_decodes,
                         decoder_params)

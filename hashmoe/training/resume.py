@@ -35,6 +35,10 @@ RESUMABLE_MODEL_FIELDS = frozenset({"dropout_rate", "attention_dropout_rate", "d
                                     "remat_policy"})
 RESUMABLE_SPARSE_FIELDS = frozenset({"dispatch", "capacity_factor", "balance_coef", "z_loss_coef",
                                      "jitter"})
+# Router config fields (not flat SparseConfig fields) a resumed run may change: like the loss
+# coefficients, which positions the auxiliary losses average over changes the objective, not the
+# model.
+RESUMABLE_ROUTER_FIELDS = frozenset({"exclude_padding"})
 # `train` arguments a checkpoint fixes: its data position was saved for the task, SEQ_LEN and
 # BATCH_SIZE; the seed draws the step keys (the restart guarantee); the tables are the
 # checkpoint's own.
@@ -69,6 +73,9 @@ def run_settings(model_config: models.TransformerConfig, *, task: str, seq_len: 
     # written then compares equal to the same model now.
     settings.update({f"SparseConfig.{name}": value for name, value in sparse.flat_fields().items()
                      if name not in RESUMABLE_SPARSE_FIELDS})
+    # The router's fields that never were flat fields (Switch's combine), under their gin names.
+    settings.update({name: value for name, value in sparse.router.own_settings().items()
+                     if name.rsplit(".", 1)[-1] not in RESUMABLE_ROUTER_FIELDS})
   settings.update({"train.task": task, "train.seq_len": int(seq_len),
                    "train.batch_size": int(batch_size), "train.seed": int(seed),
                    VOCABULARY_SETTING: vocab_fingerprint})
