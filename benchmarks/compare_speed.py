@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 # Fields that measure the run, not the model: they differ between any two runs.
-TIMING_KEYS = frozenset({"tokens_per_s", "wall_s", "cpu_s", "machine", "load_average_at_start"})
+TIMING_KEYS = frozenset({"tokens_per_s", "wall_s", "cpu_s", "machine", "load_average_at_start",
+                         "jobs"})
 
 
 def _leaves(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:

@@ -117,6 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="skip the test-split evaluation of the final models")
   parser.add_argument("--devices", type=_positive_int, default=None,
                       help="split the batch over the first N local devices (default: all)")
+  parser.add_argument("--jobs", type=_positive_int, default=None,
+                      help="runs trained at once, each in its own process (default: one per "
+                      "core, at most 4); the results are the same for any value")
   parser.add_argument("--out", default=None,
                       help="output folder (default compare_out/<experiment>[-quick])")
   parser.add_argument("--tensorboard", action="store_true",
@@ -264,7 +267,8 @@ def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
     return 0
   # The trainer, JAX and matplotlib behind these: imported here for the reason `resolve` gives.
   # pylint: disable=g-import-not-at-top
-  from hashmoe.compare.comparison import RESULTS_FILE, Comparison
+  from hashmoe.compare.comparison import RESULTS_FILE, Comparison, cpu_seconds
+  from hashmoe.compare.parallel import default_jobs, train_in_parallel
   from hashmoe.compare.report import format_table
   from hashmoe.compare.runner import TrainRunner
   from hashmoe.data.cached import register_corpus, unigram_perplexity
@@ -277,7 +281,7 @@ def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
   tune_malloc()
   suffix = "-quick" if args.quick else ""
   out_dir = Path(args.out or Path("compare_out") / f"{experiment.name}{suffix}")
-  wall0, cpu0 = time.perf_counter(), time.process_time()
+  wall0, cpu0 = time.perf_counter(), cpu_seconds()
   log(f"hashmoe compare: {experiment.name}: {', '.join(m.name for m in experiment.models)}; "
       f"{settings.steps} steps x {settings.seeds} seed(s), batch {settings.batch_size}x"
       f"{settings.seq_len}, {settings.num_experts} experts, output in {out_dir}")
@@ -301,9 +305,19 @@ def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
             np.sum(np.asarray(b["decoder_loss_weights"]) > 0) for b in eval_batches))
       comparison = Comparison(experiment, settings, out_dir, runner, corpus=corpus.description,
                               extra=extra, log=log)
+      jobs = getattr(args, "jobs", None) or default_jobs(comparison.total_runs)
+      if not isinstance(runner, TrainRunner):
+        jobs = 1  # A runner given by the caller (tests) lives in this process.
+      comparison.extra["jobs"] = jobs
+      if jobs > 1:
+        # Every run in a worker process (each writes its run.json); the pass below reuses them.
+        # The workers announced their runs; the pass below would call each "reused".
+        comparison.announce_reuse = not train_in_parallel(comparison, args, jobs, log=log)
       results = comparison.run()
   except (KeyboardInterrupt, Stopped) as e:
     name = e.signal_name if isinstance(e, Stopped) else "SIGINT (Ctrl-C)"
+    if comparison is not None:
+      comparison.collect_finished()  # Parallel runs finish models out of order.
     if comparison is None:
       log(f"hashmoe compare: stopped by {name} before any model finished; nothing written")
       return EXIT_TERMINATED if isinstance(e, Stopped) else EXIT_INTERRUPTED
@@ -324,7 +338,7 @@ def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
     return error(f"{type(e).__name__}: {e}", 1)
   log("")
   log(format_table(results))
-  log(f"\nwall {time.perf_counter() - wall0:.0f} s, process CPU {time.process_time() - cpu0:.0f} "
+  log(f"\nwall {time.perf_counter() - wall0:.0f} s, CPU {cpu_seconds() - cpu0:.0f} "
       f"s; results in {out_dir / RESULTS_FILE}, figures valid_ppl.png and load_*.png beside it")
   return 0
 
