@@ -444,8 +444,8 @@ def _prepare(args: argparse.Namespace, context: _Context) -> int:
 
 
 # glibc malloc settings `hashmoe compare` runs under (`_malloc_env`).
-MALLOC_SETTINGS = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
-                   "MALLOC_TRIM_THRESHOLD_": str(512 << 20), "MALLOC_TOP_PAD_": str(64 << 20)}
+MALLOC_SETTINGS = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+                   "MALLOC_TRIM_THRESHOLD_": str(4 << 30), "MALLOC_TOP_PAD_": str(64 << 20)}
 
 
 def _malloc_env() -> Optional[dict[str, str]]:
@@ -454,11 +454,11 @@ def _malloc_env() -> Optional[dict[str, str]]:
 
   Each XLA:CPU step frees and reallocates the same buffers; with glibc's defaults (an arena per
   thread, each trimming its heap, and fresh mmaps for big blocks) they are faulted in again every
-  step: ~28,000 page faults per step, system time a third of the comparison's CPU time. One arena
-  and high mmap/trim thresholds keep them mapped. glibc reads these at start-up only (the arena
-  count is fixed once a second thread allocates), hence the restart. Numbers are unchanged:
-  allocation placement only. Measured on the default comparison: faults -24%, system time -20%,
-  user time +9% (one arena's lock), CPU -1% (docs/PERFORMANCE.md, "The main job")."""
+  step: ~28,000 page faults per step, system time a third of the comparison's CPU time. One
+  arena, no mmapped blocks and a high trim threshold keep them mapped. glibc reads the arena count
+  at start-up only (it is fixed once a second thread allocates), hence the restart; worker
+  processes (`--jobs`) inherit it. Numbers are unchanged: allocation placement only. Measured in
+  docs/PERFORMANCE.md, "The main job"."""
   from hashmoe.compare.cli import MALLOC_ENV  # pylint: disable=g-import-not-at-top
   if (not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ or
       os.environ.get(MALLOC_ENV, "1").strip().lower() in ("0", "false", "no", "off")):

@@ -87,7 +87,7 @@ def test_compare_restarts_under_malloc_settings_unless_set_or_switched_off(monke
   monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
   monkeypatch.delenv("HASHMOE_MALLOC_TUNING", raising=False)
   env = cli._malloc_env()  # pylint: disable=protected-access
-  assert env["MALLOC_ARENA_MAX"] == "1" and env["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)
+  assert env["MALLOC_ARENA_MAX"] == "1" and env["MALLOC_MMAP_MAX_"] == "0"
   assert env["PATH"] == os.environ["PATH"]  # The rest of the environment is kept.
   monkeypatch.setenv("HASHMOE_MALLOC_TUNING", "0")
   assert cli._malloc_env() is None  # pylint: disable=protected-access

@@ -225,7 +225,7 @@ def _stop_on_signals() -> Iterator[None]:
 
 
 # glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
 MALLOC_ENV = "HASHMOE_MALLOC_TUNING"
 
 
@@ -233,16 +233,16 @@ def tune_malloc() -> bool:
   """Keeps freed step buffers in glibc's heap for the next step instead of returning them to the
   kernel (`$HASHMOE_MALLOC_TUNING=0` leaves malloc alone); returns whether it did.
 
-  Every XLA:CPU step allocates and frees the same few-MiB buffers. By default glibc serves
+  Every XLA:CPU step allocates and frees the same MiB-sized buffers. By default glibc serves
   blocks above its adaptive mmap threshold with fresh mmaps and trims the heap top above 128 KiB,
   so each step faults its buffers' pages in again: ~29,000 page faults per default-compare step,
   and system time is a third of the comparison's CPU time (docs/PERFORMANCE.md, "The main job").
-  Raising the mmap threshold to its 32 MiB maximum and the trim threshold keeps those pages mapped
-  and reused. Allocation placement only: no number a step computes changes (identical
-  results.json, docs/PERFORMANCE.md). Alone it removes few faults in a real comparison (the
-  buffers live in XLA's threads' arenas); the arena count cannot be lowered here, glibc fixes it
-  when a second thread first allocates: `hashmoe.cli` restarts `hashmoe compare` with
-  MALLOC_ARENA_MAX=1 for that."""
+  No mmapped blocks (M_MMAP_MAX 0) and a 4 GiB trim threshold keep those pages mapped and
+  reused. Allocation placement only: no number a step computes changes (identical results.json,
+  docs/PERFORMANCE.md). Alone it removes few faults in a real comparison (the buffers live in
+  XLA's threads' arenas, which trim themselves); the arena count cannot be lowered here, glibc
+  fixes it when a second thread first allocates: `hashmoe.cli` restarts `hashmoe compare` with
+  MALLOC_ARENA_MAX=1 and these settings for that."""
   if os.environ.get(MALLOC_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
     return False
   try:
@@ -251,7 +251,7 @@ def tune_malloc() -> bool:
     return False
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
   return all(mallopt(param, value) == 1 for param, value in (
-      (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 512 << 20), (_M_TOP_PAD, 64 << 20)))
+      (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 4 << 30), (_M_TOP_PAD, 64 << 20)))
 
 
 def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
