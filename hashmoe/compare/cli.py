@@ -298,21 +298,27 @@ def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
         runner = TrainRunner(corpus, settings, progress_bar=getattr(args, "progress", True),
                              tensorboard=getattr(args, "tensorboard", False), log=log)
       extra: dict[str, Any] = {"task": corpus.task, "vocab_size": corpus.vocab_size}
-      if isinstance(runner, TrainRunner):
-        eval_batches = runner.pipeline(0).eval_batches("validation", settings.eval_batches)
-        extra["unigram_ppl"] = unigram_perplexity(eval_batches)
-        extra["valid_tokens"] = int(sum(
-            np.sum(np.asarray(b["decoder_loss_weights"]) > 0) for b in eval_batches))
       comparison = Comparison(experiment, settings, out_dir, runner, corpus=corpus.description,
                               extra=extra, log=log)
+
+      def describe_validation_text():
+        if isinstance(runner, TrainRunner):
+          eval_batches = runner.pipeline(0).eval_batches("validation", settings.eval_batches)
+          extra["unigram_ppl"] = unigram_perplexity(eval_batches)
+          extra["valid_tokens"] = int(sum(
+              np.sum(np.asarray(b["decoder_loss_weights"]) > 0) for b in eval_batches))
+
       jobs = getattr(args, "jobs", None) or default_jobs(comparison.total_runs)
       if not isinstance(runner, TrainRunner):
         jobs = 1  # A runner given by the caller (tests) lives in this process.
-      comparison.extra["jobs"] = jobs
+      extra["jobs"] = jobs
       if jobs > 1:
         # Every run in a worker process (each writes its run.json); the pass below reuses them.
         # The workers announced their runs; the pass below would call each "reused".
-        comparison.announce_reuse = not train_in_parallel(comparison, args, jobs, log=log)
+        comparison.announce_reuse = not train_in_parallel(
+            comparison, args, jobs, log=log, while_starting=describe_validation_text)
+      if "unigram_ppl" not in extra:
+        describe_validation_text()
       results = comparison.run()
   except (KeyboardInterrupt, Stopped) as e:
     name = e.signal_name if isinstance(e, Stopped) else "SIGINT (Ctrl-C)"

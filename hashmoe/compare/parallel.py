@@ -117,11 +117,22 @@ def _choose(worker: _Worker, ready: list[_Run]) -> _Run:
 
 
 def train_in_parallel(comparison, args: argparse.Namespace, jobs: int,
-                      log: Callable[[str], None] = print) -> int:
+                      log: Callable[[str], None] = print,
+                      while_starting: Optional[Callable[[], None]] = None) -> int:
   """Makes every run of `comparison` in `jobs` worker processes (each writes its run.json); the
-  caller's `comparison.run()` then reuses them. Returns how many runs were trained (0: all had
-  finished before). Raises KeyboardInterrupt or Stopped after every
-  worker has stopped at a checkpoint, RuntimeError naming the run when a run fails."""
+  caller's `comparison.run()` then reuses them.
+
+  Args:
+    while_starting: runs here while the workers import and set up (work of this process that
+      would otherwise delay them).
+
+  Returns:
+    How many runs were trained (0: all had finished before).
+
+  Raises:
+    KeyboardInterrupt or Stopped after every worker has stopped at a checkpoint; RuntimeError
+    naming the run when a run fails or its worker dies.
+  """
   from hashmoe.compare.comparison import select_balance_coef  # pylint: disable=g-import-not-at-top
   runs = plan(comparison.experiment, comparison.settings)
   done: dict[str, RunRecord] = {}
@@ -153,6 +164,8 @@ def train_in_parallel(comparison, args: argparse.Namespace, jobs: int,
       process.start()
       child_end.close()
       workers.append(_Worker(process, parent_end, f"worker {i}"))
+    if while_starting is not None:
+      while_starting()
     while pending or any(w.run for w in workers):
       for worker in workers:
         if worker.run is not None:
