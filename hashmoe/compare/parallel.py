@@ -217,6 +217,9 @@ def train_in_parallel(comparison, args: argparse.Namespace, jobs: int,
             break
   except BaseException as e:
     stop = e
+    in_flight = sorted({w.run.spec.name for w in workers if w.run is not None})
+    if in_flight:
+      comparison.unfinished = ", ".join(in_flight)  # What the stop message names.
     raise
   finally:
     _stop_workers(workers, stop, log)
