@@ -206,8 +206,7 @@ def train_in_parallel(comparison, args: argparse.Namespace, jobs: int,
             worker.compiled.add((run.spec.name, run.coef))
             worker.seeds.add(run.seed)
             worker.run = None
-          elif kind == "stopped":
-            worker.run = None
+          elif kind == "stopped":  # Its run stays named: the stop message lists it.
             raise KeyboardInterrupt if message[1] == "SIGINT" else Stopped(message[1])
           elif kind == "error":
             run, worker.run = worker.run, None
