@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -297,9 +297,10 @@ def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
       if runner is None:
         runner = TrainRunner(corpus, settings, progress_bar=getattr(args, "progress", True),
                              tensorboard=getattr(args, "tensorboard", False), log=log)
-      extra: dict[str, Any] = {"task": corpus.task, "vocab_size": corpus.vocab_size}
       comparison = Comparison(experiment, settings, out_dir, runner, corpus=corpus.description,
-                              extra=extra, log=log)
+                              extra={"task": corpus.task, "vocab_size": corpus.vocab_size},
+                              log=log)
+      extra = comparison.extra  # Its own copy: what results.json will say.
 
       def describe_validation_text():
         if isinstance(runner, TrainRunner):
