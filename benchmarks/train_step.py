@@ -1,4 +1,4 @@
-"""One full training step of a small decoder-only LM: dense vs one Switch-64 vs one Hash-64 layer.
+"""One full training step of a small decoder-only LM: dense vs one Switch-64, BASE-64 or Hash-64 layer.
 
 `hash_host` is the Hash model again, its batch carrying the routing the input pipeline computes
 on the host (`hashmoe.host_routing`, what `train.precompute_routing` does): the step assembles the
@@ -7,8 +7,10 @@ the loader's threads, beside the step) is printed apart.
 
 The three models differ in one config line (`TransformerConfig.sparse`): the dense baseline, and
 the same model with the FFN of one decoder layer replaced by 64 experts of the same d_ff, routed by
-a randomly initialised Switch router (load-balancing loss 0.01) or by the balanced hash table built
-from the corpus's token counts (Hash Layers §3.1). Active FLOPs per token are equal. The step is
+a randomly initialised Switch router (load-balancing loss 0.01), by BASE's balanced assignment
+(the auction of `hashmoe.assignment` in training, Lewis et al. 2021) or by the balanced hash table
+built from the corpus's token counts (Hash Layers §3.1): the paper's speed comparison (Section 5.1:
+Hash trains faster than Switch and BASE, which spend time routing). Active FLOPs per token are equal. The step is
 forward, backward and an AdamW update (optax), jitted with the parameters and optimizer state
 donated, on a batch of real text: the embedded Shakespeare corpus under the project's 8000-piece
 BPE (see benchmarks/moe_layer.py). The models are timed in alternation in one process; medians of
@@ -45,7 +47,7 @@ from hashmoe import models  # noqa: E402
 from hashmoe import routers  # noqa: E402
 import moe_layer  # noqa: E402  (real-text token ids, machine description, timing helpers)
 
-MODELS = ("dense", "switch", "hash", "hash_host")
+MODELS = ("dense", "switch", "base", "hash", "hash_host")
 
 
 def make_config(kind: str, args: argparse.Namespace, vocab_size: int) -> models.TransformerConfig:

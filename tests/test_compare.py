@@ -118,8 +118,9 @@ def default_run(text_dir, tmp_path_factory):
   experiment.write_text(E2E_EXPERIMENT)
   out = base / "out"
   logs = []
+  # Two worker processes: the dense baseline's runs gate the clustered and predicted models'.
   args = parse(["--experiment", str(experiment), "--text-dir", str(text_dir), "--out", str(out),
-                "--balance-coefs", "0.01", *TINY])
+                "--balance-coefs", "0.01", "--jobs", "2", *TINY])
   code = compare.run(args, log=logs.append)
   assert code == 0, "\n".join(logs)
   return out, json.loads((out / "results.json").read_text()), "\n".join(logs), args
@@ -267,6 +268,25 @@ def test_rerun_reuses_finished_runs(default_run):
   again = json.loads((out / "results.json").read_text())
   for name in results["models"]:
     assert again["models"][name]["valid_ppl"] == results["models"][name]["valid_ppl"]
+
+
+def test_runs_in_worker_processes_equal_runs_in_this_process(default_run, text_dir, tmp_path):
+  # The predicted-future hash brings the dense baseline it needs: two of the five models, trained
+  # here one after the other, against the same models from the two workers.
+  out, results, logs, _ = default_run
+  assert "5 run(s) in 2 worker processes" in logs and results["jobs"] == 2
+  sequential = tmp_path / "sequential"
+  args = parse(["--experiment", str(out.parent / "e2e.gin"), "--models", "predicted",
+                "--text-dir", str(text_dir), "--out", str(sequential), "--balance-coefs", "0.01",
+                "--jobs", "1", *TINY])
+  assert compare.run(args, log=lambda _: None) == 0
+  again = json.loads((sequential / "results.json").read_text())
+  assert again["jobs"] == 1 and list(again["models"]) == ["dense", "predicted"]
+  timings = {"tokens_per_s", "wall_s", "cpu_s"}
+  for name in ("dense", "predicted"):
+    mine = {k: v for k, v in again["models"][name].items() if k not in timings}
+    theirs = {k: v for k, v in results["models"][name].items() if k not in timings}
+    assert mine == theirs, name  # JSON floats: equal text is equal bits.
 
 
 def test_clustered_table_is_kmeans_over_the_baselines_embeddings(default_run):

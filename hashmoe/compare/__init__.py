@@ -48,6 +48,7 @@ The modules, in the order a comparison uses them:
   runs        RunRequest and RunRecord, and reading a run's files;
   runner      TrainRunner: trains one run and measures it;
   comparison  Comparison: all runs, the Switch coefficient's tuning, results.json;
+  parallel    the runs in worker processes (`--jobs`), each writing what the sequential path would;
   report      the table and the figures;
   cli         the command line.
 

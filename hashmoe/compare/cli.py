@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import math
+import os
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -115,6 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="skip the test-split evaluation of the final models")
   parser.add_argument("--devices", type=_positive_int, default=None,
                       help="split the batch over the first N local devices (default: all)")
+  parser.add_argument("--jobs", type=_positive_int, default=None,
+                      help="runs trained at once, each in its own process (default: one per "
+                      "core, at most 4); the results are the same for any value")
   parser.add_argument("--out", default=None,
                       help="output folder (default compare_out/<experiment>[-quick])")
   parser.add_argument("--tensorboard", action="store_true",
@@ -219,6 +224,36 @@ def _stop_on_signals() -> Iterator[None]:
     signal.signal(signal.SIGTERM, previous)
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
+MALLOC_ENV = "HASHMOE_MALLOC_TUNING"
+
+
+def tune_malloc() -> bool:
+  """Keeps freed step buffers in glibc's heap for the next step instead of returning them to the
+  kernel (`$HASHMOE_MALLOC_TUNING=0` leaves malloc alone); returns whether it did.
+
+  Every XLA:CPU step allocates and frees the same MiB-sized buffers. By default glibc serves
+  blocks above its adaptive mmap threshold with fresh mmaps and trims the heap top above 128 KiB,
+  so each step faults its buffers' pages in again: ~29,000 page faults per default-compare step,
+  and system time is a third of the comparison's CPU time (docs/PERFORMANCE.md, "The main job").
+  No mmapped blocks (M_MMAP_MAX 0) and a 4 GiB trim threshold keep those pages mapped and
+  reused. Allocation placement only: no number a step computes changes (identical results.json,
+  docs/PERFORMANCE.md). Alone it removes few faults in a real comparison (the buffers live in
+  XLA's threads' arenas, which trim themselves); the arena count cannot be lowered here, glibc
+  fixes it when a second thread first allocates: `hashmoe.cli` restarts `hashmoe compare` with
+  MALLOC_ARENA_MAX=1 and these settings for that."""
+  if os.environ.get(MALLOC_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    return False
+  try:
+    mallopt = ctypes.CDLL(None).mallopt
+  except (OSError, AttributeError):  # Not glibc (macOS, musl without mallopt): nothing to tune.
+    return False
+  mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+  return all(mallopt(param, value) == 1 for param, value in (
+      (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 4 << 30), (_M_TOP_PAD, 64 << 20)))
+
+
 def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
         log: Callable[[str], None] = print) -> int:
   """`hashmoe compare`: returns the exit code (0 done, 1 failed, 2 bad arguments, 130/143 stopped
@@ -232,24 +267,28 @@ def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
     return 0
   # The trainer, JAX and matplotlib behind these: imported here for the reason `resolve` gives.
   # pylint: disable=g-import-not-at-top
-  from hashmoe.compare.comparison import RESULTS_FILE, Comparison
+  from hashmoe.compare.comparison import RESULTS_FILE, Comparison, cpu_seconds
+  from hashmoe.compare.parallel import default_jobs, train_in_parallel
   from hashmoe.compare.report import format_table
   from hashmoe.compare.runner import TrainRunner
   from hashmoe.data.cached import register_corpus, unigram_perplexity
+  from hashmoe.training.trainer import shared_compilation
   # pylint: enable=g-import-not-at-top
   try:
     experiment, settings = resolve(args)
   except (ValueError, TypeError, FileNotFoundError) as e:
     return error(str(e), EXIT_USAGE)
+  tune_malloc()
   suffix = "-quick" if args.quick else ""
   out_dir = Path(args.out or Path("compare_out") / f"{experiment.name}{suffix}")
-  wall0, cpu0 = time.perf_counter(), time.process_time()
+  wall0, cpu0 = time.perf_counter(), cpu_seconds()
   log(f"hashmoe compare: {experiment.name}: {', '.join(m.name for m in experiment.models)}; "
       f"{settings.steps} steps x {settings.seeds} seed(s), batch {settings.batch_size}x"
       f"{settings.seq_len}, {settings.num_experts} experts, output in {out_dir}")
   comparison = None
   try:
-    with _stop_on_signals():
+    # Runs of one model (its seeds) share their traced and compiled steps.
+    with _stop_on_signals(), shared_compilation():
       encoding, errors = _text_decoding(args)
       corpus = register_corpus(args.text_dir, settings.vocab_size, encoding=encoding,
                                errors=errors)
@@ -258,17 +297,34 @@ def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
       if runner is None:
         runner = TrainRunner(corpus, settings, progress_bar=getattr(args, "progress", True),
                              tensorboard=getattr(args, "tensorboard", False), log=log)
-      extra: dict[str, Any] = {"task": corpus.task, "vocab_size": corpus.vocab_size}
-      if isinstance(runner, TrainRunner):
-        eval_batches = runner.pipeline(0).eval_batches("validation", settings.eval_batches)
-        extra["unigram_ppl"] = unigram_perplexity(eval_batches)
-        extra["valid_tokens"] = int(sum(
-            np.sum(np.asarray(b["decoder_loss_weights"]) > 0) for b in eval_batches))
       comparison = Comparison(experiment, settings, out_dir, runner, corpus=corpus.description,
-                              extra=extra, log=log)
+                              extra={"task": corpus.task, "vocab_size": corpus.vocab_size},
+                              log=log)
+      extra = comparison.extra  # Its own copy: what results.json will say.
+
+      def describe_validation_text():
+        if isinstance(runner, TrainRunner):
+          eval_batches = runner.pipeline(0).eval_batches("validation", settings.eval_batches)
+          extra["unigram_ppl"] = unigram_perplexity(eval_batches)
+          extra["valid_tokens"] = int(sum(
+              np.sum(np.asarray(b["decoder_loss_weights"]) > 0) for b in eval_batches))
+
+      jobs = getattr(args, "jobs", None) or default_jobs(comparison.total_runs)
+      if not isinstance(runner, TrainRunner):
+        jobs = 1  # A runner given by the caller (tests) lives in this process.
+      extra["jobs"] = jobs
+      if jobs > 1:
+        # Every run in a worker process (each writes its run.json); the pass below reuses them.
+        # The workers announced their runs; the pass below would call each "reused".
+        comparison.announce_reuse = not train_in_parallel(
+            comparison, args, jobs, log=log, while_starting=describe_validation_text)
+      if "unigram_ppl" not in extra:
+        describe_validation_text()
       results = comparison.run()
   except (KeyboardInterrupt, Stopped) as e:
     name = e.signal_name if isinstance(e, Stopped) else "SIGINT (Ctrl-C)"
+    if comparison is not None:
+      comparison.collect_finished()  # Parallel runs finish models out of order.
     if comparison is None:
       log(f"hashmoe compare: stopped by {name} before any model finished; nothing written")
       return EXIT_TERMINATED if isinstance(e, Stopped) else EXIT_INTERRUPTED
@@ -289,7 +345,7 @@ def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
     return error(f"{type(e).__name__}: {e}", 1)
   log("")
   log(format_table(results))
-  log(f"\nwall {time.perf_counter() - wall0:.0f} s, process CPU {time.process_time() - cpu0:.0f} "
+  log(f"\nwall {time.perf_counter() - wall0:.0f} s, CPU {cpu_seconds() - cpu0:.0f} "
       f"s; results in {out_dir / RESULTS_FILE}, figures valid_ppl.png and load_*.png beside it")
   return 0
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -124,6 +125,13 @@ def summarize(result: ModelResult) -> dict[str, Any]:
   return entry
 
 
+def cpu_seconds() -> float:
+  """CPU seconds of this process and of its finished child processes (`hashmoe compare --jobs`'s
+  workers)."""
+  children = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return time.process_time() + children.ru_utime + children.ru_stime
+
+
 def _machine() -> dict[str, Any]:
   info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
           "cpu_count": os.cpu_count(), "python": platform.python_version(),
@@ -154,12 +162,15 @@ class Comparison:
     self.extra = dict(extra or {})
     self.results: dict[str, ModelResult] = {}
     self.unfinished: Optional[str] = None
-    self._wall0, self._cpu0 = time.perf_counter(), time.process_time()
+    self._wall0, self._cpu0 = time.perf_counter(), cpu_seconds()
     with contextlib.suppress(OSError):
       # Other jobs on the machine slow every timing; say how busy it was.
       self.extra.setdefault("load_average_at_start", list(os.getloadavg()))
     self._done_runs = 0
-    self._total_runs = sum(
+    # Whether reusing a finished run says so (not after `parallel.train_in_parallel`, whose
+    # workers announced every run already).
+    self.announce_reuse = True
+    self.total_runs = sum(
         settings.seeds + (len(settings.balance_coefs) - 1 if m.tuned else 0)
         for m in experiment.models)
 
@@ -189,21 +200,36 @@ class Comparison:
             "balance_coef": request.balance_coef, "corpus": self.corpus, "settings": settings,
             "baseline": baseline}
 
-  def run_one(self, spec: ModelSpec, seed: int, coef: Optional[float]) -> RunRecord:
-    """One run, reused from its run.json when an identical one finished before."""
+  def finished(self, spec: ModelSpec, seed: int, coef: Optional[float]) -> Optional[RunRecord]:
+    """The run's record when an identical run finished before (its run.json), else None."""
+    request = self._request(spec, seed, coef)
+    run_file = Path(request.model_dir) / RUN_FILE
+    if not run_file.exists():
+      return None
+    saved = json.loads(run_file.read_text())
+    if saved.get("fingerprint") != _fingerprint(self._request_identity(request)):
+      return None
+    return RunRecord.from_json(saved["record"])
+
+  def run_one(self, spec: ModelSpec, seed: int, coef: Optional[float], *,
+              index: Optional[int] = None) -> RunRecord:
+    """One run, reused from its run.json when an identical one finished before.
+
+    Args:
+      index: the run's number in the progress lines ("[index/total]"); default the next.
+    """
     request = self._request(spec, seed, coef)
     model_dir = Path(request.model_dir)
     identity = self._request_identity(request)
     fingerprint = _fingerprint(identity)
     self._done_runs += 1
-    label = (f"[{self._done_runs}/{self._total_runs}] {spec.name} seed {seed}"
-             f"{'' if coef is None else f', balance coef {coef:g}'}")
-    run_file = model_dir / RUN_FILE
-    if run_file.exists():
-      saved = json.loads(run_file.read_text())
-      if saved.get("fingerprint") == fingerprint:
-        self._log(f"{label}: finished before, reusing {run_file}")
-        return RunRecord.from_json(saved["record"])
+    label = (f"[{self._done_runs if index is None else index}/{self.total_runs}] {spec.name} "
+             f"seed {seed}{'' if coef is None else f', balance coef {coef:g}'}")
+    reused = self.finished(spec, seed, coef)
+    if reused is not None:
+      if self.announce_reuse:
+        self._log(f"{label}: finished before, reusing {model_dir / RUN_FILE}")
+      return reused
     request_file = model_dir / REQUEST_FILE
     if model_dir.exists():
       previous = json.loads(request_file.read_text()) if request_file.exists() else {}
@@ -216,8 +242,13 @@ class Comparison:
                                        default=str) + "\n")
     self._log(f"{label}: training {self.settings.steps} steps ({spec.describe()}) in {model_dir}")
     record = self.runner(request)
-    run_file.write_text(json.dumps({"fingerprint": fingerprint, "record": record.to_json()},
-                                   indent=2) + "\n")
+    run_file = model_dir / RUN_FILE
+    tmp = model_dir / f".{RUN_FILE}.tmp"
+    # Atomic: a run.json is either whole or absent, whichever process wrote it and however it
+    # was stopped.
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "record": record.to_json()},
+                              indent=2) + "\n")
+    tmp.replace(run_file)
     self._log(f"{label}: valid ppl {record.valid_ppl:.2f}, {record.tokens_per_s:,.0f} tokens/s, "
               f"{record.wall_s:.0f} s")
     return record
@@ -236,6 +267,32 @@ class Comparison:
                 + ", ".join(f"{c:g}: {p:.2f}" for c, p in tuning.items()))
     runs = [tuning_runs[best]] + [self.run_one(spec, s, best) for s in seeds[1:]]
     return ModelResult(spec, runs, tuning=tuning if len(tuning) > 1 else None, balance_coef=best)
+
+  def finished_model(self, spec: ModelSpec) -> Optional[ModelResult]:
+    """The model's result when every run it needs has finished (its run.json files), else None:
+    what a comparison stopped while runs were in flight still reports."""
+    seeds = list(range(self.settings.seeds))
+    if not spec.tuned:
+      runs = [self.finished(spec, s, spec.balance_coef) for s in seeds]
+      return None if None in runs else ModelResult(spec, runs, balance_coef=spec.balance_coef)
+    tuning_runs = {c: self.finished(spec, seeds[0], c) for c in self.settings.balance_coefs}
+    if None in tuning_runs.values():
+      return None
+    tuning = {c: r.valid_ppl for c, r in tuning_runs.items()}
+    best = select_balance_coef(tuning)
+    runs = [tuning_runs[best]] + [self.finished(spec, s, best) for s in seeds[1:]]
+    if None in runs:
+      return None
+    return ModelResult(spec, runs, tuning=tuning if len(tuning) > 1 else None, balance_coef=best)
+
+  def collect_finished(self) -> None:
+    """Adds to `results` every model whose runs have all finished (after a stop in parallel runs,
+    where models finish out of order)."""
+    for spec in run_order(self.experiment):
+      if spec.name not in self.results:
+        result = self.finished_model(spec)
+        if result is not None:
+          self.results[spec.name] = result
 
   def run(self) -> dict[str, Any]:
     """Trains every model; returns the results.json object. Raises Stopped or KeyboardInterrupt
@@ -265,7 +322,7 @@ class Comparison:
         "settings": dataclasses.asdict(self.settings),
         "machine": _machine(),
         "wall_s": time.perf_counter() - self._wall0,
-        "cpu_s": time.process_time() - self._cpu0,
+        "cpu_s": cpu_seconds() - self._cpu0,
         **self.extra,
     }
 

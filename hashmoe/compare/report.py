@@ -147,4 +147,7 @@ def format_table(results: Mapping[str, Any]) -> str:
                + (f", {seeds} seed(s) (± is the std over seeds)" if seeds else "")
                + (f"; unigram ppl of the validation text {results['unigram_ppl']:.1f}"
                   if results.get("unigram_ppl") else ""))
+  if (results.get("jobs") or 1) > 1:
+    lines.append(f"tokens/s: {results['jobs']} runs trained at once, sharing the cores; for "
+                 "speed comparisons use --jobs 1")
   return "\n".join(lines)

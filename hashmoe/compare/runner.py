@@ -8,6 +8,7 @@ the expert load.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -47,6 +48,12 @@ class TrainRunner:
     self.progress_bar, self.tensorboard, self._log = progress_bar, tensorboard, log
     self._pipelines: dict[int, cached.CachedPipeline] = {}
     self._predicted: dict[tuple[int, str], cached.PredictedPipeline] = {}
+    # One optimiser object for every run (all share the settings): Trainers of one model then
+    # share their compiled steps under `trainer_lib.shared_compilation` (keyed by the object).
+    self._optimizer = configs.make_optimizer(settings)
+    self._identity = optax.identity()
+    # The measuring pass's jitted function per model config: traced once, not once per seed.
+    self._measure_fns: dict[Any, Callable] = {}
 
   def pipeline(self, seed: int) -> cached.CachedPipeline:
     if seed not in self._pipelines:
@@ -59,7 +66,7 @@ class TrainRunner:
 
   def _restore(self, config, model_dir: PathLike):
     """(Trainer, TrainState) of a finished run's newest checkpoint (no optimizer state)."""
-    trainer = trainer_lib.Trainer(config, models.build_model(config), optax.identity(),
+    trainer = trainer_lib.Trainer(config, models.build_model(config), self._identity,
                                 configs.mesh(self.settings), seed=0)
     with trainer.context():
       params, constants, _, step = checkpoints.restore_params(model_dir, trainer.abstract_state)
@@ -121,22 +128,35 @@ class TrainRunner:
     stats = {"train_split_max_over_mean": [float(l.max() / l.mean()) for l in loads]}
     return os.fspath(out_path), stats
 
-  def _measure(self, trainer, state, data, config) -> dict[str, Any]:
-    """One pass over the fixed validation and test batches: per-token NLL (the test perplexity)
-    and, per sparse layer, the load its router reports over real tokens (padding excluded): the
-    routers' `expert_counts` and `assignments` metrics, summed over the batches."""
-    experts = config.sparse.num_experts if config.sparse else 0
+  def _measure_fn(self, model, config) -> Callable:
+    """The jitted measuring pass of one batch (NLL, real tokens, per-layer expert counts), one
+    per model config: the runs of other seeds reuse its trace and compilation."""
+    try:
+      return self._measure_fns[config]
+    except (KeyError, TypeError):
+      pass
 
     @jax.jit
     def measure(params, constants, batch):
-      logits, moe = trainer.model.apply({"params": params, **constants}, batch,
-                                        deterministic=True, mutable=[MOE_COLLECTION])
+      logits, moe = model.apply({"params": params, **constants}, batch, deterministic=True,
+                                mutable=[MOE_COLLECTION])
       weights = trainer_lib.loss_weights(batch)
       nll, tokens = trainer_lib.token_nll(logits, batch["decoder_target_tokens"], weights)
       _, metrics = models.collect_aux(moe)
       layers = {name: {"counts": m["expert_counts"], "assignments": m["assignments"]}
                 for name, m in metrics.items()}
       return {"nll": nll, "tokens": tokens, "layers": layers}
+
+    with contextlib.suppress(TypeError):  # An unhashable config is traced per run.
+      self._measure_fns[config] = measure
+    return measure
+
+  def _measure(self, trainer, state, data, config) -> dict[str, Any]:
+    """One pass over the fixed validation and test batches: per-token NLL (the test perplexity)
+    and, per sparse layer, the load its router reports over real tokens (padding excluded): the
+    routers' `expert_counts` and `assignments` metrics, summed over the batches."""
+    experts = config.sparse.num_experts if config.sparse else 0
+    measure = self._measure_fn(trainer.model, config)
 
     def run(split):
       batches = data.eval_batches(split, self.settings.eval_batches)
@@ -188,7 +208,7 @@ class TrainRunner:
     result = train_lib.train(
         model_dir=os.fspath(model_dir), model_config=config, task=self.corpus.task,
         train_steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len, seed=request.seed,
-        optimizer=configs.make_optimizer(s), mesh=configs.mesh(s), checkpoint_period=s.steps,
+        optimizer=self._optimizer, mesh=configs.mesh(s), checkpoint_period=s.steps,
         keep_checkpoints=2, async_checkpointing=True, eval_period=s.eval_period, eval_batches=s.eval_batches,
         eval_split="validation", log_period=s.log_period, init_checkpoint=None,
         hash_tables=tables, progress_bar=self.progress_bar, tensorboard=self.tensorboard,

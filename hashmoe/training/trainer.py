@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import math
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import flax
 import flax.linen as nn
@@ -99,6 +99,52 @@ def _split_seed(seed: int) -> tuple[Array, Array]:
   return init_key, step_key
 
 
+# The traced and compiled programs of Trainers that `shared_compilation` lets share them, by (model
+# config, optimizer, mesh, rules); None outside it. The optimizer is keyed by identity (optax
+# transformations have no value equality) and held by its entry, so its id is never reused.
+_SHARED: Optional[dict[tuple[Any, ...], dict[str, Any]]] = None
+
+
+@contextlib.contextmanager
+def shared_compilation() -> Iterator[None]:
+  """Within the block, Trainers of the same model config, optimizer object, mesh and rules share
+  their jitted init, train and eval steps and what those compiled: a later run of another seed
+  neither traces nor compiles again (`hashmoe compare`'s runs of one model). The programs are the
+  ones a lone Trainer would compile (the seed enters as an argument), so results are unchanged.
+  They are dropped at the end of the outermost block."""
+  global _SHARED
+  outer = _SHARED is None
+  if outer:
+    _SHARED = {}
+  try:
+    yield
+  finally:
+    if outer:
+      _SHARED = None
+
+
+def _shared_programs(trainer: "Trainer") -> Optional[dict[str, Any]]:
+  """The shared entry of `trainer`'s programs (empty when it is the first), or None outside
+  `shared_compilation` or for a config that cannot be a dict key."""
+  if _SHARED is None:
+    return None
+  try:
+    key = (trainer.config, id(trainer.tx), trainer.mesh, tuple(trainer.rules))
+    hash(key)
+  except TypeError:
+    return None
+  entry = _SHARED.setdefault(key, {"tx": trainer.tx})
+  return entry if entry["tx"] is trainer.tx else None
+
+
+def _same_module(a: nn.Module, b: nn.Module) -> bool:
+  """Flax modules equal as values (a module holding numpy tables may refuse `==`: then not)."""
+  try:
+    return a is b or bool(a == b)
+  except (ValueError, TypeError):
+    return False
+
+
 @dataclasses.dataclass
 class Trainer:
   """The jitted pieces of a run, built once per (model, optimizer, mesh).
@@ -128,7 +174,18 @@ class Trainer:
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
         self.state_shardings)
-    self._train_step = jax.jit(self._step, in_shardings=(self.state_shardings, self.batch_sharding),
+    shared = _shared_programs(self)
+    if shared is not None and "train_step" in shared:
+      # Another Trainer of this process traced these for an identical model and optimizer: its
+      # jitted functions read nothing seed-dependent (the step key is an argument), so they are
+      # this one's too, with everything they compiled.
+      self._train_step, self._eval_step = shared["train_step"], shared["eval_step"]
+      self._compiled, self._init_fn = shared["compiled"], shared["init"]
+      return
+    # The step key is an argument, not a constant of the traced step: one compiled step serves
+    # every seed (`shared_compilation`).
+    self._train_step = jax.jit(self._step, in_shardings=(self.state_shardings, self.batch_sharding,
+                                                         self.replicated),
                                out_shardings=(self.state_shardings, self.replicated),
                                donate_argnums=(0,))
     self._eval_step = jax.jit(self._eval, in_shardings=(self.state_shardings.params,
@@ -136,6 +193,11 @@ class Trainer:
                                                         self.batch_sharding),
                               out_shardings=self.replicated)
     self._compiled: dict[Any, Any] = {}
+    self._init_fn = jax.jit(lambda key: nn.unbox(self._init_boxed(self.model, key)),
+                            out_shardings=self.state_shardings)
+    if shared is not None:
+      shared.update(train_step=self._train_step, eval_step=self._eval_step,
+                    compiled=self._compiled, init=self._init_fn)
 
   @contextlib.contextmanager
   def context(self):
@@ -157,9 +219,11 @@ class Trainer:
   def init_state(self, init_model: Optional[nn.Module] = None) -> TrainState:
     """A fresh state, sharded. `init_model` (same config, e.g. with hash tables attached) may
     differ from `self.model` only in the data it initialises its collections from."""
-    model = self.model if init_model is None else init_model
-    fn = lambda key: nn.unbox(self._init_boxed(model, key))
     with self.context():
+      if init_model is None or _same_module(init_model, self.model):
+        # The model's own init (no data of its own): traced once per model and optimizer.
+        return self._init_fn(self._init_key)
+      fn = lambda key: nn.unbox(self._init_boxed(init_model, key))
       return jax.jit(fn, out_shardings=self.state_shardings)(self._init_key)
 
   # -- steps -----------------------------------------------------------------------------------
@@ -174,8 +238,8 @@ class Trainer:
     nll_sum, num_tokens = token_nll(logits, batch["decoder_target_tokens"], loss_weights(batch))
     return nll_sum, num_tokens, aux_loss, moe, mutated.get(ROUTER_STATE)
 
-  def _step(self, state: TrainState, batch: Mapping[str, Array]):
-    key = jax.random.fold_in(self._step_key, state.step)
+  def _step(self, state: TrainState, batch: Mapping[str, Array], step_key: Array):
+    key = jax.random.fold_in(step_key, state.step)
     dropout_key, jitter_key = jax.random.split(key)
     rngs = {"dropout": dropout_key, "jitter": jitter_key}
 
@@ -207,7 +271,8 @@ class Trainer:
     return {"nll_sum": nll_sum, "tokens": num_tokens, "aux_loss": aux_loss}
 
   def _compiled_fn(self, name: str, fn, *args):
-    key = (name, tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in args[-1].items())))
+    batch = next(a for a in reversed(args) if isinstance(a, Mapping))
+    key = (name, tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items())))
     if key not in self._compiled:
       with self.context():
         self._compiled[key] = fn.lower(*args).compile()
@@ -215,11 +280,11 @@ class Trainer:
 
   def compile_train_step(self, state: TrainState, batch: Mapping[str, Array]):
     """Ahead-of-time compiles the step for this batch shape (once), so timing excludes it."""
-    return self._compiled_fn("train", self._train_step, state, batch)
+    return self._compiled_fn("train", self._train_step, state, batch, self._step_key)
 
   def train_step(self, state: TrainState, batch: Mapping[str, Array]) -> tuple[TrainState, dict]:
     """One update. `batch`: global arrays from `global_batch`. Donates `state`."""
-    return self.compile_train_step(state, batch)(state, batch)
+    return self.compile_train_step(state, batch)(state, batch, self._step_key)
 
   def eval_step(self, state: TrainState, batch: Mapping[str, Array]) -> dict[str, Array]:
     """{"nll_sum", "tokens", "aux_loss"} of one batch, deterministic (no dropout)."""

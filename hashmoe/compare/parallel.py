@@ -1,0 +1,316 @@
+"""A comparison's runs in worker processes (`hashmoe compare --jobs N`), with identical results.
+
+The comparison's models are tiny: one run's XLA:CPU steps keep ~1.2 of 2 cores busy, and the
+comparison's 8 default runs take turns. Every run is a function of its request alone (seed,
+model, coefficient, settings; data from its seed's `CachedPipeline`), so runs can go to separate
+processes in any order and still compute the same bits: the same programs compile (XLA:CPU's
+thread pool is sized by the machine, not by what else runs), on the same batches.
+
+`train_in_parallel` plans the runs `Comparison.run` would make, with their dependencies (a model
+that needs the dense baseline waits for that seed's baseline run; a tuned Switch's later seeds
+wait for the first seed's tuning runs, and take the coefficient `select_balance_coef` picks from
+them), and hands each free worker the ready run it is best placed for: runs that gate others
+first, then a run whose model the worker has compiled and whose seed's batches it holds. A worker
+runs `Comparison.run_one`, which writes the run's run.json exactly as the sequential path does;
+the sequential pass afterwards finds every run finished and assembles results.json with the same
+code. A stopped comparison (Ctrl-C, SIGTERM) stops every worker at a checkpoint and keeps every
+finished run, as the sequential path does.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import time
+import traceback
+from multiprocessing import connection
+from typing import Any, Callable, Optional
+
+from hashmoe.compare.runs import RunRecord, Stopped
+from hashmoe.compare.specs import Experiment, ModelSpec, Settings
+
+# Seconds a stopping worker gets to write its checkpoint before it is killed.
+STOP_GRACE_S = 300.0
+
+
+def default_jobs(runs: int) -> int:
+  """Worker processes for `runs` runs: one per usable core, at most 4 (each worker's XLA pool
+  already spreads a step over cores; more workers than that only compete for them), at most one
+  per run. 1 means no workers: runs in this process, one after another."""
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):  # Not Linux.
+    cores = os.cpu_count() or 1
+  return max(1, min(cores, 4, runs))
+
+
+@dataclasses.dataclass
+class _Run:
+  """One run to make. `coef` is None for a tuned model's later seeds until tuning has finished."""
+  spec: ModelSpec
+  seed: int
+  coef: Optional[float]
+  index: int                # Its number in the progress lines, in the sequential path's order.
+  needs: tuple[str, ...]    # Keys of the runs it waits for.
+  gates: bool = False       # Others wait for it: schedule it first.
+  tuned_later: bool = False  # Its coefficient comes from the first seed's tuning.
+
+  @property
+  def key(self) -> str:
+    return _key(self.spec.name, self.seed, self.coef if not self.tuned_later else "best")
+
+
+def _key(model: str, seed: int, coef: Any) -> str:
+  return f"{model}/seed{seed}/{coef}"
+
+
+def plan(experiment: Experiment, settings: Settings) -> list[_Run]:
+  """The runs `Comparison.run` makes, in its order, with what each waits for."""
+  from hashmoe.compare.comparison import run_order  # pylint: disable=g-import-not-at-top
+  models = {m.name: m for m in experiment.models}
+  seeds = list(range(settings.seeds))
+  runs: list[_Run] = []
+  for spec in run_order(experiment):
+    baseline = models.get(experiment.baseline) if spec.needs_baseline else None
+
+    def needs(seed: int, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+      if baseline is None:
+        return extra
+      return (_key(baseline.name, seed, baseline.balance_coef),) + extra
+    if not spec.tuned:
+      runs += [_Run(spec, s, spec.balance_coef, len(runs) + i + 1, needs(s))
+               for i, s in enumerate(seeds)]
+      continue
+    tuning = [_Run(spec, seeds[0], c, len(runs) + i + 1, needs(seeds[0]))
+              for i, c in enumerate(settings.balance_coefs)]
+    runs += tuning
+    runs += [_Run(spec, s, None, len(runs) + i + 1, needs(s, tuple(r.key for r in tuning)),
+                  tuned_later=True) for i, s in enumerate(seeds[1:])]
+  needed = {n for r in runs for n in r.needs}
+  for r in runs:
+    r.gates = r.key in needed
+  return runs
+
+
+@dataclasses.dataclass
+class _Worker:
+  process: Any
+  conn: Any
+  name: str
+  run: Optional[_Run] = None
+  compiled: set = dataclasses.field(default_factory=set)
+  seeds: set = dataclasses.field(default_factory=set)
+
+
+def _choose(worker: _Worker, ready: list[_Run]) -> _Run:
+  """The ready run this worker is best placed for: gating runs first, then one whose program it
+  has compiled (same model and coefficient), then one whose seed's batches it holds, then the
+  sequential order."""
+  def score(run: _Run):
+    return (not run.gates, (run.spec.name, run.coef) not in worker.compiled,
+            run.seed not in worker.seeds, run.index)
+  return min(ready, key=score)
+
+
+def train_in_parallel(comparison, args: argparse.Namespace, jobs: int,
+                      log: Callable[[str], None] = print,
+                      while_starting: Optional[Callable[[], None]] = None) -> int:
+  """Makes every run of `comparison` in `jobs` worker processes (each writes its run.json); the
+  caller's `comparison.run()` then reuses them.
+
+  Args:
+    while_starting: runs here while the workers import and set up (work of this process that
+      would otherwise delay them).
+
+  Returns:
+    How many runs were trained (0: all had finished before).
+
+  Raises:
+    KeyboardInterrupt or Stopped after every worker has stopped at a checkpoint; RuntimeError
+    naming the run when a run fails or its worker dies.
+  """
+  from hashmoe.compare.comparison import select_balance_coef  # pylint: disable=g-import-not-at-top
+  runs = plan(comparison.experiment, comparison.settings)
+  done: dict[str, RunRecord] = {}
+  pending: list[_Run] = []
+  for run in runs:
+    record = None if run.tuned_later else comparison.finished(run.spec, run.seed, run.coef)
+    if record is not None:
+      done[run.key] = record
+    else:
+      pending.append(run)
+  if not pending:
+    return 0
+  done_before = set(done)
+  jobs = max(1, min(jobs, len(pending)))
+  log(f"hashmoe compare: {len(pending)} run(s) in {jobs} worker processes "
+      f"({len(runs) - len(pending)} finished before)")
+  context = multiprocessing.get_context("spawn")
+  import jax  # pylint: disable=g-import-not-at-top
+  setup = {"args": args, "out_dir": os.fspath(comparison.out_dir), "corpus": comparison.corpus,
+           "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
+           "experiment": comparison.experiment, "settings": comparison.settings}
+  workers: list[_Worker] = []
+  stop: Optional[BaseException] = None
+  try:
+    for i in range(jobs):
+      parent_end, child_end = context.Pipe()
+      process = context.Process(target=_worker_main, args=(child_end, setup),
+                                name=f"hashmoe-compare-worker-{i}", daemon=True)
+      process.start()
+      child_end.close()
+      workers.append(_Worker(process, parent_end, f"worker {i}"))
+    if while_starting is not None:
+      while_starting()
+    while pending or any(w.run for w in workers):
+      for worker in workers:
+        if worker.run is not None:
+          continue
+        ready = [r for r in pending if all(n in done for n in r.needs)]
+        if not ready:
+          continue
+        run = _choose(worker, ready)
+        if run.tuned_later:
+          tuning = {done[n].balance_coef: done[n].valid_ppl for n in run.needs
+                    if n.startswith(f"{run.spec.name}/")}
+          run.coef = select_balance_coef(tuning)
+        pending.remove(run)
+        worker.run = run
+        worker.conn.send((run.spec.name, run.seed, run.coef, run.index))
+      busy = {w.conn: w for w in workers if w.run is not None}
+      if not busy:
+        raise RuntimeError("compare: runs wait for runs that cannot finish: "
+                           + ", ".join(r.key for r in pending))
+      for conn in connection.wait(list(busy)):
+        worker = busy[conn]
+        while True:
+          try:
+            message = conn.recv()
+          except EOFError:
+            code = worker.process.exitcode
+            worker.process.join(5)
+            raise RuntimeError(f"compare: the worker process training {worker.run.key} died "
+                               f"(exit code {worker.process.exitcode if code is None else code}"
+                               "); its checkpoints are kept: run the same command again to "
+                               "resume") from None
+          kind = message[0]
+          if kind == "log":
+            log(message[1])
+          elif kind == "done":
+            run = worker.run
+            done[run.key] = RunRecord.from_json(message[1])
+            worker.compiled.add((run.spec.name, run.coef))
+            worker.seeds.add(run.seed)
+            worker.run = None
+          elif kind == "stopped":  # Its run stays named: the stop message lists it.
+            raise KeyboardInterrupt if message[1] == "SIGINT" else Stopped(message[1])
+          elif kind == "error":
+            run, worker.run = worker.run, None
+            raise RuntimeError(f"compare: run {run.key} failed in {worker.name}: {message[1]}\n"
+                               f"{message[2]}")
+          if not conn.poll():
+            break
+  except BaseException as e:
+    stop = e
+    in_flight = sorted({w.run.spec.name for w in workers if w.run is not None})
+    if in_flight:
+      comparison.unfinished = ", ".join(in_flight)  # What the stop message names.
+    raise
+  finally:
+    _stop_workers(workers, stop, log)
+  return len(runs) - len(done_before)
+
+
+def _stop_workers(workers: list[_Worker], stop: Optional[BaseException],
+                  log: Callable[[str], None]) -> None:
+  """Ends every worker: those idle get their end-of-work message; on a stop, those training get
+  SIGTERM (their trainer checkpoints and returns) unless Ctrl-C reached them already, and a grace
+  period to finish."""
+  for worker in workers:
+    with contextlib.suppress(OSError, ValueError):
+      worker.conn.send(None)
+  busy = [w for w in workers if w.run is not None and w.process.is_alive()]
+  if busy and stop is not None:
+    names = ", ".join(w.run.key for w in busy)
+    log(f"hashmoe compare: stopping {names} at a checkpoint")
+    if not isinstance(stop, KeyboardInterrupt):
+      # Ctrl-C went to the whole process group, the workers included; anything else did not.
+      for worker in busy:
+        with contextlib.suppress(ProcessLookupError):
+          os.kill(worker.process.pid, signal.SIGTERM)
+  deadline = time.monotonic() + STOP_GRACE_S
+  for worker in workers:
+    worker.process.join(max(0.0, deadline - time.monotonic()))
+    if worker.process.is_alive():
+      log(f"hashmoe compare: {worker.name} did not stop in {STOP_GRACE_S:.0f} s; killed")
+      worker.process.kill()
+      worker.process.join()
+    with contextlib.suppress(OSError):
+      worker.conn.close()
+
+
+def _worker_main(conn, setup: dict[str, Any]) -> None:
+  """A worker process: sets up what `hashmoe compare` set up in its parent, then trains the runs
+  it is sent until it is sent None."""
+  def send(*message):
+    with contextlib.suppress(OSError, ValueError):
+      conn.send(message)
+
+  try:
+    _worker_loop(conn, setup, send)
+  except KeyboardInterrupt:
+    send("stopped", "SIGINT")
+  except Stopped as e:
+    send("stopped", e.signal_name)
+  except BaseException as e:  # pylint: disable=broad-except
+    send("error", f"{type(e).__name__}: {e}", traceback.format_exc())
+  finally:
+    conn.close()
+
+
+def _worker_loop(conn, setup: dict[str, Any], send: Callable[..., None]) -> None:
+  # pylint: disable=g-import-not-at-top
+  from hashmoe import cli as hashmoe_cli
+  args = setup["args"]
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: "
+                      "%(message)s")
+  hashmoe_cli._import_trainer(debug=False)  # pylint: disable=protected-access
+  import jax
+  if setup["compilation_cache_dir"]:
+    jax.config.update("jax_compilation_cache_dir", setup["compilation_cache_dir"])
+  from hashmoe.compare.cli import _text_decoding  # pylint: disable=protected-access
+  from hashmoe.compare.comparison import Comparison
+  from hashmoe.compare.runner import TrainRunner
+  from hashmoe.data.cached import register_corpus
+  from hashmoe.training.trainer import shared_compilation
+  # pylint: enable=g-import-not-at-top
+  experiment, settings = setup["experiment"], setup["settings"]
+  log = lambda text: send("log", text)
+
+  def handle(signum, frame):
+    del frame
+    raise Stopped(signal.Signals(signum).name)
+
+  # Between runs SIGTERM stops the worker; during one the trainer's own handler checkpoints.
+  signal.signal(signal.SIGTERM, handle)
+  encoding, errors = _text_decoding(args)
+  corpus = register_corpus(args.text_dir, settings.vocab_size, encoding=encoding, errors=errors)
+  # One progress bar per worker on one terminal would overwrite each other's lines: the parent
+  # prints each run's start and end instead.
+  runner = TrainRunner(corpus, settings, progress_bar=False,
+                       tensorboard=getattr(args, "tensorboard", False), log=log)
+  comparison = Comparison(experiment, settings, setup["out_dir"], runner, corpus=setup["corpus"],
+                          log=log)
+  models = {m.name: m for m in experiment.models}
+  with shared_compilation():
+    while True:
+      message = conn.recv()
+      if message is None:
+        return
+      model, seed, coef, index = message
+      record = comparison.run_one(models[model], seed, coef, index=index)
+      send("done", record.to_json())

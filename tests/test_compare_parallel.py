@@ -1,0 +1,72 @@
+"""`hashmoe compare --jobs`: which runs wait for which, and which run a free worker takes.
+
+That parallel runs give the sequential runs' numbers bit for bit is checked end to end in
+tests/test_compare.py (`test_runs_in_worker_processes_equal_runs_in_this_process`).
+"""
+from __future__ import annotations
+
+from hashmoe import compare, routers
+from hashmoe.compare import parallel
+
+
+def settings(**changes):
+  values = dict(steps=10, batch_size=8, seq_len=16, seeds=2, num_experts=4, vocab_size=300,
+                learning_rate=1e-3, warmup_steps=1, evals=2, eval_batches=1,
+                balance_coefs=(0.001, 0.01, 0.1))
+  values.update(changes)
+  return compare.Settings(**values)
+
+
+def test_the_default_comparison_plans_the_sequential_runs_with_switch_waiting_for_its_tuning():
+  runs = parallel.plan(compare.default_experiment(), settings())
+  # The sequential path's order and numbering (Comparison.run).
+  assert [(r.spec.name, r.seed, r.coef) for r in runs] == [
+      ("dense", 0, None), ("dense", 1, None), ("switch", 0, 0.001), ("switch", 0, 0.01),
+      ("switch", 0, 0.1), ("switch", 1, None), ("hash", 0, None), ("hash", 1, None)]
+  assert [r.index for r in runs] == list(range(1, 9))
+  later = runs[5]
+  assert later.tuned_later and set(later.needs) == {r.key for r in runs[2:5]}
+  assert [r.gates for r in runs] == [False, False, True, True, True, False, False, False]
+  assert all(not r.needs for r in runs if r is not later)
+
+
+def test_models_of_the_baseline_wait_for_its_run_of_their_seed():
+  experiment = compare.Experiment(baseline="dense", models=(
+      compare.ModelSpec("dense"),
+      compare.ModelSpec("predicted", router=routers.Hash(key="predicted_future")),
+      compare.ModelSpec("hash", router=routers.Hash())))
+  runs = parallel.plan(experiment, settings(seeds=3))
+  by_key = {(r.spec.name, r.seed): r for r in runs}
+  for seed in range(3):
+    assert by_key["predicted", seed].needs == (by_key["dense", seed].key,)
+    assert by_key["dense", seed].gates and not by_key["hash", seed].gates
+    assert by_key["hash", seed].needs == ()
+
+
+def test_one_seed_or_one_coefficient_has_nothing_waiting():
+  runs = parallel.plan(compare.default_experiment(), settings(seeds=1))
+  assert len(runs) == 5 and not any(r.needs or r.gates for r in runs)
+  runs = parallel.plan(compare.default_experiment(), settings(balance_coefs=(0.01,)))
+  assert [(r.spec.name, r.seed, r.coef) for r in runs][2:4] == [("switch", 0, 0.01),
+                                                                ("switch", 1, None)]
+
+
+def test_a_free_worker_takes_gating_runs_first_then_what_it_has_compiled_then_its_seeds():
+  runs = parallel.plan(compare.default_experiment(), settings())
+  dense0, dense1, tune1, tune2, _, _, hash0, hash1 = runs
+  worker = parallel._Worker(process=None, conn=None, name="w")
+  assert parallel._choose(worker, [dense0, hash0, tune2]) is tune2
+  assert parallel._choose(worker, [dense0, dense1, hash0]) is dense0  # The sequential order.
+  worker.compiled.add(("hash", None))
+  assert parallel._choose(worker, [dense0, dense1, hash1]) is hash1
+  worker.compiled.clear()
+  worker.seeds.add(1)
+  assert parallel._choose(worker, [dense0, hash0, dense1]) is dense1
+  assert parallel._choose(worker, [tune1, tune2]) is tune1
+
+
+def test_default_jobs_is_one_per_core_at_most_four_and_at_most_one_per_run(monkeypatch):
+  monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
+  assert parallel.default_jobs(8) == 4 and parallel.default_jobs(3) == 3
+  monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+  assert parallel.default_jobs(8) == 2 and parallel.default_jobs(1) == 1
