@@ -49,7 +49,8 @@ def _router_edits() -> dict[str, dict[str, str]]:
 
 
 # What the README says each router's aux_loss is: the load-balancing loss, or none.
-BALANCE_LOSS = {"switch": True, "token_switch": True, "base": False, "hash_topk": False}
+BALANCE_LOSS = {"switch": True, "token_switch": True, "base": False, "hash_topk": False,
+                "topk": True, "first_layers": False}
 
 
 @pytest.mark.parametrize("router", [r for r in routers.REGISTRY if r != "hash"])
