@@ -7,14 +7,11 @@ from __future__ import annotations
 
 from hashmoe import compare, routers
 from hashmoe.compare import parallel
+from test_compare import fake_settings
 
 
 def settings(**changes):
-  values = dict(steps=10, batch_size=8, seq_len=16, seeds=2, num_experts=4, vocab_size=300,
-                learning_rate=1e-3, warmup_steps=1, evals=2, eval_batches=1,
-                balance_coefs=(0.001, 0.01, 0.1))
-  values.update(changes)
-  return compare.Settings(**values)
+  return fake_settings(**{"seeds": 2, **changes})
 
 
 def test_the_default_comparison_plans_the_sequential_runs_with_switch_waiting_for_its_tuning():

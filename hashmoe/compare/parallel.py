@@ -145,7 +145,7 @@ def train_in_parallel(comparison, args: argparse.Namespace, jobs: int,
       pending.append(run)
   if not pending:
     return 0
-  done_before = set(done)
+  trained = len(pending)
   jobs = max(1, min(jobs, len(pending)))
   log(f"hashmoe compare: {len(pending)} run(s) in {jobs} worker processes "
       f"({len(runs) - len(pending)} finished before)")
@@ -173,11 +173,13 @@ def train_in_parallel(comparison, args: argparse.Namespace, jobs: int,
         ready = [r for r in pending if all(n in done for n in r.needs)]
         if not ready:
           continue
+        for run in ready:
+          if run.tuned_later and run.coef is None:
+            # Its tuning has finished: the coefficient is known, and so is the program it runs.
+            tuning = {done[n].balance_coef: done[n].valid_ppl for n in run.needs
+                      if n.startswith(f"{run.spec.name}/")}
+            run.coef = select_balance_coef(tuning)
         run = _choose(worker, ready)
-        if run.tuned_later:
-          tuning = {done[n].balance_coef: done[n].valid_ppl for n in run.needs
-                    if n.startswith(f"{run.spec.name}/")}
-          run.coef = select_balance_coef(tuning)
         pending.remove(run)
         worker.run = run
         worker.conn.send((run.spec.name, run.seed, run.coef, run.index))
@@ -222,7 +224,7 @@ def train_in_parallel(comparison, args: argparse.Namespace, jobs: int,
     raise
   finally:
     _stop_workers(workers, stop, log)
-  return len(runs) - len(done_before)
+  return trained
 
 
 def _stop_workers(workers: list[_Worker], stop: Optional[BaseException],
