@@ -51,6 +51,31 @@ def register_configurables() -> None:
   imports TensorFlow and JAX: seconds, hence not at the CLI's start)."""
   for name in CONFIGURABLE_MODULES:
     importlib.import_module(name)
+  _guard_package_file_check()
+
+
+def _guard_package_file_check() -> None:
+  """Makes gin's Python-package file check answer False instead of raising on a namespace package.
+
+  gin resolves `include 'runs/pretrain.gin'` by trying each search folder with each registered
+  reader; its package reader imports `runs` as a Python package and takes the folder of its
+  `__init__.py`. A plain folder named like a config folder in the working directory (a `runs/`
+  or `models/` of the user's, on sys.path as '') is a namespace package without one, and gin
+  raised TypeError from `os.path.dirname(None)` instead of trying the next folder: every command
+  run from such a directory failed. (gin-config 0.5.0.)"""
+  readers = gin.config._FILE_READERS  # pylint: disable=protected-access
+  for i, (reader, exists) in enumerate(readers):
+    if getattr(exists, "_hashmoe_guarded", False) or exists is os.path.isfile:
+      continue
+
+    def guarded(path, _exists=exists):
+      try:
+        return _exists(path)
+      except TypeError:
+        return False
+
+    guarded._hashmoe_guarded = True  # pylint: disable=protected-access
+    readers[i] = (reader, guarded)
 
 
 def configs_dir() -> Optional[Path]:

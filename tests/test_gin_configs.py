@@ -340,3 +340,17 @@ def test_gin_files_open_with_a_documentation_header():
     for field in ("What:", "Where from:", "Deviations:", "Macros"):
       assert field in comments, (path, field)
     assert max(len(line) for line in lines) <= 100, path
+
+
+def test_includes_resolve_from_a_directory_holding_folders_named_like_config_folders(
+    tmp_path, monkeypatch):
+  # A user's own runs/ and models/ folders in the working directory are namespace packages on
+  # sys.path; gin's package reader raised TypeError on them instead of trying the next folder.
+  from hashmoe.compare import configs as compare_configs  # pylint: disable=g-import-not-at-top
+  from hashmoe.compare import specs  # pylint: disable=g-import-not-at-top
+  for name in ("runs", "models", "tasks"):
+    (tmp_path / name).mkdir()
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  optimizer = compare_configs.make_optimizer(specs.PRESETS["quick"])
+  assert callable(optimizer.init)
