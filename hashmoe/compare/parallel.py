@@ -284,7 +284,7 @@ def _worker_loop(conn, setup: dict[str, Any], send: Callable[..., None]) -> None
   import jax
   if setup["compilation_cache_dir"]:
     jax.config.update("jax_compilation_cache_dir", setup["compilation_cache_dir"])
-  from hashmoe.compare.cli import _text_decoding  # pylint: disable=protected-access
+  from hashmoe.compare.cli import _corpus_name, _text_decoding  # pylint: disable=protected-access
   from hashmoe.compare.comparison import Comparison
   from hashmoe.compare.runner import TrainRunner
   from hashmoe.data.cached import register_corpus
@@ -300,7 +300,8 @@ def _worker_loop(conn, setup: dict[str, Any], send: Callable[..., None]) -> None
   # Between runs SIGTERM stops the worker; during one the trainer's own handler checkpoints.
   signal.signal(signal.SIGTERM, handle)
   encoding, errors = _text_decoding(args)
-  corpus = register_corpus(args.text_dir, settings.vocab_size, encoding=encoding, errors=errors)
+  corpus = register_corpus(args.text_dir, settings.vocab_size, encoding=encoding, errors=errors,
+                           corpus=_corpus_name(args))
   # One progress bar per worker on one terminal would overwrite each other's lines: the parent
   # prints each run's start and end instead.
   runner = TrainRunner(corpus, settings, progress_bar=False,

