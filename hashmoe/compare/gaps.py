@@ -162,7 +162,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = json.loads((out / "results.json").read_text())
     pairs = _parse_pairs(args.pairs)
     at = [int(t) for t in args.at.split(",") if t.strip()]
-    title = f"Relative perplexity gaps ({results.get('corpus', out.name)})"
+    corpus = str(results.get("corpus") or out.name).split(" (")[0]  # "embedded Shakespeare"
+    title = f"Relative perplexity gaps, {corpus}"
     numbers = write_gaps(results, pairs, out / "gaps.png", title=title)
   except (OSError, ValueError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
