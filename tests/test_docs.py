@@ -27,6 +27,8 @@ command cannot rot unnoticed:
   compare's argparse and `compare.resolve` (experiment and model names exist, settings valid);
   `--list` runs.
 - benchmark: `python benchmarks/NAME.py`: the benchmark's own argument parser.
+- gaps: `python -m hashmoe.compare.gaps`: its argument parser and its pairs (tests/test_gaps.py
+  runs it on a results.json written there).
 - build-hash-text: `hashmoe build-hash --sentencepiece/--hf_tokenizer`: parsed (a user's tokenizer
   and text); tests/test_build_hash.py runs it on generated ones.
 - dry-run: tpu_scripts/tpu_pod.sh and gpu_multihost.sh with `--dry-run` (they print the gcloud and
@@ -269,6 +271,8 @@ def plan(command: Command) -> tuple[str, str]:
   if words[:1] == ("hashmoe",) and words[1:2] in (("prepare",), ("train",), ("eval",),
                                                   ("build-hash",)):
     return "hashmoe", ""
+  if words[:3] == ("python", "-m", "hashmoe.compare.gaps"):
+    return "gaps", ""
   if words[:2] == ("hashmoe", "compare") or words[:3] == ("python", "-m", "hashmoe.compare"):
     return "compare", ""
   if words[:1] in (("python",), ("python3",)) and words[1:2] and words[1].startswith(
@@ -600,6 +604,16 @@ def test_compare_command(command, capsys):
   if args.models is not None:
     assert set(args.models) <= {m.name for m in experiment.models}
   assert settings.steps > 0
+
+
+GAPS_COMMANDS = commands_of("gaps")
+
+
+@pytest.mark.parametrize("command", GAPS_COMMANDS, ids=ids(GAPS_COMMANDS))
+def test_gaps_command_parses(command):
+  from hashmoe.compare import gaps  # pylint: disable=g-import-not-at-top
+  args = gaps.make_parser().parse_args(list(command.argv[3:]))  # SystemExit fails the test
+  gaps._parse_pairs(args.pairs)  # pylint: disable=protected-access
 
 
 BENCHMARK_COMMANDS = commands_of("benchmark")

@@ -149,14 +149,18 @@ def _parse_pairs(text: str) -> list[tuple[str, str]]:
   return pairs
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m hashmoe.compare.gaps", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("out", help="a comparison's output folder (holding results.json)")
   parser.add_argument("--pairs", default=",".join(f"{a}/{b}" for a, b in DEFAULT_PAIRS),
                       help="model pairs a/b, comma-separated (default %(default)s)")
   parser.add_argument("--at", default="", help="steps to print besides the first and last")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = make_parser().parse_args(argv)
   out = Path(args.out)
   try:
     results = json.loads((out / "results.json").read_text())
