@@ -533,6 +533,7 @@ EXPECTED_EXPERIMENTS = {
     "switch_combine": {"dense", "switch", "switch_padding_in_aux", "switch_x_experts",
                        "switch_straight_through", "token_switch", "token_switch_x_experts", "hash"},
     "deepseek_v4": {"topk", "v4_balanced", "v4_roundrobin", "v4_random", "v4_zeros"},
+    "long": {"dense", "switch", "switch_x_experts", "hash"},
 }
 
 
@@ -554,6 +555,20 @@ def test_every_experiment_file_parses_and_builds_every_model(name):
       assert config.sparse.router == spec.router.replace(**tuned)
       assert config.sparse.num_experts == (spec.num_experts or settings.num_experts)
   assert set(compare.list_experiments()) == set(EXPECTED_EXPERIMENTS)
+
+
+def test_the_long_experiment_is_the_quick_shapes_for_2000_steps_over_3_seeds():
+  experiment = compare.load_experiment("long")
+  settings = compare.Settings(**{**dataclasses.asdict(compare.PRESETS["default"]),
+                                 **experiment.overrides})
+  quick = compare.PRESETS["quick"]
+  assert (settings.batch_size, settings.seq_len, settings.vocab_size) == (
+      quick.batch_size, quick.seq_len, quick.vocab_size)
+  assert (settings.steps, settings.seeds, settings.balance_coefs) == (2000, 3, (0.01,))
+  assert settings.eval_period == 80
+  combine = {m.name: getattr(m.router, "combine", None) for m in experiment.models}
+  assert combine == {"dense": None, "switch": "prob", "switch_x_experts": "prob_times_experts",
+                     "hash": None}
 
 
 def test_experiment_specific_settings():
