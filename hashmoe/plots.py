@@ -93,7 +93,8 @@ def _finite_or_none(x: float) -> Optional[float]:
   return float(x) if math.isfinite(float(x)) else None
 
 
-def _save(fig: Figure, png: PathLike, numbers: Mapping[str, Any]) -> tuple[str, str]:
+def save_figure(fig: Figure, png: PathLike, numbers: Mapping[str, Any]) -> tuple[str, str]:
+  """Writes `fig` to `png` and the numbers it draws to the same path with .json."""
   png = Path(png)
   if png.suffix.lower() != ".png":
     raise ValueError(f"figure path must end in .png, got {os.fspath(png)!r}")
@@ -160,7 +161,7 @@ def write_ppl_curves(curves: Mapping[str, Curve], png: PathLike, *,
       "baseline": None if baseline is None else {"label": baseline[0],
                                                   "ppl": _finite_or_none(baseline[1])},
   }
-  return _save(fig, png, numbers)
+  return save_figure(fig, png, numbers)
 
 
 # The y labels of the router panels `write_router_curves` knows; another metric is labelled by name.
@@ -244,7 +245,7 @@ def write_router_curves(ppl_curves: Mapping[str, Curve],
                                                       for label, c in lines.items()}}
   fig.suptitle(title, fontsize="medium")
   fig.tight_layout()
-  return _save(fig, png, numbers)
+  return save_figure(fig, png, numbers)
 
 
 def _check_load(name: str, load: Sequence[float]) -> np.ndarray:
@@ -308,7 +309,7 @@ def write_expert_load(name: str, load: Sequence[float], png: PathLike, *,
   numbers = {"model": name, "tokens": tokens, "load": arr.tolist(),
              "sorted_load": arr[order].tolist(), "expert_order": order.tolist(),
              "uniform": 1.0 / experts, **summary}
-  return _save(fig, png, numbers)
+  return save_figure(fig, png, numbers)
 
 
 def write_load_overview(loads: Mapping[str, Sequence[float]], png: PathLike, *,
@@ -341,7 +342,7 @@ def write_load_overview(loads: Mapping[str, Sequence[float]], png: PathLike, *,
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize="small")
   fig.tight_layout()
-  return _save(fig, png, numbers)
+  return save_figure(fig, png, numbers)
 
 
 def write_sweep(series: Mapping[str, Mapping[float, tuple[float, float]]], png: PathLike, *,
@@ -385,4 +386,4 @@ def write_sweep(series: Mapping[str, Mapping[float, tuple[float, float]]], png: 
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize="small")
   fig.tight_layout()
-  return _save(fig, png, numbers)
+  return save_figure(fig, png, numbers)

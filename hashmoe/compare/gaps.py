@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from hashmoe import plots
 
 # Reddit validation perplexities, 64 experts, one sparse layer (../shared/PAPER.md: Hash 23.16 and
 # Switch 23.65 in Figure 3 / Table 3; the 222M Baseline 24.90 in the authors' hash_ladder
@@ -116,11 +117,7 @@ def write_gaps(results: Mapping[str, Any], pairs: Sequence[tuple[str, str]], png
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize="x-small")
   fig.tight_layout()
-  png = Path(png)
-  png.parent.mkdir(parents=True, exist_ok=True)
-  FigureCanvasAgg(fig)
-  fig.savefig(png, dpi=100)
-  png.with_suffix(".json").write_text(json.dumps(numbers, indent=2) + "\n")
+  plots.save_figure(fig, png, numbers)
   return numbers
 
 
