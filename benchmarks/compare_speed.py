@@ -112,7 +112,8 @@ def flops(models: list[str], repeats: int = 50) -> dict[str, Any]:
     # pylint: disable-next=protected-access
     step, key = trainer._train_step, trainer._step_key
     with trainer.context():
-      compiled = step.lower(trainer.abstract_state, batch, key).compile()
+      compiled = step.lower(trainer.abstract_state, batch, key,
+                            trainer.loss_coefficients).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out["models"][name] = {"flops_per_step": float(cost["flops"]),

@@ -218,7 +218,8 @@ def measure_row(name: str, devices: int, fsdp: bool, scan: bool, remat: Optional
   with trainer.context():
     start = time.perf_counter()
     lowered = trainer._train_step.lower(state, abstract_batch,  # pylint: disable=protected-access
-                                        trainer._step_key)  # pylint: disable=protected-access
+                                        trainer._step_key,  # pylint: disable=protected-access
+                                        trainer.loss_coefficients)
     lower_s = time.perf_counter() - start
     start, cpu_start = time.perf_counter(), time.process_time()
     compiled = lowered.compile()

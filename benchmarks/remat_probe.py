@@ -43,7 +43,8 @@ def main() -> int:
       batch = memory._abstract_batch(config, 16, 512, trainer.batch_sharding)
       step = trainer._train_step  # pylint: disable=protected-access
       with trainer.context():
-        compiled = step.lower(trainer.abstract_state, batch).compile()
+        compiled = step.lower(trainer.abstract_state, batch, trainer._step_key,  # pylint: disable=protected-access
+                              trainer.loss_coefficients).compile()
       dots = len(re.findall(r"= \S+ dot\(", compiled.as_text()))
       temp = compiled.memory_analysis().temp_size_in_bytes
       print(f"scan={scan!s:5s} remat={remat:4s} temporaries={temp / 2**20:7.1f} MiB "

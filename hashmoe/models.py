@@ -403,6 +403,27 @@ def layer_routers(config: TransformerConfig) -> dict[str, routers.RouterConfig]:
           for i, name in enumerate(_sparse_layer_names(config))}
 
 
+def runtime_loss_coefficients(config: TransformerConfig) -> dict[str, np.float32]:
+  """{name: float32 value} of the loss coefficients of `config`'s router that a trainer feeds its
+  steps at run time (`routers.RouterConfig.runtime_coefficients`, read through
+  `routing.runtime_loss_coefficients`); {} for a dense model or a router without any."""
+  if config.sparse is None:
+    return {}
+  router = config.sparse.router
+  return {name: np.float32(getattr(router, name)) for name in type(router).runtime_coefficients}
+
+
+def program_config(config: TransformerConfig) -> TransformerConfig:
+  """`config` with its run-time loss coefficients (`runtime_loss_coefficients`) set to 0: configs
+  that differ only in them trace to the same programs, so this is what compiled programs are
+  shared by."""
+  values = runtime_loss_coefficients(config)
+  if not values:
+    return config
+  router = dataclasses.replace(config.sparse.router, **{name: 0.0 for name in values})
+  return dataclasses.replace(config, sparse=dataclasses.replace(config.sparse, router=router))
+
+
 def table_layer_names(config: TransformerConfig) -> list[str]:
   """The sparse layers whose router looks experts up in hash tables."""
   return [name for name, router in layer_routers(config).items() if router.uses_tables]

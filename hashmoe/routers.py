@@ -66,6 +66,9 @@ class RouterConfig:
   table_kinds: ClassVar[tuple[str, ...]] = ()
   # What the trainer gives it when `train.hash_tables` is None.
   default_table_kind: ClassVar[Optional[str]] = None
+  # Fields that are loss coefficients the trainer feeds at run time
+  # (`routing.runtime_loss_coefficients`): configs that differ only in them share one program.
+  runtime_coefficients: ClassVar[tuple[str, ...]] = ()
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
@@ -344,6 +347,8 @@ class Switch(RouterConfig):
   name: ClassVar[str] = "switch"
   legacy_names: ClassVar[Mapping[str, str]] = {
       "balance_coef": "balance_coef", "z_loss_coef": "z_loss_coef", "jitter": "jitter"}
+  # What the paper tunes: the tuning runs share one compiled step.
+  runtime_coefficients: ClassVar[tuple[str, ...]] = ("balance_coef",)
 
   balance_coef: float = 0.01
   z_loss_coef: float = 0.0

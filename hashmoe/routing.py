@@ -32,9 +32,11 @@ routers receive are already flattened the same way). `H` is the number of column
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import flax
 import flax.linen as nn
@@ -59,6 +61,35 @@ Initializer = Callable[..., Array]
 # The non-parameter collection of router state that training updates outside the gradient (the
 # learned top-k router's per-expert selection bias). Saved with the checkpoint like "hash_tables".
 ROUTER_STATE = "router_state"
+
+# Loss coefficients given to the routers at run time, {name: float32 scalar} (a traced argument of
+# the step), or None: `runtime_loss_coefficients`.
+_RUNTIME_COEFFICIENTS: contextvars.ContextVar[Optional[Mapping[str, Any]]] = (
+    contextvars.ContextVar("hashmoe_runtime_loss_coefficients", default=None))
+
+
+@contextlib.contextmanager
+def runtime_loss_coefficients(values: Optional[Mapping[str, Any]]) -> Iterator[None]:
+  """Within the block (while a step is traced), routers read the loss coefficients named in
+  `values` ({"balance_coef": x}) from there instead of from their attributes. With `x` an argument
+  of the jitted step, the coefficient is an input of the compiled program, not a constant in it:
+  one program serves every value, so a sweep over Switch's coefficient compiles once. The product
+  is the same float32 multiply either way (hashmoe.training.trainer passes them; tested bit-equal
+  to the constant in tests/test_runtime_coefficients.py)."""
+  token = _RUNTIME_COEFFICIENTS.set(None if values is None else dict(values))
+  try:
+    yield
+  finally:
+    _RUNTIME_COEFFICIENTS.reset(token)
+
+
+def loss_coefficient(name: str, default: float) -> Any:
+  """The loss coefficient `name`: the run-time value `runtime_loss_coefficients` gives, else
+  `default` (the router's attribute)."""
+  values = _RUNTIME_COEFFICIENTS.get()
+  if values is not None and name in values:
+    return values[name]
+  return default
 EXPERT_BIAS = "expert_bias"
 
 
@@ -671,7 +702,7 @@ class SwitchRouter(Router):
     else:
       capacity = expert_capacity(tokens, self.num_experts, self.capacity_factor)
       kept = capacity_mask(expert, self.num_experts, capacity)[:, None]
-    aux_losses = {"balance_loss": self.balance_coef * balance}
+    aux_losses = {"balance_loss": loss_coefficient("balance_coef", self.balance_coef) * balance}
     if self.z_loss_coef:
       aux_losses["router_z_loss"] = self.z_loss_coef * z_loss
     return RoutingInstructions(

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from hashmoe import models, sharding
+from hashmoe import models, routing, sharding
 from hashmoe.layers import MOE_COLLECTION
 from hashmoe.routing import ROUTER_STATE
 from hashmoe.training import metrics as metrics_lib
@@ -129,7 +129,9 @@ def _shared_programs(trainer: "Trainer") -> Optional[dict[str, Any]]:
   if _SHARED is None:
     return None
   try:
-    key = (trainer.config, id(trainer.tx), trainer.mesh, tuple(trainer.rules))
+    # Configs that differ only in run-time loss coefficients trace to the same programs.
+    key = (models.program_config(trainer.config), id(trainer.tx), trainer.mesh,
+           tuple(trainer.rules))
     hash(key)
   except TypeError:
     return None
@@ -169,6 +171,9 @@ class Trainer:
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
     self._init_key, self._step_key = _split_seed(self.seed)
+    # The routers' loss coefficients are arguments of the steps, not constants in them
+    # (`routing.runtime_loss_coefficients`): runs that differ only in them share the programs.
+    self.loss_coefficients = models.runtime_loss_coefficients(self.config)
     boxed = jax.eval_shape(functools.partial(self._init_boxed, self.model), self._init_key)
     self.state_shardings = sharding.shard_params(boxed, self.mesh, self.rules)
     self.abstract_state = jax.tree.map(
@@ -185,12 +190,12 @@ class Trainer:
     # The step key is an argument, not a constant of the traced step: one compiled step serves
     # every seed (`shared_compilation`).
     self._train_step = jax.jit(self._step, in_shardings=(self.state_shardings, self.batch_sharding,
-                                                         self.replicated),
+                                                         self.replicated, self.replicated),
                                out_shardings=(self.state_shardings, self.replicated),
                                donate_argnums=(0,))
     self._eval_step = jax.jit(self._eval, in_shardings=(self.state_shardings.params,
                                                         self.state_shardings.constants,
-                                                        self.batch_sharding),
+                                                        self.batch_sharding, self.replicated),
                               out_shardings=self.replicated)
     self._compiled: dict[Any, Any] = {}
     self._init_fn = jax.jit(lambda key: nn.unbox(self._init_boxed(self.model, key)),
@@ -238,7 +243,12 @@ class Trainer:
     nll_sum, num_tokens = token_nll(logits, batch["decoder_target_tokens"], loss_weights(batch))
     return nll_sum, num_tokens, aux_loss, moe, mutated.get(ROUTER_STATE)
 
-  def _step(self, state: TrainState, batch: Mapping[str, Array], step_key: Array):
+  def _step(self, state: TrainState, batch: Mapping[str, Array], step_key: Array,
+            coefficients: Mapping[str, Array]):
+    with routing.runtime_loss_coefficients(coefficients):
+      return self._step_body(state, batch, step_key)
+
+  def _step_body(self, state: TrainState, batch: Mapping[str, Array], step_key: Array):
     key = jax.random.fold_in(step_key, state.step)
     dropout_key, jitter_key = jax.random.split(key)
     rngs = {"dropout": dropout_key, "jitter": jitter_key}
@@ -266,12 +276,16 @@ class Trainer:
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          constants=constants), metrics
 
-  def _eval(self, params, constants, batch):
-    nll_sum, num_tokens, aux_loss, _, _ = self._loss(params, constants, batch, None, True)
-    return {"nll_sum": nll_sum, "tokens": num_tokens, "aux_loss": aux_loss}
+  def _eval(self, params, constants, batch, coefficients):
+    with routing.runtime_loss_coefficients(coefficients):
+      nll_sum, num_tokens, aux_loss, moe, _ = self._loss(params, constants, batch, None, True)
+    # Each sparse layer's load over the batch's real tokens, as its router counts it: what
+    # `hashmoe compare` reports as expert load, from the program that evaluates (one compile).
+    loads = {name: {"counts": m["expert_counts"], "assignments": m["assignments"]}
+             for name, m in moe.items() if "expert_counts" in m and "assignments" in m}
+    return {"nll_sum": nll_sum, "tokens": num_tokens, "aux_loss": aux_loss, "loads": loads}
 
-  def _compiled_fn(self, name: str, fn, *args):
-    batch = next(a for a in reversed(args) if isinstance(a, Mapping))
+  def _compiled_fn(self, name: str, fn, batch: Mapping[str, Array], *args):
     key = (name, tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items())))
     if key not in self._compiled:
       with self.context():
@@ -280,16 +294,20 @@ class Trainer:
 
   def compile_train_step(self, state: TrainState, batch: Mapping[str, Array]):
     """Ahead-of-time compiles the step for this batch shape (once), so timing excludes it."""
-    return self._compiled_fn("train", self._train_step, state, batch, self._step_key)
+    return self._compiled_fn("train", self._train_step, batch, state, batch, self._step_key,
+                             self.loss_coefficients)
 
   def train_step(self, state: TrainState, batch: Mapping[str, Array]) -> tuple[TrainState, dict]:
     """One update. `batch`: global arrays from `global_batch`. Donates `state`."""
-    return self.compile_train_step(state, batch)(state, batch, self._step_key)
+    return self.compile_train_step(state, batch)(state, batch, self._step_key,
+                                                 self.loss_coefficients)
 
-  def eval_step(self, state: TrainState, batch: Mapping[str, Array]) -> dict[str, Array]:
-    """{"nll_sum", "tokens", "aux_loss"} of one batch, deterministic (no dropout)."""
-    fn = self._compiled_fn("eval", self._eval_step, state.params, state.constants, batch)
-    return fn(state.params, state.constants, batch)
+  def eval_step(self, state: TrainState, batch: Mapping[str, Array]) -> dict[str, Any]:
+    """{"nll_sum", "tokens", "aux_loss", "loads": {sparse layer: {"counts": float32[E],
+    "assignments": float32[]}}} of one batch, deterministic (no dropout)."""
+    fn = self._compiled_fn("eval", self._eval_step, batch, state.params, state.constants, batch,
+                           self.loss_coefficients)
+    return fn(state.params, state.constants, batch, self.loss_coefficients)
 
   def global_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, Array]:
     """Checks a host's batch (`models.validate_batch`) and assembles the global arrays from every
