@@ -289,6 +289,63 @@ def test_runs_in_worker_processes_equal_runs_in_this_process(default_run, text_d
     assert mine == theirs, name  # JSON floats: equal text is equal bits.
 
 
+def test_the_workers_batch_files_are_removed_after_the_runs(default_run):
+  out, _, _, _ = default_run
+  assert not (out / ".batches").exists()
+
+
+def test_a_batch_file_holds_the_pipelines_own_batches(default_run, tmp_path):
+  # The reference: a pipeline reading the task itself. The file's reader must hand out the same
+  # arrays (training batches, evaluation batches, their word counts), read the file only when
+  # it exists (waiting meanwhile), and go on with the task's own sequence past the file's end.
+  _, results, _, _ = default_run
+  make = lambda seed, **kw: cached.CachedPipeline(results["task"], batch_size=8, seq_len=32,
+                                                  seed=seed, **kw)
+  reference = make(0)
+  path = tmp_path / "seed0.npz"
+  waits = []
+
+  def wait():  # The writer finishes while the reader waits.
+    waits.append(1)
+    if len(waits) == 2:
+      make(0).save(path, steps=3, eval_batches=2)
+
+  loaded = make(0, batch_file=path, wait=wait)
+  for i in range(5):  # 3 from the file, then the task's batches 3 and 4.
+    mine, theirs = loaded.train_batch(i), reference.train_batch(i)
+    assert sorted(mine) == sorted(theirs)
+    for name in theirs:
+      np.testing.assert_array_equal(mine[name], theirs[name])
+      assert mine[name].dtype == theirs[name].dtype
+  assert len(waits) == 2
+  for split in ("validation", "test"):
+    mine, theirs = loaded.eval_batches(split, 2), reference.eval_batches(split, 2)
+    assert len(mine) == len(theirs) == 2
+    for a, b in zip(mine, theirs):
+      assert sorted(a) == sorted(b)
+      for name in b:
+        np.testing.assert_array_equal(a[name], b[name])
+      assert loaded.count_words(a) == reference.count_words(b) > 0
+
+
+def test_a_batch_file_of_another_seed_or_a_damaged_one_is_refused(default_run, tmp_path):
+  _, results, _, _ = default_run
+  make = lambda seed, **kw: cached.CachedPipeline(results["task"], batch_size=8, seq_len=32,
+                                                  seed=seed, **kw)
+  path = make(1).save(tmp_path / "seed1.npz", steps=2, eval_batches=1)
+  with pytest.raises(ValueError, match=r"holds the batches of .*'seed': 1"):
+    make(0, batch_file=path).train_batch(0)
+  damaged = tmp_path / "damaged.npz"
+  damaged.write_bytes(path.read_bytes()[:200])
+  with pytest.raises(ValueError, match="unreadable"):
+    make(1, batch_file=damaged).eval_batches("validation", 1)
+
+  def gone():
+    raise RuntimeError("the writer has exited")
+  with pytest.raises(RuntimeError, match="writer has exited"):
+    make(1, batch_file=tmp_path / "never.npz", wait=gone).train_batch(0)
+
+
 def test_clustered_table_is_kmeans_over_the_baselines_embeddings(default_run):
   out, _, _, _ = default_run
   runs = out / "runs"

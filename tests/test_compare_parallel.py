@@ -67,3 +67,25 @@ def test_default_jobs_is_one_per_core_at_most_four_and_at_most_one_per_run(monke
   assert parallel.default_jobs(8) == 4 and parallel.default_jobs(3) == 3
   monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
   assert parallel.default_jobs(8) == 2 and parallel.default_jobs(1) == 1
+
+
+def test_a_worker_does_not_compile_what_another_is_compiling_right_now():
+  runs = parallel.plan(compare.default_experiment(), settings())
+  dense0, _, tune1, tune2, tune3, _, hash0, _ = runs
+  # Switch takes its coefficient at run time: its tuning runs are one program.
+  assert parallel._program(tune1) == parallel._program(tune3) == ("switch", None)
+  assert parallel._program(hash0) == ("hash", None)
+  first = parallel._Worker(process=None, conn=None, name="w0")
+  second = parallel._Worker(process=None, conn=None, name="w1")
+  assert parallel._choose(first, [dense0, tune1, tune2, hash0], [first, second]) is tune1
+  first.compiling = ("switch", None)  # Its first Switch run is compiling.
+  # The other worker trains another model meanwhile rather than compiling Switch a second time...
+  assert parallel._choose(second, [dense0, tune2, tune3, hash0], [first, second]) is dense0
+  # ... but takes the gating run once the programs are in the compilation cache,
+  first.compiling = None
+  assert parallel._choose(second, [dense0, tune2, hash0], [first, second]) is tune2
+  # or when it has compiled them itself.
+  first.compiling = ("switch", None)
+  second.compiled.add(("switch", None))
+  assert parallel._choose(second, [dense0, tune2, hash0], [first, second]) is tune2
+

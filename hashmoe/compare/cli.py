@@ -279,7 +279,7 @@ def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
   # The trainer, JAX and matplotlib behind these: imported here for the reason `resolve` gives.
   # pylint: disable=g-import-not-at-top
   from hashmoe.compare.comparison import RESULTS_FILE, Comparison, cpu_seconds
-  from hashmoe.compare.parallel import default_jobs, train_in_parallel
+  from hashmoe.compare.parallel import default_jobs, join_workers, train_in_parallel
   from hashmoe.compare.report import format_table
   from hashmoe.compare.runner import TrainRunner
   from hashmoe.data.cached import register_corpus, unigram_perplexity
@@ -333,6 +333,9 @@ def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
       if "unigram_ppl" not in extra:
         describe_validation_text()
       results = comparison.run()
+    join_workers()
+    if isinstance(runner, TrainRunner):
+      runner.close()
   except (KeyboardInterrupt, Stopped) as e:
     name = e.signal_name if isinstance(e, Stopped) else "SIGINT (Ctrl-C)"
     if comparison is not None:

@@ -167,6 +167,7 @@ class Comparison:
       # Other jobs on the machine slow every timing; say how busy it was.
       self.extra.setdefault("load_average_at_start", list(os.getloadavg()))
     self._done_runs = 0
+    self._trained_runs = 0  # Runs this object trained (not reused).
     # Whether reusing a finished run says so (not after `parallel.train_in_parallel`, whose
     # workers announced every run already).
     self.announce_reuse = True
@@ -242,6 +243,7 @@ class Comparison:
                                        default=str) + "\n")
     self._log(f"{label}: training {self.settings.steps} steps ({spec.describe()}) in {model_dir}")
     record = self.runner(request)
+    self._trained_runs += 1
     run_file = model_dir / RUN_FILE
     tmp = model_dir / f".{RUN_FILE}.tmp"
     # Atomic: a run.json is either whole or absent, whichever process wrote it and however it
@@ -300,9 +302,13 @@ class Comparison:
     self.out_dir.mkdir(parents=True, exist_ok=True)
     for spec in run_order(self.experiment):
       self.unfinished = spec.name
+      trained = self._trained_runs
       self.results[spec.name] = self.run_model(spec)
       self.unfinished = None
-      self.write(complete=False)
+      if self._trained_runs != trained:
+        # Partial results after every model trained here, for a stop to keep; a model whose runs
+        # were all reused (after `--jobs` workers trained them) adds nothing a stop could lose.
+        self.write(complete=False)
     return self.write(complete=True)
 
   # -- outputs ---------------------------------------------------------------------------------

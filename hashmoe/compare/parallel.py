@@ -9,12 +9,16 @@ thread pool is sized by the machine, not by what else runs), on the same batches
 `train_in_parallel` plans the runs `Comparison.run` would make, with their dependencies (a model
 that needs the dense baseline waits for that seed's baseline run; a tuned Switch's later seeds
 wait for the first seed's tuning runs, and take the coefficient `select_balance_coef` picks from
-them), and hands each free worker the ready run it is best placed for: runs that gate others
-first, then a run whose model the worker has compiled and whose seed's batches it holds. A worker
-runs `Comparison.run_one`, which writes the run's run.json exactly as the sequential path does;
-the sequential pass afterwards finds every run finished and assembles results.json with the same
-code. A stopped comparison (Ctrl-C, SIGTERM) stops every worker at a checkpoint and keeps every
-finished run, as the sequential path does.
+them), and hands each free worker the ready run it is best placed for: not one whose programs
+another worker is compiling at that moment, then runs that gate others, then a run whose model
+the worker has compiled and whose seed's batches it holds. Switch's coefficient is an input of its
+programs (`routing.runtime_loss_coefficients`), so its tuning runs compile once between them. The
+parent reads each seed's batches from the task once, in a thread, into a file the workers read
+(`cached.CachedPipeline.save`): no worker runs the tf.data pipeline. A worker runs
+`Comparison.run_one`, which writes the run's run.json exactly as the sequential path does; the
+sequential pass afterwards finds every run finished and assembles results.json with the same code,
+while the workers exit. A stopped comparison (Ctrl-C, SIGTERM) stops every worker at a checkpoint
+and keeps every finished run, as the sequential path does.
 """
 from __future__ import annotations
 
@@ -24,11 +28,14 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import threading
 import time
 import traceback
 from multiprocessing import connection
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 from hashmoe.compare.runs import RunRecord, Stopped
 from hashmoe.compare.specs import Experiment, ModelSpec, Settings
@@ -104,15 +111,30 @@ class _Worker:
   run: Optional[_Run] = None
   compiled: set = dataclasses.field(default_factory=set)
   seeds: set = dataclasses.field(default_factory=set)
+  compiling: Optional[tuple[str, Optional[float]]] = None  # The programs its run compiles first.
 
 
-def _choose(worker: _Worker, ready: list[_Run]) -> _Run:
-  """The ready run this worker is best placed for: gating runs first, then one whose program it
-  has compiled (same model and coefficient), then one whose seed's batches it holds, then the
+def _program(run: _Run) -> tuple[str, Optional[float]]:
+  """What a run compiles: its model's programs, which differ between coefficients unless the
+  router takes them at run time (`routers.RouterConfig.runtime_coefficients`)."""
+  router = run.spec.router
+  if router is not None and "balance_coef" in type(router).runtime_coefficients:
+    return run.spec.name, None
+  return run.spec.name, run.coef
+
+
+def _choose(worker: _Worker, ready: list[_Run], workers: Sequence[_Worker] = ()) -> _Run:
+  """The ready run this worker is best placed for: not one whose programs another worker is
+  compiling right now (its first run of them; this one would compile the same programs at the same
+  time instead of reading them from the compilation cache after), then runs that gate others,
+  then one whose programs it has compiled, then one whose seed's batches it holds, then the
   sequential order."""
+  compiling = {w.compiling for w in workers if w is not worker and w.compiling is not None}
+
   def score(run: _Run):
-    return (not run.gates, (run.spec.name, run.coef) not in worker.compiled,
-            run.seed not in worker.seeds, run.index)
+    program = _program(run)
+    return (program in compiling and program not in worker.compiled, not run.gates,
+            program not in worker.compiled, run.seed not in worker.seeds, run.index)
   return min(ready, key=score)
 
 
@@ -149,29 +171,29 @@ def train_in_parallel(comparison, args: argparse.Namespace, jobs: int,
   jobs = max(1, min(jobs, len(pending)))
   log(f"hashmoe compare: {len(pending)} run(s) in {jobs} worker processes "
       f"({len(runs) - len(pending)} finished before)")
-  context = multiprocessing.get_context("spawn")
   import jax  # pylint: disable=g-import-not-at-top
+  batches = _BatchFiles(comparison, sorted({r.seed for r in pending}), while_starting)
   setup = {"args": args, "out_dir": os.fspath(comparison.out_dir), "corpus": comparison.corpus,
            "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
-           "experiment": comparison.experiment, "settings": comparison.settings}
+           "experiment": comparison.experiment, "settings": comparison.settings,
+           "parent": os.getpid()}
   workers: list[_Worker] = []
   stop: Optional[BaseException] = None
   try:
     for i in range(jobs):
-      parent_end, child_end = context.Pipe()
-      process = context.Process(target=_worker_main, args=(child_end, setup),
-                                name=f"hashmoe-compare-worker-{i}", daemon=True)
-      process.start()
-      child_end.close()
+      process, parent_end = _spawn(i, setup)
       workers.append(_Worker(process, parent_end, f"worker {i}"))
-    if while_starting is not None:
-      while_starting()
+    batches.start()
     while pending or any(w.run for w in workers):
+      batches.check()
       for worker in workers:
-        if worker.run is not None:
+        if worker.run is not None or worker.conn is None:
           continue
         ready = [r for r in pending if all(n in done for n in r.needs)]
         if not ready:
+          if not pending:
+            # Nothing left for it: it exits while the others finish.
+            _release(worker)
           continue
         for run in ready:
           if run.tuned_later and run.coef is None:
@@ -179,15 +201,18 @@ def train_in_parallel(comparison, args: argparse.Namespace, jobs: int,
             tuning = {done[n].balance_coef: done[n].valid_ppl for n in run.needs
                       if n.startswith(f"{run.spec.name}/")}
             run.coef = select_balance_coef(tuning)
-        run = _choose(worker, ready)
+        run = _choose(worker, ready, workers)
         pending.remove(run)
         worker.run = run
-        worker.conn.send((run.spec.name, run.seed, run.coef, run.index))
+        worker.compiling = None if _program(run) in worker.compiled else _program(run)
+        worker.conn.send((run.spec.name, run.seed, run.coef, run.index,
+                          os.fspath(batches.path(run.seed))))
       busy = {w.conn: w for w in workers if w.run is not None}
       if not busy:
         raise RuntimeError("compare: runs wait for runs that cannot finish: "
                            + ", ".join(r.key for r in pending))
-      for conn in connection.wait(list(busy)):
+      # A failed batch file is noticed within a second even while every worker waits for it.
+      for conn in connection.wait(list(busy), timeout=1.0):
         worker = busy[conn]
         while True:
           try:
@@ -205,7 +230,8 @@ def train_in_parallel(comparison, args: argparse.Namespace, jobs: int,
           elif kind == "done":
             run = worker.run
             done[run.key] = RunRecord.from_json(message[1])
-            worker.compiled.add((run.spec.name, run.coef))
+            worker.compiled.add(_program(run))
+            worker.compiling = None
             worker.seeds.add(run.seed)
             worker.run = None
           elif kind == "stopped":  # Its run stays named: the stop message lists it.
@@ -223,20 +249,111 @@ def train_in_parallel(comparison, args: argparse.Namespace, jobs: int,
       comparison.unfinished = ", ".join(in_flight)  # What the stop message names.
     raise
   finally:
-    _stop_workers(workers, stop, log)
+    # Workers first: which of them still wait for their batch file decides how they are stopped.
+    _stop_workers(workers, stop, log, batches)
+    batches.finish(wait=stop is None)
   return trained
 
 
+class _BatchFiles:
+  """Each seed's batches, read once from the task in this process (a thread, while the workers
+  start and train) and written to OUT/.batches/seed<s>.npz, which the workers read instead of
+  running the tf.data pipeline each (`cached.CachedPipeline.save`; the same arrays, so the same
+  results). The folder is removed at the end."""
+
+  def __init__(self, comparison, seeds: list[int], while_starting: Optional[Callable[[], None]]):
+    self.folder = comparison.out_dir / ".batches"
+    self._runner, self._settings = comparison.runner, comparison.settings
+    self._seeds, self._while_starting = seeds, while_starting
+    self._thread: Optional[threading.Thread] = None
+    self._error: Optional[BaseException] = None
+
+  def path(self, seed: int) -> Path:
+    return self.folder / f"seed{seed}.npz"
+
+  def start(self) -> None:
+    shutil.rmtree(self.folder, ignore_errors=True)  # A stopped comparison's: written again.
+    self._thread = threading.Thread(target=self._write, name="hashmoe-compare-batches",
+                                    daemon=True)
+    self._thread.start()
+
+  def _write(self) -> None:
+    try:
+      s = self._settings
+      for i, seed in enumerate(self._seeds):
+        self._runner.pipeline(seed).save(self.path(seed), steps=s.steps + _EXTRA_BATCHES,
+                                         eval_batches=s.eval_batches)
+        if i == 0 and self._while_starting is not None:
+          self._while_starting()
+      if not self._seeds and self._while_starting is not None:
+        self._while_starting()
+    except BaseException as e:  # pylint: disable=broad-except  Raised in the main thread.
+      self._error = e
+
+  def check(self) -> None:
+    """Raises what writing a batch file raised (the runs waiting for it would wait forever)."""
+    if self._error is not None:
+      raise RuntimeError(f"compare: reading the batches failed: {type(self._error).__name__}: "
+                         f"{self._error}") from self._error
+
+  def written(self, seed: int) -> bool:
+    return self.path(seed).exists()
+
+  def finish(self, wait: bool) -> None:
+    if self._thread is not None and wait:
+      self._thread.join()
+      self.check()
+    shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# Training batches written past the last step: a loop that reads ahead of its last step finds
+# them in the file rather than starting the task's pipeline in the worker.
+_EXTRA_BATCHES = 2
+
+
+def _release(worker: _Worker) -> None:
+  """Tells an idle worker to exit (its process is joined later)."""
+  with contextlib.suppress(OSError, ValueError):
+    worker.conn.send(None)
+    worker.conn.close()
+  worker.conn = None
+
+
+def _spawn(index: int, setup: dict[str, Any]):
+  """(process, the parent's end of its pipe) of a new worker process."""
+  context = multiprocessing.get_context("spawn")
+  parent_end, child_end = context.Pipe()
+  process = context.Process(target=_worker_main, args=(child_end, setup),
+                            name=f"hashmoe-compare-worker-{index}", daemon=True)
+  process.start()
+  child_end.close()
+  return process, parent_end
+
+
 def _stop_workers(workers: list[_Worker], stop: Optional[BaseException],
-                  log: Callable[[str], None]) -> None:
+                  log: Callable[[str], None], batches: Optional[_BatchFiles] = None) -> None:
   """Ends every worker: those idle get their end-of-work message; on a stop, those training get
   SIGTERM (their trainer checkpoints and returns) unless Ctrl-C reached them already, and a grace
-  period to finish."""
+  period to finish. A worker still waiting for its run's batch file has trained nothing to save:
+  it is killed. Without a stop, the workers exit on their own while this process goes on
+  (`join_workers` waits for them)."""
   for worker in workers:
-    with contextlib.suppress(OSError, ValueError):
-      worker.conn.send(None)
+    if worker.conn is not None:
+      with contextlib.suppress(OSError, ValueError):
+        worker.conn.send(None)
   busy = [w for w in workers if w.run is not None and w.process.is_alive()]
-  if busy and stop is not None:
+  if stop is None:
+    for worker in workers:
+      if worker.conn is not None:
+        with contextlib.suppress(OSError):
+          worker.conn.close()
+    _EXITING.extend(w.process for w in workers)
+    return
+  if batches is not None:
+    for worker in [w for w in busy if not batches.written(w.run.seed)]:
+      worker.process.kill()
+      busy.remove(worker)
+  if busy:
     names = ", ".join(w.run.key for w in busy)
     log(f"hashmoe compare: stopping {names} at a checkpoint")
     if not isinstance(stop, KeyboardInterrupt):
@@ -251,8 +368,26 @@ def _stop_workers(workers: list[_Worker], stop: Optional[BaseException],
       log(f"hashmoe compare: {worker.name} did not stop in {STOP_GRACE_S:.0f} s; killed")
       worker.process.kill()
       worker.process.join()
-    with contextlib.suppress(OSError):
-      worker.conn.close()
+    if worker.conn is not None:
+      with contextlib.suppress(OSError):
+        worker.conn.close()
+
+
+# Worker processes told to exit after a finished `train_in_parallel`: they tear down (JAX,
+# TensorFlow) while this process writes the results.
+_EXITING: list[Any] = []
+
+
+def join_workers(timeout: float = 60.0) -> None:
+  """Waits for the workers of finished `train_in_parallel` calls to exit (killing any that take
+  longer than `timeout` seconds: they have no work left)."""
+  deadline = time.monotonic() + timeout
+  while _EXITING:
+    process = _EXITING.pop()
+    process.join(max(0.0, deadline - time.monotonic()))
+    if process.is_alive():
+      process.kill()
+      process.join()
 
 
 def _worker_main(conn, setup: dict[str, Any]) -> None:
@@ -277,13 +412,17 @@ def _worker_main(conn, setup: dict[str, Any]) -> None:
 def _worker_loop(conn, setup: dict[str, Any], send: Callable[..., None]) -> None:
   # pylint: disable=g-import-not-at-top
   from hashmoe import cli as hashmoe_cli
-  args = setup["args"]
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: "
                       "%(message)s")
   hashmoe_cli._import_trainer(debug=False)  # pylint: disable=protected-access
+  args = setup["args"]
   import jax
   if setup["compilation_cache_dir"]:
     jax.config.update("jax_compilation_cache_dir", setup["compilation_cache_dir"])
+    # Every program, however quick to compile: the other workers read it instead of compiling
+    # it again (JAX caches only those that took 1 s by default; the sub-second ones, e.g. the
+    # checkpoints' checksums, add up to seconds per model and worker).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   from hashmoe.compare.cli import _corpus_name, _text_decoding  # pylint: disable=protected-access
   from hashmoe.compare.comparison import Comparison
   from hashmoe.compare.runner import TrainRunner
@@ -304,8 +443,15 @@ def _worker_loop(conn, setup: dict[str, Any], send: Callable[..., None]) -> None
                            corpus=_corpus_name(args))
   # One progress bar per worker on one terminal would overwrite each other's lines: the parent
   # prints each run's start and end instead.
+  parent = setup["parent"]
+
+  def wait_for_batches():
+    if os.getppid() != parent:
+      raise RuntimeError("the compare process writing this run's batches has exited")
+
   runner = TrainRunner(corpus, settings, progress_bar=False,
-                       tensorboard=getattr(args, "tensorboard", False), log=log)
+                       tensorboard=getattr(args, "tensorboard", False), log=log,
+                       batch_wait=wait_for_batches)
   comparison = Comparison(experiment, settings, setup["out_dir"], runner, corpus=setup["corpus"],
                           log=log)
   models = {m.name: m for m in experiment.models}
@@ -314,6 +460,7 @@ def _worker_loop(conn, setup: dict[str, Any], send: Callable[..., None]) -> None
       message = conn.recv()
       if message is None:
         return
-      model, seed, coef, index = message
+      model, seed, coef, index, batch_file = message
+      runner.batch_files[seed] = batch_file
       record = comparison.run_one(models[model], seed, coef, index=index)
       send("done", record.to_json())

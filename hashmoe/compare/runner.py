@@ -8,7 +8,6 @@ the expert load.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import signal
@@ -29,7 +28,6 @@ from hashmoe.compare.runs import (RunRecord, RunRequest, Stopped, read_jsonl, ro
                                   throughput, validation_curve)
 from hashmoe.compare.specs import ModelSpec, PathLike, Settings
 from hashmoe.data import cached
-from hashmoe.layers import MOE_COLLECTION
 from hashmoe.training import checkpoints, run_dir
 from hashmoe.training import trainer as trainer_lib
 
@@ -43,8 +41,17 @@ class TrainRunner:
 
   def __init__(self, corpus: cached.RegisteredCorpus, settings: Settings, *,
                progress_bar: bool = True, tensorboard: bool = False,
-               log: Callable[[str], None] = print):
+               log: Callable[[str], None] = print,
+               batch_wait: Optional[Callable[[], None]] = None):
+    """
+    Args:
+      batch_wait: called while a seed's batch file (`batch_files`) is awaited; raises to give up.
+    """
     self.corpus, self.settings = corpus, settings
+    # {seed: the .npz another process wrote its batches to (`CachedPipeline.save`)}: that seed's
+    # pipeline reads them from there instead of from the task (`hashmoe compare --jobs` workers).
+    self.batch_files: dict[int, str] = {}
+    self._batch_wait = batch_wait
     self.progress_bar, self.tensorboard, self._log = progress_bar, tensorboard, log
     self._pipelines: dict[int, cached.CachedPipeline] = {}
     self._predicted: dict[tuple[int, str], cached.PredictedPipeline] = {}
@@ -52,14 +59,18 @@ class TrainRunner:
     # share their compiled steps under `trainer_lib.shared_compilation` (keyed by the object).
     self._optimizer = configs.make_optimizer(settings)
     self._identity = optax.identity()
-    # The measuring pass's jitted function per model config: traced once, not once per seed.
-    self._measure_fns: dict[Any, Callable] = {}
+
+  def close(self) -> None:
+    """Releases the pipelines' tf.data readers (their batches stay)."""
+    for pipeline in self._pipelines.values():
+      pipeline.close()
 
   def pipeline(self, seed: int) -> cached.CachedPipeline:
     if seed not in self._pipelines:
       s = self.settings
-      self._pipelines[seed] = cached.CachedPipeline(self.corpus.task, batch_size=s.batch_size,
-                                                    seq_len=s.seq_len, seed=seed)
+      self._pipelines[seed] = cached.CachedPipeline(
+          self.corpus.task, batch_size=s.batch_size, seq_len=s.seq_len, seed=seed,
+          batch_file=self.batch_files.get(seed), wait=self._batch_wait)
     return self._pipelines[seed]
 
   # -- helpers ---------------------------------------------------------------------------------
@@ -128,54 +139,31 @@ class TrainRunner:
     stats = {"train_split_max_over_mean": [float(l.max() / l.mean()) for l in loads]}
     return os.fspath(out_path), stats
 
-  def _measure_fn(self, model, config) -> Callable:
-    """The jitted measuring pass of one batch (NLL, real tokens, per-layer expert counts), one
-    per model config: the runs of other seeds reuse its trace and compilation."""
-    try:
-      return self._measure_fns[config]
-    except (KeyError, TypeError):
-      pass
-
-    @jax.jit
-    def measure(params, constants, batch):
-      logits, moe = model.apply({"params": params, **constants}, batch, deterministic=True,
-                                mutable=[MOE_COLLECTION])
-      weights = trainer_lib.loss_weights(batch)
-      nll, tokens = trainer_lib.token_nll(logits, batch["decoder_target_tokens"], weights)
-      _, metrics = models.collect_aux(moe)
-      layers = {name: {"counts": m["expert_counts"], "assignments": m["assignments"]}
-                for name, m in metrics.items()}
-      return {"nll": nll, "tokens": tokens, "layers": layers}
-
-    with contextlib.suppress(TypeError):  # An unhashable config is traced per run.
-      self._measure_fns[config] = measure
-    return measure
-
   def _measure(self, trainer, state, data, config) -> dict[str, Any]:
     """One pass over the fixed validation and test batches: per-token NLL (the test perplexity)
     and, per sparse layer, the load its router reports over real tokens (padding excluded): the
     routers' `expert_counts` and `assignments` metrics, summed over the batches."""
     experts = config.sparse.num_experts if config.sparse else 0
-    measure = self._measure_fn(trainer.model, config)
 
     def run(split):
       batches = data.eval_batches(split, self.settings.eval_batches)
       if not batches:
         return None
-      with trainer.context():
-        outs = [measure(state.params, state.constants, trainer.global_batch(b)) for b in batches]
+      # The trainer's evaluation step, the program the run's evaluations compiled (read from the
+      # compilation cache): it also returns the routers' per-layer counts.
+      outs = [trainer.eval_step(state, trainer.global_batch(b)) for b in batches]
       return jax.device_get(outs)
 
     result: dict[str, Any] = {}
     valid = run("validation")
-    nll = sum(float(o["nll"]) for o in valid)
+    nll = sum(float(o["nll_sum"]) for o in valid)
     tokens = sum(float(o["tokens"]) for o in valid)
     result["valid_ppl_check"] = math.exp(min(nll / max(tokens, 1.0), 700.0))
     if experts:
       loads, worst, dropped = {}, [], []
-      for name in sorted(valid[0]["layers"]):
-        counts = sum(np.asarray(o["layers"][name]["counts"], np.float64) for o in valid)
-        assignments = sum(float(o["layers"][name]["assignments"]) for o in valid)
+      for name in sorted(valid[0]["loads"]):
+        counts = sum(np.asarray(o["loads"][name]["counts"], np.float64) for o in valid)
+        assignments = sum(float(o["loads"][name]["assignments"]) for o in valid)
         load = counts / max(counts.sum(), 1.0)
         loads[name] = load.tolist()
         worst.append(float(load.max() * experts))
@@ -185,7 +173,7 @@ class TrainRunner:
     if self.settings.test_eval:
       test = run("test")
       if test:
-        nll = sum(float(o["nll"]) for o in test)
+        nll = sum(float(o["nll_sum"]) for o in test)
         tokens = sum(float(o["tokens"]) for o in test)
         result["test_ppl"] = math.exp(min(nll / max(tokens, 1.0), 700.0))
     return result

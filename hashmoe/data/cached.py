@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
+import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -115,6 +118,15 @@ _SPLIT_BATCHES: dict[tuple[str, int], list[dict[str, np.ndarray]]] = {}
 _KEY_COUNTS: dict[tuple[str, int, str, int, bool], np.ndarray] = {}
 
 
+class _ForeignBatchFile(Exception):
+  """A batch file written for another task, seed or shape (its identity in args[0])."""
+
+
+# `CachedPipeline.save`'s file: its version, and the names of its header and word-count entries.
+BATCH_FILE_VERSION = 1
+_HEADER, _WORDS = "__header__", "__words__"
+
+
 class CachedPipeline:
   """`hashmoe.data.pipeline.InputPipeline` over one seed's batches of a task, materialised once.
 
@@ -127,9 +139,20 @@ class CachedPipeline:
     vocab_size, vocab_fingerprint: the task vocabulary's.
   """
 
-  def __init__(self, task: str, *, batch_size: int, seq_len: int, seed: int):
+  def __init__(self, task: str, *, batch_size: int, seq_len: int, seed: int,
+               batch_file: Optional[PathLike] = None, wait: Optional[Callable[[], None]] = None):
+    """
+    Args:
+      task, batch_size, seq_len, seed: the batches' (the seed orders the training batches).
+      batch_file: the .npz another process's pipeline of the same task, shapes and seed wrote
+        (`save`): its batches are read from there, on first use, instead of from the task, and
+        are the same arrays. None: from the task.
+      wait: with `batch_file`, called every 50 ms while the file does not exist yet (its writer
+        is still at work); it raises to give up (e.g. when the writer has died).
+    """
     # The task's prepared rows where `hashmoe compare --prepare` (or `hashmoe prepare`) wrote
-    # them under the default root, else the streaming task; the choice is logged.
+    # them under the default root, else the streaming task; the choice is logged. Building it
+    # reads only the vocabulary: the tf.data pipeline starts at the first batch taken from it.
     self._source = loader.make_input_pipeline(task, batch_size=batch_size, seq_len=seq_len,
                                               seed=seed, prepared_dir=None, data_source="auto")
     self.task, self.batch_size, self.seq_len, self.seed = task, batch_size, seq_len, seed
@@ -140,12 +163,103 @@ class CachedPipeline:
     self._train_iter = None
     self._eval: dict[tuple[str, int], list[dict[str, np.ndarray]]] = {}
     self._words: dict[int, Optional[int]] = {}
+    self._batch_file = None if batch_file is None else Path(batch_file)
+    self._wait = wait
+
+  def close(self) -> None:
+    """Releases the task's training pipeline (tf.data's reader threads and buffers); batches read
+    so far stay, and more are read by opening it again. Left open, tf.data's objects can hold up
+    the interpreter's exit by a minute."""
+    iterator, self._train_iter = self._train_iter, None
+    if iterator is not None and hasattr(iterator, "close"):
+      iterator.close()
+
+  def _identity(self) -> dict[str, Any]:
+    return {"version": BATCH_FILE_VERSION, "task": self.task, "batch_size": self.batch_size,
+            "seq_len": self.seq_len, "seed": self.seed,
+            "vocab_fingerprint": self.vocab_fingerprint}
+
+  def save(self, path: PathLike, *, steps: int, eval_batches: int,
+           splits: Sequence[str] = ("validation", "test")) -> Path:
+    """Writes the first `steps` training batches and the first `eval_batches` of each split, with
+    their word counts, to the .npz `path` (atomically: the file is whole or absent), for a
+    `CachedPipeline(..., batch_file=path)` in another process. `hashmoe compare --jobs N` reads
+    each seed's tf.data pipeline once, in the parent, and its workers read this file."""
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {}
+    for i in range(steps):
+      for name, value in self.train_batch(i).items():
+        arrays[f"train/{i}/{name}"] = np.asarray(value)
+    self.close()
+    counts = {"train": steps}
+    for split in splits:
+      batches = self.eval_batches(split, eval_batches)
+      counts[split] = len(batches)
+      for i, batch in enumerate(batches):
+        for name, value in batch.items():
+          arrays[f"{split}/{i}/{name}"] = np.asarray(value)
+        words = self.count_words(batch)
+        arrays[f"{split}/{i}/{_WORDS}"] = np.asarray(-1 if words is None else int(words), np.int64)
+    header = {**self._identity(), "batches": counts, "eval_batches": int(eval_batches)}
+    arrays[_HEADER] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
+    os.replace(tmp, path)
+    return path
+
+  def _load_file(self) -> None:
+    """Reads `batch_file` (waiting for it to appear) into the batches, once."""
+    path, self._batch_file = self._batch_file, None
+    while not path.exists():
+      if self._wait is not None:
+        self._wait()
+      time.sleep(0.05)
+    try:
+      with np.load(path) as npz:
+        header = json.loads(bytes(npz[_HEADER]).decode())
+        found = {k: header.get(k) for k in self._identity()}
+        if found != self._identity():
+          raise _ForeignBatchFile(found)
+
+        features: dict[str, list[str]] = {}  # "split/i/" -> its feature names
+        for key in npz.files:
+          prefix, _, name = key.rpartition("/")
+          if name != _WORDS and prefix:
+            features.setdefault(prefix + "/", []).append(name)
+
+        def batch(prefix: str) -> dict[str, np.ndarray]:
+          return {n: npz[prefix + n] for n in sorted(features[prefix])}
+        counts = header["batches"]
+        train = [batch(f"train/{i}/") for i in range(int(counts["train"]))]
+        evals, words = {}, {}
+        for split, n in counts.items():
+          if split != "train":
+            evals[split] = [batch(f"{split}/{i}/") for i in range(int(n))]
+            words[split] = [int(npz[f"{split}/{i}/{_WORDS}"]) for i in range(int(n))]
+    except _ForeignBatchFile as e:
+      raise ValueError(f"batch file {os.fspath(path)} holds the batches of {e.args[0]}, not of "
+                       f"this pipeline's {self._identity()}") from None
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+      raise ValueError(f"batch file {os.fspath(path)} is unreadable ({type(e).__name__}: "
+                       f"{e}); delete it to read the task again") from e
+    self._train = train
+    for split, batches in evals.items():
+      self._eval[(split, int(header["eval_batches"]))] = batches
+      for b, n in zip(batches, words[split]):
+        self._words[id(b)] = None if n < 0 else n
 
   def train_batch(self, index: int) -> dict[str, np.ndarray]:
     """Training batch `index` (0-based) of this seed's sequence."""
+    if self._batch_file is not None:
+      self._load_file()
     while len(self._train) <= index:
       if self._train_iter is None:
         self._train_iter = self._source.train_batches(None)
+        # After a batch file or `close`: the task's sequence from where the batches held end.
+        for _ in range(len(self._train)):
+          next(self._train_iter)
       self._train.append(next(self._train_iter))
     return self._train[index]
 
@@ -158,6 +272,8 @@ class CachedPipeline:
     return _CachedBatches(self.train_batch, start)
 
   def eval_batches(self, split: str, num_batches: int) -> list[dict[str, np.ndarray]]:
+    if self._batch_file is not None:
+      self._load_file()
     key = (split, num_batches)
     if key not in self._eval:
       self._eval[key] = self._source.eval_batches(split, num_batches)
@@ -165,6 +281,8 @@ class CachedPipeline:
 
   def count_words(self, batch: Mapping[str, np.ndarray]) -> Optional[int]:
     # Evaluation reuses the same batch objects; decoding them once is enough.
+    if self._batch_file is not None:
+      self._load_file()
     if id(batch) not in self._words:
       self._words[id(batch)] = self._source.count_words(batch)
     return self._words[id(batch)]
