@@ -333,8 +333,10 @@ def test_a_batch_file_of_another_seed_or_a_damaged_one_is_refused(default_run, t
   make = lambda seed, **kw: cached.CachedPipeline(results["task"], batch_size=8, seq_len=32,
                                                   seed=seed, **kw)
   path = make(1).save(tmp_path / "seed1.npz", steps=2, eval_batches=1)
-  with pytest.raises(ValueError, match=r"holds the batches of .*'seed': 1"):
-    make(0, batch_file=path).train_batch(0)
+  foreign = make(0, batch_file=path)
+  for _ in range(2):  # Refused every time, never replaced by the task's own batches.
+    with pytest.raises(ValueError, match=r"holds the batches of .*'seed': 1"):
+      foreign.train_batch(0)
   damaged = tmp_path / "damaged.npz"
   damaged.write_bytes(path.read_bytes()[:200])
   with pytest.raises(ValueError, match="unreadable"):
@@ -344,6 +346,8 @@ def test_a_batch_file_of_another_seed_or_a_damaged_one_is_refused(default_run, t
     raise RuntimeError("the writer has exited")
   with pytest.raises(RuntimeError, match="writer has exited"):
     make(1, batch_file=tmp_path / "never.npz", wait=gone).train_batch(0)
+  with pytest.raises(FileNotFoundError, match="never.npz does not exist"):
+    make(1, batch_file=tmp_path / "never.npz").eval_batches("test", 1)
 
 
 def test_clustered_table_is_kmeans_over_the_baselines_embeddings(default_run):

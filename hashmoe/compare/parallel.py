@@ -281,12 +281,10 @@ class _BatchFiles:
     try:
       s = self._settings
       for i, seed in enumerate(self._seeds):
-        self._runner.pipeline(seed).save(self.path(seed), steps=s.steps + _EXTRA_BATCHES,
+        self._runner.pipeline(seed).save(self.path(seed), steps=s.steps,
                                          eval_batches=s.eval_batches)
         if i == 0 and self._while_starting is not None:
           self._while_starting()
-      if not self._seeds and self._while_starting is not None:
-        self._while_starting()
     except BaseException as e:  # pylint: disable=broad-except  Raised in the main thread.
       self._error = e
 
@@ -304,11 +302,6 @@ class _BatchFiles:
       self._thread.join()
       self.check()
     shutil.rmtree(self.folder, ignore_errors=True)
-
-
-# Training batches written past the last step: a loop that reads ahead of its last step finds
-# them in the file rather than starting the task's pipeline in the worker.
-_EXTRA_BATCHES = 2
 
 
 def _release(worker: _Worker) -> None:

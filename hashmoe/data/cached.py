@@ -148,7 +148,8 @@ class CachedPipeline:
         (`save`): its batches are read from there, on first use, instead of from the task, and
         are the same arrays. None: from the task.
       wait: with `batch_file`, called every 50 ms while the file does not exist yet (its writer
-        is still at work); it raises to give up (e.g. when the writer has died).
+        is still at work); it raises to give up (e.g. when the writer has died). None: a missing
+        file is a FileNotFoundError.
     """
     # The task's prepared rows where `hashmoe compare --prepare` (or `hashmoe prepare`) wrote
     # them under the default root, else the streaming task; the choice is logged. Building it
@@ -211,10 +212,12 @@ class CachedPipeline:
 
   def _load_file(self) -> None:
     """Reads `batch_file` (waiting for it to appear) into the batches, once."""
-    path, self._batch_file = self._batch_file, None
+    path = self._batch_file
     while not path.exists():
-      if self._wait is not None:
-        self._wait()
+      if self._wait is None:
+        raise FileNotFoundError(f"batch file {os.fspath(path)} does not exist (nothing to wait "
+                                "for: no `wait` was given)")
+      self._wait()
       time.sleep(0.05)
     try:
       with np.load(path) as npz:
@@ -244,6 +247,9 @@ class CachedPipeline:
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
       raise ValueError(f"batch file {os.fspath(path)} is unreadable ({type(e).__name__}: "
                        f"{e}); delete it to read the task again") from e
+    # Only now: a file that failed to load fails again on the next call, rather than the task's
+    # pipeline silently standing in for it.
+    self._batch_file = None
     self._train = train
     for split, batches in evals.items():
       self._eval[(split, int(header["eval_batches"]))] = batches
