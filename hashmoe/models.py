@@ -40,14 +40,6 @@ int32[batch, 1] tokens and returns that position's logits. The cache also holds 
 step index (the position of the token) and the previous token, which previous-token and bigram
 hash keys route on. `hashmoe.decoding` has the loops (greedy, temperature) and the rules that
 make a step equal the full pass; `hashmoe.t5x.models` decodes through it.
-
-Paper presets (Section 5.1, ParlAI seq2seq on pushshift.io Reddit, 8008-token BPE):
-`baseline_config` (2 encoder + 11 decoder layers, d=1024, D=4096, 16 heads), `wider_config`
-(D=6144), `deeper_config` (22 decoder layers), and `tiny_config` for CPU tests. `param_counts`
-gives 219.0M for Baseline (the paper: 222M; ParlAI adds biases and may use more positions) and
-747.5M total / 219.0M active with one 64-expert hash layer (the paper: 751M). The paper reports
-755M for both Wider and Deeper, which the shapes it states do not reach (they give 273.6M and
-403.7M); the presets follow the stated shapes.
 """
 from __future__ import annotations
 
