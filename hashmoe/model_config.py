@@ -6,9 +6,10 @@ under `hashmoe.models.*` (configs/models/), the names model files have always wr
 
 Paper presets (Section 5.1, ParlAI seq2seq on pushshift.io Reddit, 8008-token BPE):
 `baseline_config` (2 encoder + 11 decoder layers, d=1024, D=4096, 16 heads), `wider_config`
-(D=6144), `deeper_config` (22 decoder layers), and `tiny_config` for CPU tests. `models.param_counts`
-gives 219.0M for Baseline (the paper: 222M; ParlAI adds biases and may use more positions) and
-747.5M total / 219.0M active with one 64-expert hash layer (the paper: 751M). The paper reports
+(D=6144), `deeper_config` (22 decoder layers), and `tiny_config` for CPU tests.
+`models.param_counts` gives 219.0M for Baseline (the paper: 222M; ParlAI adds biases and may use
+more positions) and 747.5M total / 219.0M active with one 64-expert hash layer (the paper:
+751M). The paper reports
 755M for both Wider and Deeper, which the shapes it states do not reach (they give 273.6M and
 403.7M); the presets follow the stated shapes.
 """

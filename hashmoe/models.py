@@ -58,7 +58,8 @@ from hashmoe import routers
 from hashmoe.layers import (AUX_LOSS_KEY, METRICS_KEY, MOE_COLLECTION, Embed, LayerNorm, MlpBlock,
                             PositionEmbed, SparseMlpBlock, TransformerLayer, combine_masks,
                             make_attention_mask, make_causal_mask, make_segment_mask, remat_policy)
-from hashmoe.model_config import (  # noqa: F401  Re-exported: the config is part of the models' API.
+# Re-exported: the config is part of the models' API.
+from hashmoe.model_config import (  # noqa: F401
     UNDECODABLE_KEYS, SparseConfig, TransformerConfig, baseline_config, deeper_config,
     program_config, runtime_loss_coefficients, tiny_config, wider_config)
 from hashmoe.routing import RouterFeatures
