@@ -9,8 +9,9 @@ results are identical.
 
 Each round runs `python -m hashmoe.cli compare` (the README's command, default settings) once from
 each tree, old first, in a fresh output folder and with a JAX compilation cache folder that starts
-empty (the "cold" figure: a first run of the README's command; `--warm` adds a run of each tree,
-old then new, on the cache its first cold run filled: a user's second run). The runs are interleaved (old, new, old, new) because the machine
+empty and without the batch files a comparison keeps in the hashmoe cache (the "cold" figure: a
+first run of the README's command; `--warm` adds a run of each tree, old then new, on the caches
+its first cold run filled: a user's second run). The runs are interleaved (old, new, old, new) because the machine
 is shared: each records wall seconds, the child's CPU seconds (user + sys, from `getrusage`) and
 the load average before and after. The CPU ratio is the figure least disturbed by other jobs.
 
@@ -61,6 +62,11 @@ def results_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[
   a, b = dict(_leaves(old)), dict(_leaves(new))
   return {"different": [p for p in a if p in b and not _equal(a[p], b[p])],
           "only_old": [p for p in a if p not in b], "only_new": [p for p in b if p not in a]}
+
+
+def _kept_batches() -> Path:
+  """Where `hashmoe compare` keeps each seed's batches between comparisons (the new tree)."""
+  return Path(os.environ.get("HASHMOE_CACHE") or Path.home() / ".cache" / "hashmoe") / "batches"
 
 
 def _run(tree: Path, out: Path, cache: Path, extra: list[str]) -> dict[str, Any]:
@@ -210,6 +216,8 @@ def main(argv=None) -> int:
       name = f"{side}{r}"
       shutil.rmtree(root / name, ignore_errors=True)
       shutil.rmtree(root / f"cache_{name}", ignore_errors=True)
+      # Nor the batch files an earlier comparison kept (`cached.batch_cache_file`).
+      shutil.rmtree(_kept_batches(), ignore_errors=True)
       run = _run(Path(tree).resolve(), root / name, root / f"cache_{name}", args.compare_args)
       runs.append({"name": name, **run})
       print(json.dumps(runs[-1]), flush=True)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from hashmoe import compare, hashing, models, plots, routers
-from hashmoe.compare import specs
+from hashmoe.compare import parallel, specs
 from hashmoe.compare.comparison import Comparison, run_order, select_balance_coef
 from hashmoe.compare.configs import RUN_CONFIG, make_optimizer, model_config, validate_experiment
 from hashmoe.compare.report import sweep_series
@@ -348,6 +348,97 @@ def test_a_batch_file_of_another_seed_or_a_damaged_one_is_refused(default_run, t
     make(1, batch_file=tmp_path / "never.npz", wait=gone).train_batch(0)
   with pytest.raises(FileNotFoundError, match="never.npz does not exist"):
     make(1, batch_file=tmp_path / "never.npz").eval_batches("test", 1)
+
+
+def _kept_file(args, seed):
+  """The comparison's settings and corpus, and the batch file it kept for `seed`."""
+  _, settings = compare.resolve(args)
+  corpus = cached.register_corpus(args.text_dir, settings.vocab_size)
+  return settings, corpus, cached.batch_cache_file(
+      corpus, seed=seed, batch_size=settings.batch_size, seq_len=settings.seq_len,
+      steps=settings.steps, eval_batches=settings.eval_batches)
+
+
+def _assert_same_batches(mine, theirs):
+  assert sorted(mine) == sorted(theirs)
+  for name in theirs:
+    np.testing.assert_array_equal(mine[name], theirs[name])
+    assert mine[name].dtype == theirs[name].dtype
+
+
+def test_the_comparison_keeps_each_seeds_batches_for_the_next_one(default_run, tmp_path,
+                                                                    monkeypatch):
+  # The kept file holds the task's own batches; a later comparison of the same corpus, seed and
+  # shapes links it instead of reading the task (reading it would call `save`, which fails here).
+  out, _, _, args = default_run
+  settings, corpus, kept = _kept_file(args, 0)
+  assert kept is not None and kept.is_file() and kept.is_relative_to(
+      Path(cached.embedded_lib.default_cache_dir()) / cached.BATCH_CACHE_SUBDIR)
+  reference = cached.CachedPipeline(corpus.task, batch_size=settings.batch_size,
+                                    seq_len=settings.seq_len, seed=0)
+  logs = []
+  runner = TrainRunner(corpus, settings, progress_bar=False, log=logs.append)
+  comparison = argparse.Namespace(out_dir=tmp_path, runner=runner, settings=settings)
+  files = parallel._BatchFiles(comparison, [0], None)
+  monkeypatch.setattr(cached.CachedPipeline, "save", lambda *a, **k: pytest.fail("read the task"))
+  files._write_seed(0)
+  assert files.path(0).samefile(kept) and not logs
+  for i in (0, settings.steps - 1):
+    _assert_same_batches(runner.pipeline(0).train_batch(i), reference.train_batch(i))
+  for a, b in zip(runner.pipeline(0).eval_batches("test", settings.eval_batches),
+                  reference.eval_batches("test", settings.eval_batches)):
+    _assert_same_batches(a, b)
+
+
+def test_a_damaged_or_foreign_kept_batch_file_is_replaced_by_the_tasks_batches(default_run,
+                                                                               tmp_path,
+                                                                               monkeypatch):
+  _, _, _, args = default_run
+  settings, corpus, kept = _kept_file(args, 0)
+  make = lambda seed, **kw: cached.CachedPipeline(corpus.task, batch_size=settings.batch_size,
+                                                  seq_len=settings.seq_len, seed=seed, **kw)
+  reference = make(0)
+  seed1 = make(1).save(tmp_path / "seed1.npz", steps=2, eval_batches=1)
+  for name, content in [("damaged", kept.read_bytes()[:300]), ("seed 1's", seed1.read_bytes())]:
+    copy = tmp_path / name / "kept.npz"
+    copy.parent.mkdir()
+    copy.write_bytes(content)
+    monkeypatch.setattr(cached, "batch_cache_file", lambda *a, **k: copy)
+    logs = []
+    runner = TrainRunner(corpus, settings, progress_bar=False, log=logs.append)
+    comparison = argparse.Namespace(out_dir=tmp_path / name, runner=runner, settings=settings)
+    files = parallel._BatchFiles(comparison, [0], None)
+    files._write_seed(0)
+    assert len(logs) == 1 and "not reusing the kept batches" in logs[0], (name, logs)
+    # The task's batches were read, written for the workers, and kept in the bad file's place.
+    assert files.path(0).samefile(copy)
+    again = make(0, batch_file=copy)
+    _assert_same_batches(again.train_batch(1), reference.train_batch(1))
+
+
+def test_the_kept_batch_files_key_is_everything_the_batches_depend_on(tmp_path):
+  corpus = cached.RegisteredCorpus(task="t", description="d", vocab_size=300, source="s")
+  base = dict(seed=0, batch_size=8, seq_len=32, steps=10, eval_batches=2, root=tmp_path)
+  first = cached.batch_cache_file(corpus, **base)
+  assert first.parent == tmp_path / cached.BATCH_CACHE_SUBDIR / "t"
+  others = [cached.batch_cache_file(corpus, **{**base, key: value}) for key, value in
+            [("seed", 1), ("batch_size", 4), ("seq_len", 64), ("steps", 11), ("eval_batches", 3)]]
+  others.append(cached.batch_cache_file(dataclasses.replace(corpus, source="s2"), **base))
+  others.append(cached.batch_cache_file(dataclasses.replace(corpus, task="u"), **base))
+  assert len({first, *others}) == len(others) + 1
+  assert cached.batch_cache_file(dataclasses.replace(corpus, source=""), **base) is None
+  # A text folder's source changes with any of its files' contents, and with a new file.
+  folder = tmp_path / "texts"
+  folder.mkdir()
+  (folder / "a.txt").write_text("one\n")
+  source = lambda: cached._text_folder_source(folder, "utf-8", "strict")
+  seen = [source()]
+  (folder / "a.txt").write_text("two, longer\n")
+  seen.append(source())
+  (folder / "b.txt").write_text("three\n")
+  seen.append(source())
+  assert len(set(seen)) == 3 and source() == seen[-1]
+  assert cached._text_folder_source(folder, "latin-1", "strict") != seen[-1]
 
 
 def test_clustered_table_is_kmeans_over_the_baselines_embeddings(default_run):

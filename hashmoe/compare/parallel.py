@@ -259,7 +259,9 @@ class _BatchFiles:
   """Each seed's batches, read once from the task in this process (a thread, while the workers
   start and train) and written to OUT/.batches/seed<s>.npz, which the workers read instead of
   running the tf.data pipeline each (`cached.CachedPipeline.save`; the same arrays, so the same
-  results). The folder is removed at the end."""
+  results). The folder is removed at the end; each file is also kept in the hashmoe cache
+  (`cached.batch_cache_file`), and the next comparison of the same corpus, seed and shapes links
+  it from there instead of reading the task again."""
 
   def __init__(self, comparison, seeds: list[int], while_starting: Optional[Callable[[], None]]):
     self.folder = comparison.out_dir / ".batches"
@@ -279,14 +281,38 @@ class _BatchFiles:
 
   def _write(self) -> None:
     try:
-      s = self._settings
       for i, seed in enumerate(self._seeds):
-        self._runner.pipeline(seed).save(self.path(seed), steps=s.steps,
-                                         eval_batches=s.eval_batches)
+        self._write_seed(seed)
         if i == 0 and self._while_starting is not None:
           self._while_starting()
     except BaseException as e:  # pylint: disable=broad-except  Raised in the main thread.
       self._error = e
+
+  def _write_seed(self, seed: int) -> None:
+    """The seed's batch file: linked from the one an earlier comparison kept
+    (`cached.batch_cache_file`) when that holds this seed's batches, else read from the task,
+    written, and kept for the next comparison."""
+    from hashmoe.data import cached  # pylint: disable=g-import-not-at-top
+    s, path = self._settings, self.path(seed)
+    kept = None
+    if getattr(self._runner, "corpus", None) is not None:
+      kept = cached.batch_cache_file(self._runner.corpus, seed=seed, batch_size=s.batch_size,
+                                     seq_len=s.seq_len, steps=s.steps,
+                                     eval_batches=s.eval_batches)
+    if kept is not None and kept.exists() and self._runner.reuse_batch_file(seed, kept):
+      _link_or_copy(kept, path)
+      return
+    pipeline = self._runner.pipeline(seed)
+    pipeline.save(path, steps=s.steps, eval_batches=s.eval_batches)
+    if kept is not None and pipeline.streaming:
+      # Kept whole or not at all: linked under a temporary name, then renamed.
+      kept.parent.mkdir(parents=True, exist_ok=True)
+      tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
+      with contextlib.suppress(OSError):
+        _link_or_copy(path, tmp)
+        os.replace(tmp, kept)
+      with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
 
   def check(self) -> None:
     """Raises what writing a batch file raised (the runs waiting for it would wait forever)."""
@@ -302,6 +328,17 @@ class _BatchFiles:
       self._thread.join()
       self.check()
     shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+  """`dest` appears whole: a hard link (same file system), else a copy renamed into place."""
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    os.link(source, dest)
+  except OSError:
+    tmp = dest.with_name(f".{dest.name}.copy")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, dest)
 
 
 def _release(worker: _Worker) -> None:

@@ -73,6 +73,28 @@ class TrainRunner:
           batch_file=self.batch_files.get(seed), wait=self._batch_wait)
     return self._pipelines[seed]
 
+  def reuse_batch_file(self, seed: int, path: PathLike) -> bool:
+    """Makes `path` (a batch file kept by `cached.batch_cache_file`) seed `seed`'s batches if it
+    holds them: read whole and checked against the task's pipeline (task, shapes, seed,
+    vocabulary). A file that does not is deleted (the log says why) and False returned: the
+    seed's pipeline then reads the task (as it does when it exists already)."""
+    if seed in self._pipelines:
+      return False  # It reads the task already.
+    self.batch_files[seed] = os.fspath(path)
+    try:
+      pipeline = self.pipeline(seed)
+      if pipeline.streaming:
+        pipeline.train_batch(0)  # Reads and checks the whole file.
+        return True
+      why = "the task now reads prepared rows"
+    except ValueError as e:
+      why = str(e)
+    self._log(f"hashmoe compare: not reusing the kept batches ({why}); reading the task again")
+    self._pipelines.pop(seed, None)
+    self.batch_files.pop(seed, None)
+    Path(path).unlink(missing_ok=True)
+    return False
+
   # -- helpers ---------------------------------------------------------------------------------
 
   def _restore(self, config, model_dir: PathLike):

@@ -27,6 +27,7 @@ import numpy as np
 
 from hashmoe.data import embedded as embedded_lib
 from hashmoe.data import loader
+from hashmoe.data import pipeline as pipeline_lib
 from hashmoe.data import stats as stats_lib
 from hashmoe.data import tasks as tasks_lib
 from hashmoe.data import text_files
@@ -46,6 +47,17 @@ class RegisteredCorpus:
   task: str
   description: str
   vocab_size: int
+  # What the task reads, for `batch_cache_file`: the embedded sdist's checksum, or the text
+  # folder's files (path, size, modification time) and decoding. "": nothing cached.
+  source: str = ""
+
+
+def _text_folder_source(root: Path, encoding: str, errors: str) -> str:
+  digest = hashlib.sha256(f"{os.fspath(root)}\0{encoding}\0{errors}".encode())
+  for path in text_files.find_text_files(root):
+    stat = path.stat()
+    digest.update(f"\0{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+  return "text:" + digest.hexdigest()
 
 
 _CORPORA: dict[tuple[Optional[str], int, str, str], RegisteredCorpus] = {}
@@ -71,6 +83,7 @@ def register_corpus(text_dir: Optional[PathLike], vocab_size: int, *, encoding: 
   if text_dir is None:
     prefix = f"hashmoe_compare_v{vocab_size}"
     name, description = ("embedded" if corpus == "shakespeare" else corpus), spec.description
+    source = f"embedded:{spec.sha256}"
   else:
     root = Path(text_dir).expanduser().resolve()
     if not root.is_dir():
@@ -82,13 +95,53 @@ def register_corpus(text_dir: Optional[PathLike], vocab_size: int, *, encoding: 
     if decoding:
       description += f" ({encoding}, errors={errors})"
     text_dir = os.fspath(root)
+    source = _text_folder_source(root, encoding, errors)
   # A vocabulary that cannot be trained is a ValueError saying which way to move --vocab-size.
   tasks_lib.register_tasks(name_prefix=prefix, embedded=text_dir is None, text_dir=text_dir,
                            embedded_corpus=corpus, text_encoding=encoding, text_errors=errors,
                            vocab_settings=settings)
   _CORPORA[memo] = RegisteredCorpus(task=f"{prefix}_{name}_lm", description=description,
-                                    vocab_size=int(vocab_size))
+                                    vocab_size=int(vocab_size), source=source)
   return _CORPORA[memo]
+
+
+# Where `batch_cache_file` keeps batch files, under the hashmoe cache (`$HASHMOE_CACHE`).
+BATCH_CACHE_SUBDIR = "batches"
+
+
+def _data_code_digest() -> str:
+  """The data code's own digest: a change to how batches are made (tokenisation, packing, the
+  shuffle) makes every cached batch file stale."""
+  digest = hashlib.sha256()
+  for path in sorted(Path(__file__).parent.glob("*.py")):
+    digest.update(path.name.encode() + b"\0" + path.read_bytes())
+  return digest.hexdigest()
+
+
+def batch_cache_file(corpus: RegisteredCorpus, *, seed: int, batch_size: int, seq_len: int,
+                     steps: int, eval_batches: int, root: Optional[PathLike] = None
+                     ) -> Optional[Path]:
+  """Where the batch file (`CachedPipeline.save`) of this corpus, seed and shapes is kept between
+  comparisons (None: the corpus has no `source` to key it by). The name is a digest of everything
+  the batches depend on: the corpus's source files, the task, the shapes and counts, this data
+  code and the versions of the libraries that tokenise and shuffle; the file's own header is
+  checked against the pipeline on reading (`CachedPipeline`), so a stale or foreign file is never
+  read as this one."""
+  if not corpus.source:
+    return None
+  # pylint: disable=g-import-not-at-top
+  import seqio
+  import sentencepiece
+  import tensorflow as tf
+  # pylint: enable=g-import-not-at-top
+  key = {"version": BATCH_FILE_VERSION, "task": corpus.task, "source": corpus.source,
+         "seed": int(seed), "batch_size": int(batch_size), "seq_len": int(seq_len),
+         "steps": int(steps), "eval_batches": int(eval_batches), "code": _data_code_digest(),
+         "libraries": [seqio.__version__, tf.__version__, sentencepiece.__version__,
+                       np.__version__]}
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+  base = Path(root) if root is not None else embedded_lib.default_cache_dir()
+  return base / BATCH_CACHE_SUBDIR / corpus.task / f"seed{int(seed)}-{digest}.npz"
 
 
 class _CachedBatches:
@@ -166,6 +219,11 @@ class CachedPipeline:
     self._words: dict[int, Optional[int]] = {}
     self._batch_file = None if batch_file is None else Path(batch_file)
     self._wait = wait
+
+  @property
+  def streaming(self) -> bool:
+    """Whether the batches come from the seqio task's tf.data pipeline (not prepared rows)."""
+    return isinstance(self._source, pipeline_lib.TaskPipeline)
 
   def close(self) -> None:
     """Releases the task's training pipeline (tf.data's reader threads and buffers); batches read
