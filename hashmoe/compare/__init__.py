@@ -49,6 +49,8 @@ The modules, in the order a comparison uses them:
   runner      TrainRunner: trains one run and measures it;
   comparison  Comparison: all runs, the Switch coefficient's tuning, results.json;
   parallel    the runs in worker processes (`--jobs`), each writing what the sequential path would;
+              each seed's batches are read once and kept in the hashmoe cache
+              (`hashmoe.data.cached.batch_cache_file`) for the next comparison of the same data;
   report      the table and the figures;
   cli         the command line.
 

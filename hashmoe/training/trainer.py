@@ -139,6 +139,16 @@ def _shared_programs(trainer: "Trainer") -> Optional[dict[str, Any]]:
   return entry if entry["tx"] is trainer.tx else None
 
 
+def _init_compiler_options() -> Optional[dict[str, Any]]:
+  """XLA:CPU compiles the init program (run once per run) at LLVM's O1 instead of O2: half the
+  compile time (3.4-4.4 s -> 1.7-2.1 s for the default comparison's models on the development
+  machine) and the same parameters bit for bit (tests/test_trainer.py checks it; O0 would not
+  give them). Other backends keep their defaults."""
+  if jax.default_backend() != "cpu":
+    return None
+  return {"xla_backend_optimization_level": 1}
+
+
 def _same_module(a: nn.Module, b: nn.Module) -> bool:
   """Flax modules equal as values (a module holding numpy tables may refuse `==`: then not)."""
   try:
@@ -199,7 +209,8 @@ class Trainer:
                               out_shardings=self.replicated)
     self._compiled: dict[Any, Any] = {}
     self._init_fn = jax.jit(lambda key: nn.unbox(self._init_boxed(self.model, key)),
-                            out_shardings=self.state_shardings)
+                            out_shardings=self.state_shardings,
+                            compiler_options=_init_compiler_options())
     if shared is not None:
       shared.update(train_step=self._train_step, eval_step=self._eval_step,
                     compiled=self._compiled, init=self._init_fn)
@@ -229,7 +240,8 @@ class Trainer:
         # The model's own init (no data of its own): traced once per model and optimizer.
         return self._init_fn(self._init_key)
       fn = lambda key: nn.unbox(self._init_boxed(init_model, key))
-      return jax.jit(fn, out_shardings=self.state_shardings)(self._init_key)
+      return jax.jit(fn, out_shardings=self.state_shardings,
+                     compiler_options=_init_compiler_options())(self._init_key)
 
   # -- steps -----------------------------------------------------------------------------------
 
