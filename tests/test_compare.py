@@ -416,6 +416,26 @@ def test_a_damaged_or_foreign_kept_batch_file_is_replaced_by_the_tasks_batches(d
     _assert_same_batches(again.train_batch(1), reference.train_batch(1))
 
 
+def test_a_cache_that_cannot_be_written_still_gives_the_workers_their_batch_file(default_run,
+                                                                                  tmp_path,
+                                                                                  monkeypatch):
+  _, _, _, args = default_run
+  settings, corpus, _ = _kept_file(args, 0)
+  blocker = tmp_path / "not_a_folder"
+  blocker.write_text("")
+  monkeypatch.setattr(cached, "batch_cache_file", lambda *a, **k: blocker / "seed0.npz")
+  runner = TrainRunner(corpus, settings, progress_bar=False, log=lambda _: None)
+  files = parallel._BatchFiles(argparse.Namespace(out_dir=tmp_path / "out", runner=runner,
+                                                  settings=settings), [0], None)
+  files._write_seed(0)
+  reference = cached.CachedPipeline(corpus.task, batch_size=settings.batch_size,
+                                    seq_len=settings.seq_len, seed=0)
+  loaded = cached.CachedPipeline(corpus.task, batch_size=settings.batch_size,
+                                 seq_len=settings.seq_len, seed=0, batch_file=files.path(0))
+  _assert_same_batches(loaded.train_batch(0), reference.train_batch(0))
+  assert blocker.is_file() and not (tmp_path / "out" / ".batches" / ".seed0.npz.copy").exists()
+
+
 def test_the_kept_batch_files_key_is_everything_the_batches_depend_on(tmp_path):
   corpus = cached.RegisteredCorpus(task="t", description="d", vocab_size=300, source="s")
   base = dict(seed=0, batch_size=8, seq_len=32, steps=10, eval_batches=2, root=tmp_path)

@@ -305,8 +305,8 @@ class _BatchFiles:
     pipeline = self._runner.pipeline(seed)
     pipeline.save(path, steps=s.steps, eval_batches=s.eval_batches)
     if kept is not None and pipeline.streaming:
-      # Kept whole or not at all: linked under a temporary name, then renamed.
-      kept.parent.mkdir(parents=True, exist_ok=True)
+      # Kept whole or not at all: linked under a temporary name, then renamed. A cache that
+      # cannot be written only means the next comparison reads the task again.
       tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
       with contextlib.suppress(OSError):
         _link_or_copy(path, tmp)
