@@ -140,10 +140,10 @@ def _shared_programs(trainer: "Trainer") -> Optional[dict[str, Any]]:
 
 
 def _init_compiler_options() -> Optional[dict[str, Any]]:
-  """XLA:CPU compiles the init program (run once per run) at LLVM's O1 instead of O2: half the
-  compile time (3.4-4.4 s -> 1.7-2.1 s for the default comparison's models on the development
-  machine) and the same parameters bit for bit (tests/test_trainer.py checks it; O0 would not
-  give them). Other backends keep their defaults."""
+  """XLA:CPU compiles the init program (run once per run) at LLVM's O1 instead of O2: about half
+  the compile time for the default comparison's models (docs/PERFORMANCE.md, fifth measurement)
+  and the same state bit for bit (tests/test_init_compile.py checks it; O0 would not give it).
+  Other backends keep their defaults."""
   if jax.default_backend() != "cpu":
     return None
   return {"xla_backend_optimization_level": 1}
