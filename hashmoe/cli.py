@@ -611,10 +611,16 @@ def _run(argv: list[str], debug: bool, context: _Context) -> int:
   _maybe_initialize_distributed(args)
   _set_compilation_cache(args.compilation_cache_dir)
   if args.command == "compare":
-    if not args.list:
-      _import_trainer(debug)
-    from hashmoe import compare  # pylint: disable=g-import-not-at-top
-    return compare.run(args)
+    from hashmoe.compare import parallel  # pylint: disable=g-import-not-at-top  No JAX, no TF.
+    try:
+      if not args.list:
+        # The workers import the trainer while this process does.
+        parallel.prestart(args.jobs)
+        _import_trainer(debug)
+      from hashmoe import compare  # pylint: disable=g-import-not-at-top
+      return compare.run(args)
+    finally:
+      parallel.release_prestarted()
   train_lib = _import_trainer(debug)
   import gin  # pylint: disable=g-import-not-at-top
   extra = {"build-hash": _BUILD_HASH_BINDINGS,

@@ -21,6 +21,7 @@ import pytest
 
 from hashmoe import compare, hashing, models, plots, routers
 from hashmoe.compare import parallel, specs
+from hashmoe.compare import runner as runner_lib
 from hashmoe.compare.comparison import Comparison, run_order, select_balance_coef
 from hashmoe.compare.configs import RUN_CONFIG, make_optimizer, model_config, validate_experiment
 from hashmoe.compare.report import sweep_series
@@ -287,6 +288,35 @@ def test_runs_in_worker_processes_equal_runs_in_this_process(default_run, text_d
     mine = {k: v for k, v in again["models"][name].items() if k not in timings}
     theirs = {k: v for k, v in results["models"][name].items() if k not in timings}
     assert mine == theirs, name  # JSON floats: equal text is equal bits.
+
+
+def test_the_measuring_pass_gives_a_hash_model_its_routing_and_the_device_sorts_numbers(
+    default_run, monkeypatch):
+  # The pass evaluates a hash model's batches with the routing the run's evaluations carried (one
+  # evaluation program for both, not a second compile); the reference is the same pass with the
+  # hash layers sorting on device, and the run's own record of the pass in the worker.
+  out, _, _, args = default_run
+  experiment, settings = compare.resolve(args)
+  corpus = cached.register_corpus(args.text_dir, settings.vocab_size)
+  runner = TrainRunner(corpus, settings, progress_bar=False, log=lambda _: None)
+  spec = next(m for m in experiment.models if m.name == "hash")
+  config = model_config(spec, settings, vocab_size=corpus.vocab_size)
+  model_dir = out / "runs" / "hash" / "seed0"
+  trainer, state = runner._restore(config, model_dir)  # pylint: disable=protected-access
+  features = []
+  eval_step = trainer.eval_step
+  monkeypatch.setattr(trainer, "eval_step", lambda st, b: features.append(sorted(b)) or
+                      eval_step(st, b))
+  routed = runner._measure(trainer, state, runner.pipeline(0), config)  # pylint: disable=protected-access
+  assert features and all(any(k.startswith("hash_routing:") for k in f) for f in features)
+  monkeypatch.setattr(runner_lib.host_routing, "plan", lambda *a, **k: None)
+  features.clear()
+  on_device = runner._measure(trainer, state, runner.pipeline(0), config)  # pylint: disable=protected-access
+  assert features and not any(k.startswith("hash_routing:") for f in features for k in f)
+  assert routed == on_device
+  record = json.loads((model_dir / "run.json").read_text())["record"]
+  assert (record["test_ppl"], record["expert_load"]) == (routed["test_ppl"],
+                                                         routed["expert_load"])
 
 
 def test_the_workers_batch_files_are_removed_after_the_runs(default_run):

@@ -89,3 +89,35 @@ def test_a_worker_does_not_compile_what_another_is_compiling_right_now():
   second.compiled.add(("switch", None))
   assert parallel._choose(second, [dense0, tune2, hash0], [first, second]) is tune2
 
+
+
+def test_prestarted_workers_import_first_take_their_setup_later_and_the_rest_are_ended():
+  assert parallel.prestart(1) == 0 and not parallel._PRESTARTED  # One job: no workers at all.
+  assert parallel.prestart(2) == 2
+  first, second = [process for process, _ in parallel._PRESTARTED]
+  try:
+    # A setup without the compilation cache's entry: the worker can only fail on it after it
+    # imported everything and read it from the pipe, and says so.
+    process, conn = parallel._start_worker(0, {"args": None})
+    assert process is first
+    assert conn.poll(300), "the prestarted worker never answered its setup"
+    kind, message, _ = conn.recv()
+    assert (kind, message) == ("error", "KeyError: 'compilation_cache_dir'")
+  finally:
+    parallel.release_prestarted()
+  assert not parallel._PRESTARTED and second.exitcode is not None
+  first.join(60)
+  assert first.exitcode == 0
+
+
+def test_a_compare_command_that_fails_leaves_no_prestarted_worker(tmp_path, monkeypatch):
+  from hashmoe import cli  # pylint: disable=g-import-not-at-top
+  started = []
+  prestart = parallel.prestart
+  monkeypatch.setattr(parallel, "prestart", lambda jobs: started.append(prestart(jobs)))
+  code = cli.main(["compare", "--text-dir", str(tmp_path / "missing"), "--jobs", "2",
+                   "--no-progress"])
+  assert code == 2 and started == [2]
+  assert not parallel._PRESTARTED
+  assert not [p for p in parallel.multiprocessing.active_children()
+              if p.name.startswith("hashmoe-compare-worker")]

@@ -279,7 +279,8 @@ def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
   # The trainer, JAX and matplotlib behind these: imported here for the reason `resolve` gives.
   # pylint: disable=g-import-not-at-top
   from hashmoe.compare.comparison import RESULTS_FILE, Comparison, cpu_seconds
-  from hashmoe.compare.parallel import default_jobs, join_workers, train_in_parallel
+  from hashmoe.compare.parallel import (default_jobs, join_workers, release_prestarted,
+                                       train_in_parallel)
   from hashmoe.compare.report import format_table
   from hashmoe.compare.runner import TrainRunner
   from hashmoe.data.cached import register_corpus, unigram_perplexity
@@ -325,7 +326,9 @@ def run(args: argparse.Namespace, *, runner: Optional[Runner] = None,
       if not isinstance(runner, TrainRunner):
         jobs = 1  # A runner given by the caller (tests) lives in this process.
       extra["jobs"] = jobs
-      if jobs > 1:
+      if jobs <= 1:
+        release_prestarted()
+      else:
         # Every run in a worker process (each writes its run.json); the pass below reuses them.
         # The workers announced their runs; the pass below would call each "reused".
         comparison.announce_reuse = not train_in_parallel(

@@ -166,6 +166,7 @@ def train_in_parallel(comparison, args: argparse.Namespace, jobs: int,
     else:
       pending.append(run)
   if not pending:
+    release_prestarted()
     return 0
   trained = len(pending)
   jobs = max(1, min(jobs, len(pending)))
@@ -181,8 +182,9 @@ def train_in_parallel(comparison, args: argparse.Namespace, jobs: int,
   stop: Optional[BaseException] = None
   try:
     for i in range(jobs):
-      process, parent_end = _spawn(i, setup)
+      process, parent_end = _start_worker(i, setup)
       workers.append(_Worker(process, parent_end, f"worker {i}"))
+    release_prestarted()  # Those not needed (fewer runs than workers) free their cores now.
     batches.start()
     while pending or any(w.run for w in workers):
       batches.check()
@@ -349,8 +351,60 @@ def _release(worker: _Worker) -> None:
   worker.conn = None
 
 
-def _spawn(index: int, setup: dict[str, Any]):
-  """(process, the parent's end of its pipe) of a new worker process."""
+# Workers `prestart` started, (process, the parent's end of its pipe) each, not yet taken by
+# `train_in_parallel`.
+_PRESTARTED: list[tuple[Any, Any]] = []
+
+
+def prestart(jobs: Optional[int]) -> int:
+  """Starts the worker processes of a coming `train_in_parallel` now, before this process imports
+  the trainer: a worker's imports (TensorFlow, JAX, the trainer: ~7 s of CPU) then overlap with
+  this process's own and with its reading of the task, instead of following them (5-6 s less
+  wall time before the first step, docs/PERFORMANCE.md). They wait for their setup;
+  `train_in_parallel` takes as many as it needs and `release_prestarted` ends the rest.
+
+  Args:
+    jobs: the --jobs given, or None for `default_jobs` of an unknown number of runs (one per
+      usable core, at most 4; a comparison with fewer runs to make releases the others).
+
+  Returns:
+    How many were started (none for 1 job: the runs stay in this process).
+  """
+  count = jobs or default_jobs(1 << 30)
+  if count <= 1:
+    return 0
+  for i in range(count):
+    _PRESTARTED.append(_spawn(i, None))
+  return count
+
+
+def release_prestarted() -> None:
+  """Ends the prestarted workers no `train_in_parallel` took. They hold nothing (they only
+  imported), so they are killed rather than left to finish importing."""
+  while _PRESTARTED:
+    process, conn = _PRESTARTED.pop()
+    with contextlib.suppress(OSError, ValueError):
+      conn.close()
+    process.kill()
+    process.join()
+
+
+def _start_worker(index: int, setup: dict[str, Any]):
+  """A prestarted worker handed its setup, else a new one."""
+  while _PRESTARTED:
+    process, conn = _PRESTARTED.pop(0)
+    try:
+      conn.send(setup)
+    except (OSError, ValueError):  # It died (e.g. Ctrl-C while importing): start another.
+      process.join(1)
+      continue
+    return process, conn
+  return _spawn(index, setup)
+
+
+def _spawn(index: int, setup: Optional[dict[str, Any]]):
+  """(process, the parent's end of its pipe) of a new worker process (`setup` None: it waits for
+  it on the pipe, `prestart`)."""
   context = multiprocessing.get_context("spawn")
   parent_end, child_end = context.Pipe()
   process = context.Process(target=_worker_main, args=(child_end, setup),
@@ -420,9 +474,9 @@ def join_workers(timeout: float = 60.0) -> None:
       process.join()
 
 
-def _worker_main(conn, setup: dict[str, Any]) -> None:
-  """A worker process: sets up what `hashmoe compare` set up in its parent, then trains the runs
-  it is sent until it is sent None."""
+def _worker_main(conn, setup: Optional[dict[str, Any]]) -> None:
+  """A worker process: sets up what `hashmoe compare` set up in its parent (`setup`, or the first
+  message when prestarted), then trains the runs it is sent until it is sent None."""
   def send(*message):
     with contextlib.suppress(OSError, ValueError):
       conn.send(message)
@@ -439,26 +493,32 @@ def _worker_main(conn, setup: dict[str, Any]) -> None:
     conn.close()
 
 
-def _worker_loop(conn, setup: dict[str, Any], send: Callable[..., None]) -> None:
+def _worker_loop(conn, setup: Optional[dict[str, Any]], send: Callable[..., None]) -> None:
   # pylint: disable=g-import-not-at-top
   from hashmoe import cli as hashmoe_cli
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: "
                       "%(message)s")
   hashmoe_cli._import_trainer(debug=False)  # pylint: disable=protected-access
-  args = setup["args"]
   import jax
-  if setup["compilation_cache_dir"]:
-    jax.config.update("jax_compilation_cache_dir", setup["compilation_cache_dir"])
-    # Every program, however quick to compile: the other workers read it instead of compiling
-    # it again (JAX caches only those that took 1 s by default; the sub-second ones, e.g. the
-    # checkpoints' checksums, add up to seconds per model and worker).
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   from hashmoe.compare.cli import _corpus_name, _text_decoding  # pylint: disable=protected-access
   from hashmoe.compare.comparison import Comparison
   from hashmoe.compare.runner import TrainRunner
   from hashmoe.data.cached import register_corpus
   from hashmoe.training.trainer import shared_compilation
   # pylint: enable=g-import-not-at-top
+  if setup is None:
+    # Started by `prestart`: its imports are done; `train_in_parallel` sends the rest (None: not
+    # needed after all).
+    setup = conn.recv()
+    if setup is None:
+      return
+  args = setup["args"]
+  if setup["compilation_cache_dir"]:
+    jax.config.update("jax_compilation_cache_dir", setup["compilation_cache_dir"])
+    # Every program, however quick to compile: the other workers read it instead of compiling
+    # it again (JAX caches only those that took 1 s by default; the sub-second ones, e.g. the
+    # checkpoints' checksums, add up to seconds per model and worker).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   experiment, settings = setup["experiment"], setup["settings"]
   log = lambda text: send("log", text)
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hashmoe import models
+from hashmoe import host_routing, models
 from hashmoe import tables as tables_lib
 from hashmoe import train as train_lib
 from hashmoe.compare import configs
@@ -166,11 +166,17 @@ class TrainRunner:
     and, per sparse layer, the load its router reports over real tokens (padding excluded): the
     routers' `expert_counts` and `assignments` metrics, summed over the batches."""
     experts = config.sparse.num_experts if config.sparse else 0
+    # The hash routing the run's evaluation batches carried (`train` precomputes it by default):
+    # without it a hash model's batches would have other features, so another program, compiled
+    # again (5-6 s on an empty compilation cache), for the same numbers.
+    route = host_routing.plan(config, state.constants)
 
     def run(split):
       batches = data.eval_batches(split, self.settings.eval_batches)
       if not batches:
         return None
+      if route is not None:
+        batches = [route(b) for b in batches]
       # The trainer's evaluation step, the program the run's evaluations compiled (read from the
       # compilation cache): it also returns the routers' per-layer counts.
       outs = [trainer.eval_step(state, trainer.global_batch(b)) for b in batches]
