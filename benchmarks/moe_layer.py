@@ -20,7 +20,7 @@ Dispatches (names as in `hashmoe.experts`, plus variants):
   sorted_fused      dropless; the same sort, both matmuls and the activation fused per window
                     (`kernels.cpu.grouped_ffn`, `sorted_ffn(fuse_ffn=True)`)
   sorted_presorted  hash only: `sorted` with the routing permutation precomputed on the host
-                    (`hashing.precompute_hash_routing`) and fed in with the batch
+                    (`expert_grouping.precompute_hash_routing`) and fed in with the batch
   ragged_dot        dropless; `sorted` with `jax.lax.ragged_dot`
   capacity_max      dropless; capacity-padded batched matmul, capacity = the heaviest expert's load
   capacity          capacity-padded batched matmul at --capacity-factor (drops tokens)
@@ -59,7 +59,7 @@ import numpy as np  # noqa: E402
 
 from hashmoe import experts as ex  # noqa: E402
 from hashmoe import hash_functions  # noqa: E402
-from hashmoe import hashing  # noqa: E402
+from hashmoe import expert_grouping, hashing  # noqa: E402
 from hashmoe import routing  # noqa: E402
 from hashmoe.kernels import cpu as cpu_kernels  # noqa: E402
 
@@ -217,8 +217,8 @@ def sparse_step(router_kind: str, dispatch: str, num_experts: int, shape: Shape,
     kwargs = {"capacity_factor": max_over_mean}  # capacity = the heaviest expert's load
   if dispatch == "sorted_presorted":
     features = routing.RouterFeatures(token_ids, sorted_assignments={
-        name: hashing.SortedAssignments(*(jnp.asarray(a) for a in entry))
-        for name, entry in hashing.precompute_hash_routing(
+        name: expert_grouping.SortedAssignments(*(jnp.asarray(a) for a in entry))
+        for name, entry in expert_grouping.precompute_hash_routing(
             [("token", (table,))], token_ids=ids.reshape(shape.batch, shape.length)).items()})
   rng = np.random.default_rng(seed + 1)
   d, d_ff = shape.d_model, shape.d_ff

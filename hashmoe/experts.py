@@ -47,9 +47,9 @@ Conventions every dispatch shares:
     routing and the dispatch sorted on device).
 
 Precomputed routing (hash layers). `sorted`, `ragged_dot`, `pallas` and `capacity` take an optional
-`sorted_assignments` (`hashing.SortedAssignments`: permutation, inverse and group sizes computed on
-the host from token ids, see `hashing.precompute_routing`, or assembled by the router from the rows
-the input pipeline grouped, `hashing.assemble_sorted_assignments`). It replaces the argsort, the
+`sorted_assignments` (`expert_grouping.SortedAssignments`: permutation, inverse and group sizes computed on
+the host from token ids, see `expert_grouping.precompute_routing`, or assembled by the router from the rows
+the input pipeline grouped, `expert_grouping.assemble_sorted_assignments`). It replaces the argsort, the
 inverse scatter and the bincount. It is checked on device against the actual assignments (a few
 integer gathers); if it does not describe them, the dispatch sorts as usual, so a stale or
 mismatched permutation can cost time but never change a result.
@@ -67,7 +67,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
-from hashmoe import hashing
+from hashmoe import expert_grouping
 from hashmoe.activations import ACTIVATIONS, get_activation  # noqa: F401  (re-exported)
 from hashmoe.kernels import cpu as cpu_kernels
 from hashmoe.routing import Routing
@@ -280,7 +280,7 @@ def sort_matches(key: Array, perm: Array, inverse: Array, sizes: Array) -> Array
 
 @jax.named_scope("sort_by_expert")
 def _sort(assign: _Assignments,
-          precomputed: Optional[hashing.SortedAssignments] = None) -> _Sort:
+          precomputed: Optional[expert_grouping.SortedAssignments] = None) -> _Sort:
   """The grouping of the assignments: precomputed (checked) when given, else a stable argsort."""
   if precomputed is None:
     return _argsort(assign)
@@ -488,7 +488,7 @@ def sorted_ffn(
     activation: Activation,
     num_slices: int = 1,
     group_matmul: Optional[GroupMatmul] = None,
-    sorted_assignments: Optional[hashing.SortedAssignments] = None,
+    sorted_assignments: Optional[expert_grouping.SortedAssignments] = None,
     fuse_ffn: bool = False,
 ) -> tuple[Array, Metrics]:
   """Dropless expert FFN: sort assignments by group, grouped matmuls, unsort, combine.
@@ -530,7 +530,7 @@ def ragged_dot_ffn(
     *,
     activation: Activation,
     num_slices: int = 1,
-    sorted_assignments: Optional[hashing.SortedAssignments] = None,
+    sorted_assignments: Optional[expert_grouping.SortedAssignments] = None,
 ) -> tuple[Array, Metrics]:
   """`sorted_ffn` with `jax.lax.ragged_dot` as the grouped matmul (shapes as in `sorted_ffn`)."""
   return sorted_ffn(x, expert_index, combine_weight, wi, wo, activation=activation,
@@ -577,14 +577,14 @@ def capacity_ffn(
     activation: Activation,
     num_slices: int = 1,
     capacity_factor: Optional[float] = None,
-    sorted_assignments: Optional[hashing.SortedAssignments] = None,
+    sorted_assignments: Optional[expert_grouping.SortedAssignments] = None,
 ) -> tuple[Array, Metrics]:
   """Sort by group into capacity-padded [groups, capacity, d] buffers and run batched matmuls.
 
   Drops exactly the assignments `einsum_ffn` drops (same capacity, same priority) but moves rows
   with gathers instead of one-hot einsums, so it is linear in tokens. `capacity_factor=None` pads
   to the worst case (dropless, at up to num_experts times the FLOPs). Shapes as in `sorted_ffn`;
-  a precomputed `sorted_assignments` (stable, as `hashing.precompute_routing` makes it) replaces
+  a precomputed `sorted_assignments` (stable, as `expert_grouping.precompute_routing` makes it) replaces
   the argsort.
   """
   _check_inputs(x, expert_index, combine_weight, wi, wo, num_slices)

@@ -7,13 +7,13 @@ every batch, and the device skips the argsort that groups a layer's assignments 
   host (each process, its own rows; in the loader's read threads where it has them)
     `HostRouting(batch)`: per distinct (stack, key, table) of the model's hash layers, the keys
     (`hashing.routing_keys`, from the features the model itself hands its routers) and each row's
-    grouping (`hashing.row_routing`: every assignment's rank among the row's assignments of its
+    grouping (`expert_grouping.row_routing`: every assignment's rank among the row's assignments of its
     expert, and per-row counts), added to the batch as "hash_routing:<router path>:ranks" and
-    ":counts" (`hashing.row_routing_feature_names`).
+    ":counts" (`expert_grouping.row_routing_feature_names`).
   device (inside the jitted step)
     each hash router finds its path's entry (`RouterFeatures.row_routing`) and assembles the
     global batch's permutation and group sizes with cumulative sums and one scatter
-    (`hashing.assemble_sorted_assignments`); the experts check it (`experts.sort_matches`) and use
+    (`expert_grouping.assemble_sorted_assignments`); the experts check it (`experts.sort_matches`) and use
     it instead of sorting.
 
 No host knows the global permutation (its rows are a slice of the global batch, itself sharded over
@@ -42,7 +42,7 @@ import jax
 import numpy as np
 
 from hashmoe import experts as experts_lib
-from hashmoe import hashing, models, tables
+from hashmoe import expert_grouping, hashing, models, tables
 
 logger = logging.getLogger(__name__)
 
@@ -158,17 +158,17 @@ class HostRouting:
     the arrays."""
     models.validate_batch(batch, self.vocab_size, self.max_len)
     out = dict(batch)
-    computed: dict[tuple[str, str, str], Optional[hashing.RowRouting]] = {}
+    computed: dict[tuple[str, str, str], Optional[expert_grouping.RowRouting]] = {}
     for layer, group in zip(self.layers, self._groups):
       if group not in computed:
         computed[group] = self._row_routing(layer, batch)
       pieces = computed[group]
       if pieces is not None:
-        out.update(zip(hashing.row_routing_feature_names(layer.path), pieces))
+        out.update(zip(expert_grouping.row_routing_feature_names(layer.path), pieces))
     return out
 
   def _row_routing(self, layer: HashLayer, batch: Mapping[str, Any]
-                   ) -> Optional[hashing.RowRouting]:
+                   ) -> Optional[expert_grouping.RowRouting]:
     features = stack_features(batch, layer.stack)
     if features is None:
       _log_once(f"precomputed routing: the batch has no {layer.stack}_input_tokens, so "
@@ -181,7 +181,7 @@ class HostRouting:
                   f"batch feature {feature!r}; without it the layer sorts on device")
         return None
     keys = hashing.routing_keys(layer.key, key_space=layer.columns.shape[1], **features)
-    return hashing.row_routing_of_columns(layer.columns, layer.num_experts, keys)
+    return expert_grouping.row_routing_of_columns(layer.columns, layer.num_experts, keys)
 
   def expert_counts(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """{layer ("decoder_1"): int64[E]} assignments routed to each expert by the rows
@@ -190,7 +190,7 @@ class HostRouting:
     no routing for are left out."""
     out = {}
     for layer in self.layers:
-      _, counts_name = hashing.row_routing_feature_names(layer.path)
+      _, counts_name = expert_grouping.row_routing_feature_names(layer.path)
       if counts_name in batch:
         out[layer.layer] = np.asarray(batch[counts_name]).sum(axis=(0, 1), dtype=np.int64)
     return out

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hashmoe import experts as experts_lib
-from hashmoe import hashing
+from hashmoe import expert_grouping, hashing
 from hashmoe import routers
 from hashmoe.layers import (AUX_LOSS_KEY, METRICS_KEY, MOE_COLLECTION, Embed, LayerNorm, MlpBlock,
                             PositionEmbed, SparseMlpBlock, TransformerLayer, combine_masks,
@@ -334,9 +334,9 @@ def _decoder_features(batch: Mapping[str, Array], tokens: Array, positions: Arra
                         row_routing=_row_routing(batch))
 
 
-def _row_routing(batch: Mapping[str, Array]) -> Optional[dict[str, hashing.RowRouting]]:
+def _row_routing(batch: Mapping[str, Array]) -> Optional[dict[str, expert_grouping.RowRouting]]:
   # Every stack gets all of the batch's row routing: each router takes the entry of its own path.
-  return hashing.row_routing_from_features(batch) or None
+  return expert_grouping.row_routing_from_features(batch) or None
 
 
 # --------------------------------------------------------------------------------------------------

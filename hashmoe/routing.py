@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hashmoe import hash_functions
-from hashmoe import hashing
+from hashmoe import expert_grouping, hashing
 from hashmoe.assignment import balanced_assignment
 # The routers' math (metrics, losses, gates, the bias update) lives in hashmoe/router_math.py;
 # re-exported here, where callers and tests have always found it.
@@ -102,15 +102,15 @@ class RouterFeatures:
   sequences (0 = padding) so that previous-token/bigram keys never cross a sequence boundary.
 
   `sorted_assignments` optionally carries hash routing precomputed by the input pipeline
-  (`hashing.precompute_hash_routing`): {`hashing.routing_signature(key, tables)`:
-  `hashing.SortedAssignments`}. A hash router whose signature is present hands its entry on in
+  (`expert_grouping.precompute_hash_routing`): {`expert_grouping.routing_signature(key, tables)`:
+  `expert_grouping.SortedAssignments`}. A hash router whose signature is present hands its entry on in
   `Routing.sorted_assignments`, and the experts use it instead of sorting on device.
 
   `row_routing` is the same precomputation done row by row, the way a batch sharded over hosts
   can do it (`hashmoe.host_routing`): {router module path ("decoder_1/moe/router"):
-  `hashing.RowRouting`}. A hash router finds its entry by its own path, assembles the batch's
+  `expert_grouping.RowRouting`}. A hash router finds its entry by its own path, assembles the batch's
   `SortedAssignments` from it with cumulative sums and one scatter
-  (`hashing.assemble_sorted_assignments`) and hands that on, as above.
+  (`expert_grouping.assemble_sorted_assignments`) and hands that on, as above.
 
   `valid` (bool[batch, length]) marks real tokens; padding is still routed (shapes are static) but
   left out of the routing metrics (expert load, dropped fraction, entropy), which would otherwise
@@ -127,9 +127,9 @@ class RouterFeatures:
   segment_ids: Optional[jax.Array] = None
   targets: Optional[jax.Array] = None
   predicted_ids: Optional[jax.Array] = None
-  sorted_assignments: Optional[Mapping[str, hashing.SortedAssignments]] = None
+  sorted_assignments: Optional[Mapping[str, expert_grouping.SortedAssignments]] = None
   valid: Optional[jax.Array] = None
-  row_routing: Optional[Mapping[str, hashing.RowRouting]] = None
+  row_routing: Optional[Mapping[str, expert_grouping.RowRouting]] = None
   previous_token_ids: Optional[jax.Array] = None
 
 
@@ -145,7 +145,7 @@ class Routing:
       (it then passes through the residual).
     aux_loss: float32[]; the auxiliary loss to add to the objective (0 for hash routing).
     metrics: dict of float32 arrays explaining the routing (per-expert load, dropped fraction, ...).
-    sorted_assignments: optional `hashing.SortedAssignments` of these assignments, precomputed from
+    sorted_assignments: optional `expert_grouping.SortedAssignments` of these assignments, precomputed from
       token ids by the input pipeline (hash routers only; see `RouterFeatures`). The experts check
       it against `expert_index` and use it instead of an argsort; None means sort on device.
   """
@@ -153,7 +153,7 @@ class Routing:
   combine_weight: jax.Array
   aux_loss: jax.Array
   metrics: dict[str, Any]
-  sorted_assignments: Optional[hashing.SortedAssignments] = None
+  sorted_assignments: Optional[expert_grouping.SortedAssignments] = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,7 +182,7 @@ class RoutingInstructions:
   router_probs: Optional[Array] = None
   aux_losses: dict[str, Array] = dataclasses.field(default_factory=dict)
   metrics: dict[str, Array] = dataclasses.field(default_factory=dict)
-  sorted_assignments: Optional[hashing.SortedAssignments] = None
+  sorted_assignments: Optional[expert_grouping.SortedAssignments] = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,7 +332,7 @@ def _keys(key: str, features: RouterFeatures, key_space: int) -> Array:
 
 
 def _precomputed(router: "Router", features: RouterFeatures, expert_index: Array, *,
-                 multihash: bool) -> Optional[hashing.SortedAssignments]:
+                 multihash: bool) -> Optional[expert_grouping.SortedAssignments]:
   """The batch's precomputed grouping of this router's assignments, if it carries one: whole
   (`sorted_assignments`, by the router's `routing_signature`) or row by row (`row_routing`, by
   the router's module path; assembled here from `expert_index`, int32[tokens, H])."""
@@ -345,7 +345,7 @@ def _precomputed(router: "Router", features: RouterFeatures, expert_index: Array
   pieces = features.row_routing.get("/".join(router.path))
   if pieces is None:
     return None
-  return hashing.assemble_sorted_assignments(expert_index, pieces, num_experts=router.num_experts,
+  return expert_grouping.assemble_sorted_assignments(expert_index, pieces, num_experts=router.num_experts,
                                              multihash=multihash)
 
 
@@ -451,14 +451,14 @@ class HashRouter(Router):
                                    vocab_size=self.key_space, seed=self.seed)
 
   def routing_signature(self) -> str:
-    """`hashing.routing_signature` of this router's key and tables: the name under which the input
+    """`expert_grouping.routing_signature` of this router's key and tables: the name under which the input
     pipeline's precomputed routing for this layer travels in `RouterFeatures.sorted_assignments`.
 
     Computed from the tables the router was built with; if the stored "hash_tables" variable was
     replaced (e.g. restored from another checkpoint), the experts' check of the precomputed
     permutation against the actual expert_index catches the mismatch and sorts on device.
     """
-    return hashing.routing_signature(self.key, self._host_tables())
+    return expert_grouping.routing_signature(self.key, self._host_tables())
 
   def _compute_routing_instructions(self, hidden: Array, features: RouterFeatures, *,
                                     deterministic: bool) -> RoutingInstructions:
@@ -553,13 +553,13 @@ class HashTopKRouter(Router):
     return jnp.asarray(self._host_table(), jnp.int32)
 
   def routing_signature(self) -> str:
-    """`hashing.routing_signature` of this router's key and table (see `HashRouter`)."""
+    """`expert_grouping.routing_signature` of this router's key and table (see `HashRouter`)."""
     table = self.table
     if table is None:
       table = hashing.HashTable(kind=hashing.TOPK_KIND, table=self._host_table(),
                                 num_experts=self.num_experts, vocab_size=self.key_space,
                                 seed=self.seed)
-    return hashing.routing_signature(self.key, table)
+    return expert_grouping.routing_signature(self.key, table)
 
   def _compute_routing_instructions(self, hidden: Array, features: RouterFeatures, *,
                                     deterministic: bool) -> RoutingInstructions:

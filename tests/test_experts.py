@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec
 
 from hashmoe import experts as ex
 from hashmoe import hash_functions
-from hashmoe import hashing
+from hashmoe import expert_grouping
 from hashmoe.routing import Routing
 
 # ------------------------------------------------------------------------------------------------
@@ -554,7 +554,7 @@ def numpy_sorted_assignments(index, num_experts, num_slices):
   inverse = np.empty_like(perm)
   inverse[perm] = np.arange(perm.size, dtype=np.int32)
   sizes = np.asarray([len(b) for b in buckets], np.int32)
-  return hashing.SortedAssignments(perm, inverse, sizes)
+  return expert_grouping.SortedAssignments(perm, inverse, sizes)
 
 
 @functools.lru_cache(maxsize=None)
@@ -617,7 +617,7 @@ def test_mismatched_precomputed_sort_falls_back_to_argsort(corruption):
     perm[[0, 1]] = perm[[1, 0]]
     inverse = np.empty_like(perm)
     inverse[perm] = np.arange(num, dtype=np.int32)
-    bad = hashing.SortedAssignments(perm, inverse, good.group_sizes)
+    bad = expert_grouping.SortedAssignments(perm, inverse, good.group_sizes)
   args = (data["x"], data["weight"], data["wi"], data["wo"], data["index"], data["r"])
   y, metrics, grads = _compiled_presorted("sorted", c["act"], 1, None)(*args, bad)
   assert float(metrics["sort_precomputed"]) == 0.0
@@ -682,7 +682,7 @@ def test_hash_router_to_experts_with_pipeline_precomputed_routing():
   tables = hash_functions.build_multihash("random", 2, num_experts=experts, vocab_size=vocab, seed=0)
   router = routing_lib.HashRouter(experts, num_hashes=2, tables=tables)
   module = ex.Experts(num_experts=experts, d_ff=16, num_slices=2)
-  presorted = hashing.precompute_hash_routing([("token", tables)], token_ids=ids)
+  presorted = expert_grouping.precompute_hash_routing([("token", tables)], token_ids=ids)
 
   @jax.jit
   def run(variables, x, features):

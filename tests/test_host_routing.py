@@ -1,7 +1,7 @@
-"""Hash routing precomputed in the input pipeline (`hashmoe.host_routing`, `hashing.row_routing`,
-`hashing.assemble_sorted_assignments`).
+"""Hash routing precomputed in the input pipeline (`hashmoe.host_routing`, `expert_grouping.row_routing`,
+`expert_grouping.assemble_sorted_assignments`).
 
-References: a per-row Python loop (ranks and counts), `hashing.precompute_routing` of the global
+References: a per-row Python loop (ranks and counts), `expert_grouping.precompute_routing` of the global
 batch and the experts' own stable argsort (the assembled permutation), the model run without host
 routing (logits, losses: the same numbers), and numpy bincounts of the routed tokens (the logged
 loads). Two processes over gloo use host routing in tests/test_prepared_multihost.py.
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hashmoe import experts, hashing, host_routing, models, routers, routing, sharding
+from hashmoe import expert_grouping, experts, hashing, host_routing, models, routers, routing, sharding
 from hashmoe import train as T
 from hashmoe.data import pipeline as pipeline_lib
 from hashmoe.layers import MOE_COLLECTION
@@ -73,7 +73,7 @@ def test_rows_routed_per_host_assemble_into_the_global_stable_sort(layout):
   keys = rng.integers(0, 40, (8, 9))
   keys[2] = 5  # a row whose tokens all go to one expert per column
   # Four "hosts" of two rows each route their own rows; their pieces concatenate in row order.
-  pieces = [hashing.row_routing(tables, keys[h * 2:(h + 1) * 2]) for h in range(4)]
+  pieces = [expert_grouping.row_routing(tables, keys[h * 2:(h + 1) * 2]) for h in range(4)]
   ranks = np.concatenate([p.ranks for p in pieces])
   counts = np.concatenate([p.counts for p in pieces])
   want_ranks, want_counts = loop_row_routing(columns, keys)
@@ -85,11 +85,11 @@ def test_rows_routed_per_host_assemble_into_the_global_stable_sort(layout):
   expert_index = columns[:, keys.reshape(-1)].T  # [tokens, H]
   # Assembled on 8 devices with the rows sharded, as the step gets them.
   rows = sharding.batch_sharding(sharding.make_mesh())
-  assemble = jax.jit(lambda index, r, c: hashing.assemble_sorted_assignments(
-      index, hashing.RowRouting(r, c), num_experts=E, multihash=multihash))
+  assemble = jax.jit(lambda index, r, c: expert_grouping.assemble_sorted_assignments(
+      index, expert_grouping.RowRouting(r, c), num_experts=E, multihash=multihash))
   got = assemble(jax.device_put(expert_index, rows), jax.device_put(ranks, rows),
                  jax.device_put(counts, rows))
-  want = hashing.precompute_routing(tables, keys)
+  want = expert_grouping.precompute_routing(tables, keys)
   for name, g, w in zip(want._fields, got, want):
     np.testing.assert_array_equal(np.asarray(g), w, err_msg=name)
     assert g.dtype == jnp.int32, name
@@ -104,26 +104,26 @@ def test_rows_routed_per_host_assemble_into_the_global_stable_sort(layout):
 
 
 def test_row_routing_features_and_shape_errors():
-  names = hashing.row_routing_feature_names("decoder_1/moe/router")
+  names = expert_grouping.row_routing_feature_names("decoder_1/moe/router")
   assert names == ("hash_routing:decoder_1/moe/router:ranks",
                    "hash_routing:decoder_1/moe/router:counts")
-  pieces = hashing.RowRouting(np.zeros((2, 1, 4), np.int32), np.zeros((2, 1, E), np.int32))
+  pieces = expert_grouping.RowRouting(np.zeros((2, 1, 4), np.int32), np.zeros((2, 1, E), np.int32))
   batch = {"decoder_input_tokens": np.zeros((2, 4)), names[0]: pieces.ranks,
            names[1]: pieces.counts}
-  assert list(hashing.row_routing_from_features(batch)) == ["decoder_1/moe/router"]
+  assert list(expert_grouping.row_routing_from_features(batch)) == ["decoder_1/moe/router"]
   with pytest.raises(ValueError, match="but not 'hash_routing:decoder_1/moe/router:counts'"):
-    hashing.row_routing_from_features({names[0]: pieces.ranks})
+    expert_grouping.row_routing_from_features({names[0]: pieces.ranks})
   with pytest.raises(ValueError, match="free of ':'"):
-    hashing.row_routing_feature_names("a:b")
+    expert_grouping.row_routing_feature_names("a:b")
   index = np.zeros((8, 1), np.int32)
   with pytest.raises(ValueError, match=r"counts must be int\[rows, H, E\] = \(2, 1, 5\)"):
-    hashing.assemble_sorted_assignments(index, pieces, num_experts=5, multihash=False)
+    expert_grouping.assemble_sorted_assignments(index, pieces, num_experts=5, multihash=False)
   with pytest.raises(ValueError, match=r"expert_index must be int\[tokens, H\] = \(8, 1\)"):
-    hashing.assemble_sorted_assignments(index[:6], pieces, num_experts=E, multihash=False)
+    expert_grouping.assemble_sorted_assignments(index[:6], pieces, num_experts=E, multihash=False)
   with pytest.raises(ValueError, match="keys must be int"):
-    hashing.row_routing_of_columns(np.zeros((1, 4), np.int32), E, np.zeros(3, np.int32))
+    expert_grouping.row_routing_of_columns(np.zeros((1, 4), np.int32), E, np.zeros(3, np.int32))
   with pytest.raises(ValueError, match="outside"):
-    hashing.row_routing_of_columns(np.zeros((1, 4), np.int32), E, np.full((1, 3), 4))
+    expert_grouping.row_routing_of_columns(np.zeros((1, 4), np.int32), E, np.full((1, 3), 4))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,11 +191,11 @@ def test_routers_assemble_the_rows_of_their_own_path():
   variables = holder.init(jax.random.key(0), hidden, routing.RouterFeatures(jnp.asarray(ids)))
   table = hashing.HashTable(hashing.TOPK_KIND, np.asarray(
       variables["hash_tables"]["router"]["table"]), 4, V)
-  pieces = hashing.row_routing(table, ids)
+  pieces = expert_grouping.row_routing(table, ids)
   apply = jax.jit(lambda rows: holder.apply(variables, hidden, routing.RouterFeatures(
       jnp.asarray(ids), row_routing=rows)).sorted_assignments)
   got = apply({"router": pieces, "decoder_0/moe/router": pieces})
-  for g, w in zip(got, hashing.precompute_routing(table, ids)):
+  for g, w in zip(got, expert_grouping.precompute_routing(table, ids)):
     np.testing.assert_array_equal(np.asarray(g), w)
   assert apply({"decoder_0/moe/router": pieces}) is None
 
@@ -207,7 +207,7 @@ def test_layers_with_one_table_share_one_computation_and_its_arrays():
             for i, c in enumerate([columns, columns, other])]
   host = host_routing.HostRouting(layers, vocab_size=V, max_len=L)
   routed = host(packed_batch(np.random.default_rng(0)))
-  ranks = [routed[hashing.row_routing_feature_names(layer.path)[0]] for layer in layers]
+  ranks = [routed[expert_grouping.row_routing_feature_names(layer.path)[0]] for layer in layers]
   assert ranks[0] is ranks[1] and ranks[2] is not ranks[0]
   counts = host.expert_counts(routed)
   np.testing.assert_array_equal(counts["decoder_0"], counts["decoder_1"])
@@ -230,7 +230,7 @@ def test_an_encoder_decoder_takes_its_routing_from_the_host_and_computes_the_sam
   routed = host(batch)
   paths = [f"{layer}/moe/router" for layer in layers]
   assert sorted(layer.path for layer in host.layers) == sorted(paths)
-  assert all(n in routed for p in paths for n in hashing.row_routing_feature_names(p))
+  assert all(n in routed for p in paths for n in expert_grouping.row_routing_feature_names(p))
 
   @jax.jit
   def forward(b):
@@ -278,7 +278,7 @@ def test_layers_that_cannot_take_host_routing_sort_on_device_and_say_so_once(cap
   predicted = config(routers.Hash(key="predicted_future"))
   host = host_routing.plan(predicted, constants(predicted))
   for _ in range(3):
-    assert not any(k.startswith(hashing.ROW_ROUTING_PREFIX) for k in host(batch))
+    assert not any(k.startswith(expert_grouping.ROW_ROUTING_PREFIX) for k in host(batch))
   messages = [r.getMessage() for r in caplog.records]
   assert sum("router 'switch' routes on what the model computes" in m for m in messages) == 1
   assert sum("dispatch 'expert_parallel' takes no precomputed sort" in m for m in messages) == 1

@@ -9,7 +9,7 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 
 from hashmoe import assignment, hash_functions
-from hashmoe import hashing
+from hashmoe import expert_grouping, hashing
 from hashmoe import routing
 from hashmoe.routing import RouterFeatures
 
@@ -571,13 +571,13 @@ def test_hash_router_passes_on_its_precomputed_routing():
   ids, hidden = _data(seed=6)
   tables = hash_functions.build_multihash("random", 2, num_experts=NUM_EXPERTS, vocab_size=VOCAB, seed=1)
   router = routing.HashRouter(NUM_EXPERTS, num_hashes=2, tables=tables)
-  assert router.routing_signature() == hashing.routing_signature("token", tables)
-  mine = hashing.precompute_routing(tables, ids)
+  assert router.routing_signature() == expert_grouping.routing_signature("token", tables)
+  mine = expert_grouping.precompute_routing(tables, ids)
   other_tables = hash_functions.build_multihash("random", 2, num_experts=NUM_EXPERTS, vocab_size=VOCAB,
                                          seed=9)
-  other = hashing.precompute_routing(other_tables, ids)
+  other = expert_grouping.precompute_routing(other_tables, ids)
   precomputed = {router.routing_signature(): mine,
-                 hashing.routing_signature("token", other_tables): other}
+                 expert_grouping.routing_signature("token", other_tables): other}
   features = RouterFeatures(jnp.asarray(ids), sorted_assignments=precomputed)
   variables = router.init(jax.random.key(0), jnp.asarray(hidden), features, deterministic=True)
   out = jax.jit(lambda v, h, f: router.apply(v, h, f, deterministic=True))(
@@ -585,7 +585,7 @@ def test_hash_router_passes_on_its_precomputed_routing():
   for got, want in zip(out.sorted_assignments, mine):
     np.testing.assert_array_equal(got, want)
   # Without an entry for its signature (or without any), the router passes nothing on.
-  for entries in ({hashing.routing_signature("token", other_tables): other}, None, {}):
+  for entries in ({expert_grouping.routing_signature("token", other_tables): other}, None, {}):
     out = _apply(router, variables, hidden, RouterFeatures(jnp.asarray(ids),
                                                            sorted_assignments=entries))
     assert out.sorted_assignments is None
@@ -595,12 +595,12 @@ def test_default_tables_and_topk_routers_have_signatures():
   ids, hidden = _data(seed=7)
   router = routing.HashRouter(NUM_EXPERTS, key="prev_token", key_space=VOCAB, seed=3)
   want = hash_functions.build_multihash("random", 1, num_experts=NUM_EXPERTS, vocab_size=VOCAB, seed=3)
-  assert router.routing_signature() == hashing.routing_signature("prev_token", want)
+  assert router.routing_signature() == expert_grouping.routing_signature("prev_token", want)
   table = hash_functions.build_topk_table(2, num_experts=NUM_EXPERTS, vocab_size=VOCAB,
                                    token_counts=np.arange(1, VOCAB + 1))
   topk = routing.HashTopKRouter(NUM_EXPERTS, 2, table=table)
-  assert topk.routing_signature() == hashing.routing_signature("token", table)
-  entry = hashing.precompute_routing(table, ids)
+  assert topk.routing_signature() == expert_grouping.routing_signature("token", table)
+  entry = expert_grouping.precompute_routing(table, ids)
   features = RouterFeatures(jnp.asarray(ids),
                             sorted_assignments={topk.routing_signature(): entry})
   variables = topk.init(jax.random.key(0), jnp.asarray(hidden), features, deterministic=True)
@@ -612,7 +612,7 @@ def test_default_tables_and_topk_routers_have_signatures():
   stored = hashing.HashTable(kind=hashing.TOPK_KIND,
                              table=np.asarray(v["hash_tables"]["table"]),
                              num_experts=NUM_EXPERTS, vocab_size=VOCAB, seed=4)
-  assert default_topk.routing_signature() == hashing.routing_signature("token", stored)
+  assert default_topk.routing_signature() == expert_grouping.routing_signature("token", stored)
 
 
 def test_routing_metrics_count_only_the_masked_tokens():
