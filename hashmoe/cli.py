@@ -589,6 +589,20 @@ def _run(argv: list[str], debug: bool, context: _Context) -> int:
     # JAX's guesses about accelerators it did not find ("An NVIDIA GPU may be present on this
     # machine, but a CUDA-enabled jaxlib is not installed").
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+  if args.command != "compare" or args.list:
+    return _run_parsed(args, argv, flag_bindings, debug, context)
+  # `hashmoe compare`'s worker processes start first thing, before this process imports JAX or
+  # the trainer: their imports overlap with its own (`parallel.prestart`).
+  from hashmoe.compare import parallel  # pylint: disable=g-import-not-at-top  No JAX, no TF.
+  parallel.prestart(args.jobs)
+  try:
+    return _run_parsed(args, argv, flag_bindings, debug, context)
+  finally:
+    parallel.release_prestarted()
+
+
+def _run_parsed(args: argparse.Namespace, argv: list[str], flag_bindings: list[str], debug: bool,
+                context: _Context) -> int:
   bindings = list(args.gin_bindings) + flag_bindings
   origins = ([f"--gin_bindings={b!r}" for b in args.gin_bindings] +
              [a for a in argv if a.startswith("--gin.")])
@@ -611,16 +625,10 @@ def _run(argv: list[str], debug: bool, context: _Context) -> int:
   _maybe_initialize_distributed(args)
   _set_compilation_cache(args.compilation_cache_dir)
   if args.command == "compare":
-    from hashmoe.compare import parallel  # pylint: disable=g-import-not-at-top  No JAX, no TF.
-    try:
-      if not args.list:
-        # The workers import the trainer while this process does.
-        parallel.prestart(args.jobs)
-        _import_trainer(debug)
-      from hashmoe import compare  # pylint: disable=g-import-not-at-top
-      return compare.run(args)
-    finally:
-      parallel.release_prestarted()
+    if not args.list:
+      _import_trainer(debug)
+    from hashmoe import compare  # pylint: disable=g-import-not-at-top
+    return compare.run(args)
   train_lib = _import_trainer(debug)
   import gin  # pylint: disable=g-import-not-at-top
   extra = {"build-hash": _BUILD_HASH_BINDINGS,

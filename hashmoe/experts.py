@@ -47,12 +47,12 @@ Conventions every dispatch shares:
     routing and the dispatch sorted on device).
 
 Precomputed routing (hash layers). `sorted`, `ragged_dot`, `pallas` and `capacity` take an optional
-`sorted_assignments` (`expert_grouping.SortedAssignments`: permutation, inverse and group sizes computed on
-the host from token ids, see `expert_grouping.precompute_routing`, or assembled by the router from the rows
-the input pipeline grouped, `expert_grouping.assemble_sorted_assignments`). It replaces the argsort, the
-inverse scatter and the bincount. It is checked on device against the actual assignments (a few
-integer gathers); if it does not describe them, the dispatch sorts as usual, so a stale or
-mismatched permutation can cost time but never change a result.
+`sorted_assignments` (`expert_grouping.SortedAssignments`: permutation, inverse and group sizes
+computed on the host from token ids, see `expert_grouping.precompute_routing`, or assembled by the
+router from the rows the input pipeline grouped, `expert_grouping.assemble_sorted_assignments`). It
+replaces the argsort, the inverse scatter and the bincount. It is checked on device against the
+actual assignments (a few integer gathers); if it does not describe them, the dispatch sorts as
+usual, so a stale or mismatched permutation can cost time but never change a result.
 """
 from __future__ import annotations
 
@@ -584,8 +584,8 @@ def capacity_ffn(
   Drops exactly the assignments `einsum_ffn` drops (same capacity, same priority) but moves rows
   with gathers instead of one-hot einsums, so it is linear in tokens. `capacity_factor=None` pads
   to the worst case (dropless, at up to num_experts times the FLOPs). Shapes as in `sorted_ffn`;
-  a precomputed `sorted_assignments` (stable, as `expert_grouping.precompute_routing` makes it) replaces
-  the argsort.
+  a precomputed `sorted_assignments` (stable, as `expert_grouping.precompute_routing` makes it)
+  replaces the argsort.
   """
   _check_inputs(x, expert_index, combine_weight, wi, wo, num_slices)
   tokens, columns = expert_index.shape

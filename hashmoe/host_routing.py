@@ -7,14 +7,14 @@ every batch, and the device skips the argsort that groups a layer's assignments 
   host (each process, its own rows; in the loader's read threads where it has them)
     `HostRouting(batch)`: per distinct (stack, key, table) of the model's hash layers, the keys
     (`hashing.routing_keys`, from the features the model itself hands its routers) and each row's
-    grouping (`expert_grouping.row_routing`: every assignment's rank among the row's assignments of its
-    expert, and per-row counts), added to the batch as "hash_routing:<router path>:ranks" and
+    grouping (`expert_grouping.row_routing`: every assignment's rank among the row's assignments of
+    its expert, and per-row counts), added to the batch as "hash_routing:<router path>:ranks" and
     ":counts" (`expert_grouping.row_routing_feature_names`).
   device (inside the jitted step)
     each hash router finds its path's entry (`RouterFeatures.row_routing`) and assembles the
     global batch's permutation and group sizes with cumulative sums and one scatter
-    (`expert_grouping.assemble_sorted_assignments`); the experts check it (`experts.sort_matches`) and use
-    it instead of sorting.
+    (`expert_grouping.assemble_sorted_assignments`); the experts check it (`experts.sort_matches`)
+    and use it instead of sorting.
 
 No host knows the global permutation (its rows are a slice of the global batch, itself sharded over
 devices), which is why the pieces are row-local: the offsets that depend on other rows are the
@@ -244,9 +244,10 @@ def plan(config: models.TransformerConfig, constants: PyTree, *,
     _log_once("precomputed routing: the state holds no hash table the host can route with; "
               "the hash layers sort on device")
     return None
-  logger.info("precomputed routing: the input pipeline groups the tokens of %s by expert "
-              "(%d distinct computations per batch); the device sorts nothing for them",
-              ", ".join(layer.path for layer in layers), len({layer.group() for layer in layers}))
+  _log_once(f"precomputed routing: the input pipeline groups the tokens of "
+            f"{', '.join(layer.path for layer in layers)} by expert "
+            f"({len({layer.group() for layer in layers})} distinct computations per batch); the "
+            "device sorts nothing for them")
   return HostRouting(layers, vocab_size=config.vocab_size, max_len=config.max_len)
 
 

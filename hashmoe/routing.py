@@ -103,13 +103,13 @@ class RouterFeatures:
 
   `sorted_assignments` optionally carries hash routing precomputed by the input pipeline
   (`expert_grouping.precompute_hash_routing`): {`expert_grouping.routing_signature(key, tables)`:
-  `expert_grouping.SortedAssignments`}. A hash router whose signature is present hands its entry on in
-  `Routing.sorted_assignments`, and the experts use it instead of sorting on device.
+  `expert_grouping.SortedAssignments`}. A hash router whose signature is present hands its entry on
+  in `Routing.sorted_assignments`, and the experts use it instead of sorting on device.
 
   `row_routing` is the same precomputation done row by row, the way a batch sharded over hosts
   can do it (`hashmoe.host_routing`): {router module path ("decoder_1/moe/router"):
-  `expert_grouping.RowRouting`}. A hash router finds its entry by its own path, assembles the batch's
-  `SortedAssignments` from it with cumulative sums and one scatter
+  `expert_grouping.RowRouting`}. A hash router finds its entry by its own path, assembles the
+  batch's `SortedAssignments` from it with cumulative sums and one scatter
   (`expert_grouping.assemble_sorted_assignments`) and hands that on, as above.
 
   `valid` (bool[batch, length]) marks real tokens; padding is still routed (shapes are static) but
@@ -145,9 +145,10 @@ class Routing:
       (it then passes through the residual).
     aux_loss: float32[]; the auxiliary loss to add to the objective (0 for hash routing).
     metrics: dict of float32 arrays explaining the routing (per-expert load, dropped fraction, ...).
-    sorted_assignments: optional `expert_grouping.SortedAssignments` of these assignments, precomputed from
-      token ids by the input pipeline (hash routers only; see `RouterFeatures`). The experts check
-      it against `expert_index` and use it instead of an argsort; None means sort on device.
+    sorted_assignments: optional `expert_grouping.SortedAssignments` of these assignments,
+      precomputed from token ids by the input pipeline (hash routers only; see `RouterFeatures`).
+      The experts check it against `expert_index` and use it instead of an argsort; None means
+      sort on device.
   """
   expert_index: jax.Array
   combine_weight: jax.Array
@@ -345,8 +346,9 @@ def _precomputed(router: "Router", features: RouterFeatures, expert_index: Array
   pieces = features.row_routing.get("/".join(router.path))
   if pieces is None:
     return None
-  return expert_grouping.assemble_sorted_assignments(expert_index, pieces, num_experts=router.num_experts,
-                                             multihash=multihash)
+  return expert_grouping.assemble_sorted_assignments(expert_index, pieces,
+                                                     num_experts=router.num_experts,
+                                                     multihash=multihash)
 
 
 def _check_key(router: str, key: str) -> None:
@@ -451,8 +453,9 @@ class HashRouter(Router):
                                    vocab_size=self.key_space, seed=self.seed)
 
   def routing_signature(self) -> str:
-    """`expert_grouping.routing_signature` of this router's key and tables: the name under which the input
-    pipeline's precomputed routing for this layer travels in `RouterFeatures.sorted_assignments`.
+    """`expert_grouping.routing_signature` of this router's key and tables: the name under which the
+    input pipeline's precomputed routing for this layer travels in
+    `RouterFeatures.sorted_assignments`.
 
     Computed from the tables the router was built with; if the stored "hash_tables" variable was
     replaced (e.g. restored from another checkpoint), the experts' check of the precomputed

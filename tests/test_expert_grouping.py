@@ -30,14 +30,15 @@ def test_precompute_routing_matches_a_python_loop(layout):
   counts = zipf_counts(vocab, seed=1)
   if layout == "single":
     tables = hash_functions.build_table("balanced", num_experts=experts, vocab_size=vocab,
-                                 token_counts=counts)
+                                        token_counts=counts)
     columns, multihash = [tables.table], True
   elif layout == "multihash3":
-    tables = hash_functions.build_multihash("random", 3, num_experts=experts, vocab_size=vocab, seed=2)
+    tables = hash_functions.build_multihash("random", 3, num_experts=experts, vocab_size=vocab,
+                                            seed=2)
     columns, multihash = [t.table for t in tables], True
   else:
     tables = hash_functions.build_topk_table(2, num_experts=experts, vocab_size=vocab,
-                                      token_counts=counts)
+                                             token_counts=counts)
     columns, multihash = list(tables.table.T), False
   keys = np.random.default_rng(3).integers(0, vocab, size=(3, 7))
   got = expert_grouping.precompute_routing(tables, keys)
@@ -69,7 +70,8 @@ def test_routing_signature_names_key_layout_and_contents():
   name = expert_grouping.routing_signature("token", t)
   assert name == expert_grouping.routing_signature("token", same)
   assert name.startswith("token:multihash2x4:")
-  assert expert_grouping.routing_signature("token", t[0]) == expert_grouping.routing_signature("token", (t[0],))
+  assert (expert_grouping.routing_signature("token", t[0]) ==
+          expert_grouping.routing_signature("token", (t[0],)))
   assert name != expert_grouping.routing_signature("prev_token", t)
   assert name != expert_grouping.routing_signature("token", (t[1], t[0]))
   changed = np.array(t[0].table)

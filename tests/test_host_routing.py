@@ -1,10 +1,10 @@
-"""Hash routing precomputed in the input pipeline (`hashmoe.host_routing`, `expert_grouping.row_routing`,
-`expert_grouping.assemble_sorted_assignments`).
+"""Hash routing precomputed in the input pipeline (`hashmoe.host_routing`,
+`expert_grouping.row_routing`, `expert_grouping.assemble_sorted_assignments`).
 
-References: a per-row Python loop (ranks and counts), `expert_grouping.precompute_routing` of the global
-batch and the experts' own stable argsort (the assembled permutation), the model run without host
-routing (logits, losses: the same numbers), and numpy bincounts of the routed tokens (the logged
-loads). Two processes over gloo use host routing in tests/test_prepared_multihost.py.
+References: a per-row Python loop (ranks and counts), `expert_grouping.precompute_routing` of the
+global batch and the experts' own stable argsort (the assembled permutation), the model run without
+host routing (logits, losses: the same numbers), and numpy bincounts of the routed tokens (the
+logged loads). Two processes over gloo use host routing in tests/test_prepared_multihost.py.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hashmoe import expert_grouping, experts, hashing, host_routing, models, routers, routing, sharding
+from hashmoe import (expert_grouping, experts, hashing, host_routing, models, routers, routing,
+                     sharding)
 from hashmoe import train as T
 from hashmoe.data import pipeline as pipeline_lib
 from hashmoe.layers import MOE_COLLECTION
@@ -360,7 +361,8 @@ def test_training_with_and_without_host_routing_gives_the_same_losses_and_logs_t
     assert "host_expert_counts" not in moe_off
 
   # `hashmoe eval` honours the switch: its batches carry their routing (and its eval step is the
-  # run's program, which the compilation cache has).
+  # run's program, which the compilation cache has). The plan is logged once per process.
+  host_routing._LOGGED.clear()
   caplog.clear()
   caplog.set_level(logging.INFO, logger="hashmoe.host_routing")
   evaluated = T.evaluate(model_dir=str(tmp_path / "True"), model_config=config, task="numpy",

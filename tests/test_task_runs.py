@@ -84,7 +84,8 @@ def task_flags(task, c):
   small = ["--gin.register_tasks.shuffle_buffer_size=64"]
   vocab = [f"--gin.VOCAB_SIZE={VOCAB_SIZE}"] + small
   if task.startswith(EMBEDDED):
-    # The BPE learns from a sample of the 34k training paragraphs, as on a big corpus.
+    # The BPE learns from a sample of the training paragraphs (34k of Shakespeare's), as on a big
+    # corpus.
     return vocab + ["--gin.SentencePieceSettings.input_sentence_size=4000",
                     "--gin.SentencePieceSettings.max_texts_read=4000"]
   if task == "reddit":

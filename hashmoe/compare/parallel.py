@@ -365,12 +365,15 @@ def prestart(jobs: Optional[int]) -> int:
 
   Args:
     jobs: the --jobs given, or None for `default_jobs` of an unknown number of runs (one per
-      usable core, at most 4; a comparison with fewer runs to make releases the others).
+      usable core, at most 4; a comparison with fewer runs to make releases the others). No more
+      than `default_jobs` allows are prestarted: a larger --jobs starts the rest when the runs
+      are known (`train_in_parallel`), so that a big --jobs on a resumed comparison with little
+      left does not first import the trainer in every one of them.
 
   Returns:
     How many were started (none for 1 job: the runs stay in this process).
   """
-  count = jobs or default_jobs(1 << 30)
+  count = min(jobs or default_jobs(1 << 30), default_jobs(1 << 30))
   if count <= 1:
     return 0
   for i in range(count):

@@ -166,7 +166,8 @@ class TrainRunner:
     and, per sparse layer, the load its router reports over real tokens (padding excluded): the
     routers' `expert_counts` and `assignments` metrics, summed over the batches."""
     experts = config.sparse.num_experts if config.sparse else 0
-    # The hash routing the run's evaluation batches carried (`train` precomputes it by default):
+    # The hash routing the run's evaluation batches carried (`__call__` trains with
+    # precompute_routing=True):
     # without it a hash model's batches would have other features, so another program, compiled
     # again (5-6 s on an empty compilation cache), for the same numbers.
     route = host_routing.plan(config, state.constants)
@@ -228,7 +229,7 @@ class TrainRunner:
         keep_checkpoints=2, async_checkpointing=True, eval_period=s.eval_period, eval_batches=s.eval_batches,
         eval_split="validation", log_period=s.log_period, init_checkpoint=None,
         hash_tables=tables, progress_bar=self.progress_bar, tensorboard=self.tensorboard,
-        input_pipeline=data)
+        input_pipeline=data, precompute_routing=True)
     if result.preempted:
       if result.stop_signal == signal.SIGINT:
         raise KeyboardInterrupt  # Ctrl-C: the trainer checkpointed; report it as compare does.
