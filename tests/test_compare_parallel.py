@@ -116,6 +116,7 @@ def test_prestarted_workers_import_first_take_their_setup_later_and_the_rest_are
 
 def test_a_compare_command_that_fails_leaves_no_prestarted_worker(tmp_path, monkeypatch):
   from hashmoe import cli  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
   started = []
   prestart = parallel.prestart
   monkeypatch.setattr(parallel, "prestart", lambda jobs: started.append(prestart(jobs)))

@@ -167,9 +167,9 @@ class TrainRunner:
     routers' `expert_counts` and `assignments` metrics, summed over the batches."""
     experts = config.sparse.num_experts if config.sparse else 0
     # The hash routing the run's evaluation batches carried (`__call__` trains with
-    # precompute_routing=True):
-    # without it a hash model's batches would have other features, so another program, compiled
-    # again (5-6 s on an empty compilation cache), for the same numbers.
+    # precompute_routing=True): without it a hash model's batches would have other features, so
+    # another program, compiled again (5.3 s on an empty cache, docs/PERFORMANCE.md), for the
+    # same numbers.
     route = host_routing.plan(config, state.constants)
 
     def run(split):
